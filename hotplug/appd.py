@@ -1,0 +1,472 @@
+"""usbipa, the application-side daemon: receives exports and attaches them to vhci_hcd.
+
+One asyncio task per connection; each control phase is bounded in time and
+size, so a slow or hostile client costs one connection and never the daemon.
+Sockets are read with `sock_recv` of exactly the bytes the codec still needs:
+nothing is read ahead, because once `attach` is written the stream belongs to
+the kernel. Port choice and `attach` run on the loop thread without awaiting
+in between, so two exports never race for one port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from hotplug import log
+from hotplug.appd_config import AppdConfig, IPAddress, authorize, peer_address
+from hotplug.device import Speed
+from hotplug.kernel.sysfs import KernelError
+from hotplug.kernel.vhci import PortRecord, PortState, Vhci
+from hotplug.notify import Notifier
+from hotplug.protocol import (
+    NEED_DATA,
+    Decoder,
+    DevlistReply,
+    DevlistRequest,
+    ExportReply,
+    ExportRequest,
+    ExportStatus,
+    ImportReply,
+    ImportRequest,
+    ImportStatus,
+    Pdu,
+    ProtocolError,
+    UnexportReply,
+    UnexportRequest,
+    UnexportStatus,
+    encode,
+)
+from hotplug.state import RecordDir, default_dir
+
+logger = log.get("usbipa")
+
+SESSION_POLL_INTERVAL = 2.0
+
+
+@dataclass
+class Session:
+    port: int
+    peer: str  # device side's address
+    peer_port: int
+    busid: str  # the device's busid on the device side
+    devid: int
+    vendor: int
+    product: int
+    speed: int
+    since: float
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.peer, self.busid)
+
+
+class Sessions:
+    """Ports this daemon attached, mirrored to /run so a restart can adopt them."""
+
+    def __init__(self, vhci: Vhci, directory: Path) -> None:
+        self.vhci = vhci
+        self.records = RecordDir(directory / "ports")
+        self.by_port: dict[int, Session] = {}
+
+    def find(self, peer: str, busid: str) -> Session | None:
+        for session in self.by_port.values():
+            if session.key == (peer, busid):
+                return session
+        return None
+
+    def count_for(self, peer: str) -> int:
+        return sum(1 for s in self.by_port.values() if s.peer == peer)
+
+    def add(self, session: Session) -> None:
+        self.by_port[session.port] = session
+        self.records.put(str(session.port), asdict(session))
+        self.vhci.write_record(
+            session.port, PortRecord(session.peer, str(session.peer_port), session.busid)
+        )
+
+    def drop(self, port: int) -> Session | None:
+        session = self.by_port.pop(port, None)
+        self.records.remove(str(port))
+        self.vhci.remove_record(port)
+        return session
+
+    def adopt(self) -> None:
+        """Take back the sessions of a previous run whose ports the kernel still holds."""
+        live = {p.port: p for p in self.vhci.ports() if p.state == PortState.USED}
+        for key, data in list(self.records.items()):
+            try:
+                session = Session(**data)
+            except TypeError:
+                self.records.remove(key)
+                continue
+            port = live.get(session.port)
+            if port is not None and port.devid == session.devid:
+                self.by_port[session.port] = session
+                log.event(
+                    logger,
+                    logging.INFO,
+                    f"adopted port {session.port}: {session.busid} from {session.peer}",
+                    event="adopted",
+                    busid=session.busid,
+                    peer=session.peer,
+                    port=session.port,
+                )
+            else:
+                self.drop(session.port)
+
+    def reap(self) -> list[Session]:
+        """Drop sessions whose port the kernel freed (link lost, detached by hand)."""
+        live = {p.port: p for p in self.vhci.ports()}
+        gone = []
+        for number, session in list(self.by_port.items()):
+            port = live.get(number)
+            if port is None or port.state != PortState.USED or port.devid != session.devid:
+                self.drop(number)
+                gone.append(session)
+        return gone
+
+
+class ControlError(Exception):
+    """The peer broke the control phase; close its connection."""
+
+
+class Appd:
+    def __init__(self, config: AppdConfig, vhci: Vhci, notifier: Notifier | None = None) -> None:
+        self.config = config
+        self.vhci = vhci
+        state_dir = Path(config.state_dir) if config.state_dir else default_dir("app")
+        self.sessions = Sessions(vhci, state_dir)
+        self.notifier = notifier or Notifier()
+        self.connections: dict[str, int] = {}
+        self.total_connections = 0
+        self.listeners: list[socket.socket] = []
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.stopping = asyncio.Event()
+
+    # ---------------------------------------------------------------- listening
+
+    def open_listeners(self) -> list[socket.socket]:
+        addresses = self.config.listen
+        for address in addresses:
+            family = socket.AF_INET6 if ":" in address else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                # With both 0.0.0.0 and :: configured, each family gets its own socket.
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind((address, self.config.port))
+            except OSError as exc:
+                sock.close()
+                if family == socket.AF_INET6 and address == "::" and len(addresses) > 1:
+                    logger.warning("not listening on [::]: %s", exc.strerror)
+                    continue
+                raise KernelError(
+                    f"cannot listen on {address} port {self.config.port}: {exc.strerror}"
+                ) from exc
+            sock.listen(128)
+            sock.setblocking(False)
+            self.listeners.append(sock)
+        if not self.listeners:
+            raise KernelError("no address to listen on")
+        return self.listeners
+
+    @property
+    def bound_port(self) -> int:
+        port: int = self.listeners[0].getsockname()[1]
+        return port
+
+    async def serve(self) -> None:
+        self.vhci.require_loaded()
+        self.sessions.adopt()
+        if not self.listeners:
+            self.open_listeners()
+        if not self.config.allow:
+            logger.warning("no peer is allowed (default deny): every export will be refused")
+        accepters = [asyncio.create_task(self._accept_loop(s)) for s in self.listeners]
+        reaper = asyncio.create_task(self._reap_loop())
+        names = ", ".join(_sockname(s) for s in self.listeners)
+        logger.info("listening on %s", names)
+        self.notifier.ready(self.status_line())
+        try:
+            await self.stopping.wait()
+        finally:
+            self.notifier.stopping()
+            for task in [*accepters, reaper, *self.tasks]:
+                task.cancel()
+            await asyncio.gather(*accepters, reaper, *self.tasks, return_exceptions=True)
+            for sock in self.listeners:
+                sock.close()
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def status_line(self) -> str:
+        names = ", ".join(_sockname(s) for s in self.listeners)
+        return f"{len(self.sessions.by_port)} attached; listening on {names}"
+
+    async def _reap_loop(self) -> None:
+        while True:
+            await asyncio.sleep(SESSION_POLL_INTERVAL)
+            self.notifier.watchdog()
+            self._reap()
+
+    def _reap(self) -> None:
+        try:
+            gone = self.sessions.reap()
+        except KernelError as exc:
+            logger.error("cannot read vhci status: %s", exc)
+            return
+        for session in gone:
+            log.event(
+                logger,
+                logging.INFO,
+                f"port {session.port} released by the kernel: {session.busid} "
+                f"from {session.peer} (link closed or detached)",
+                event="port-released",
+                busid=session.busid,
+                peer=session.peer,
+                port=session.port,
+            )
+        if gone:
+            self.notifier.status(self.status_line())
+
+    async def _accept_loop(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, addr = await loop.sock_accept(listener)
+            except OSError as exc:  # EMFILE and friends: back off, keep serving
+                logger.error("accept failed: %s", exc)
+                await asyncio.sleep(0.1)
+                continue
+            peer = str(peer_address(addr[0]))
+            if self.total_connections >= self.config.limits.max_connections:
+                _log_refusal(peer, addr[1], "too many connections")
+                conn.close()
+                continue
+            if self.connections.get(peer, 0) >= self.config.limits.per_peer_connections:
+                _log_refusal(peer, addr[1], "too many connections from this peer")
+                conn.close()
+                continue
+            self.connections[peer] = self.connections.get(peer, 0) + 1
+            self.total_connections += 1
+            task = asyncio.create_task(self._handle(conn, peer, addr[1]))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    # ---------------------------------------------------------------- one connection
+
+    async def _handle(self, conn: socket.socket, peer: str, peer_port: int) -> None:
+        conn.setblocking(False)
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        handed_over = False
+        try:
+            async with asyncio.timeout(self.config.limits.control_timeout):
+                request = await self._read_request(conn)
+                handed_over = await self._dispatch(conn, request, peer, peer_port)
+        except TimeoutError:
+            log.event(
+                logger,
+                logging.WARNING,
+                f"{peer}: control phase timed out",
+                event="timeout",
+                peer=peer,
+            )
+        except ControlError as exc:
+            log.event(
+                logger,
+                logging.WARNING,
+                f"{peer}: closing connection: {exc}",
+                event="bad-request",
+                peer=peer,
+            )
+        except ProtocolError as exc:
+            log.event(
+                logger,
+                logging.WARNING,
+                f"{peer}: malformed request: {exc}",
+                event="bad-request",
+                peer=peer,
+            )
+        except OSError as exc:
+            log.event(logger, logging.INFO, f"{peer}: connection error: {exc}", peer=peer)
+        finally:
+            self.connections[peer] -= 1
+            if not self.connections[peer]:
+                del self.connections[peer]
+            self.total_connections -= 1
+            if not handed_over:
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
+            conn.close()  # after a hand-over the kernel keeps its own reference
+
+    async def _read_request(self, conn: socket.socket) -> Pdu:
+        loop = asyncio.get_running_loop()
+        decoder = Decoder()
+        while True:
+            pdu = decoder.next_pdu()
+            if pdu is not NEED_DATA:
+                assert not isinstance(pdu, type(NEED_DATA))
+                return pdu
+            data = await loop.sock_recv(conn, decoder.bytes_needed())
+            if not data:
+                raise ControlError("peer closed the connection mid-request")
+            decoder.receive_data(data)
+
+    async def _dispatch(self, conn: socket.socket, request: Pdu, peer: str, peer_port: int) -> bool:
+        loop = asyncio.get_running_loop()
+        if isinstance(request, ExportRequest):
+            status, attached = self._export(conn, request, peer, peer_port)
+            try:
+                await loop.sock_sendall(conn, encode(ExportReply(status)))
+            except OSError:
+                if attached is not None:
+                    self._detach(attached, "peer vanished before the reply")
+                raise
+            return attached is not None
+        if isinstance(request, UnexportRequest):
+            await loop.sock_sendall(conn, encode(UnexportReply(self._unexport(request, peer))))
+        elif isinstance(request, DevlistRequest):
+            # usbipa exports nothing itself: an honest, empty list for `usbip list -r`.
+            await loop.sock_sendall(conn, encode(DevlistReply(0, ())))
+        elif isinstance(request, ImportRequest):
+            await loop.sock_sendall(conn, encode(ImportReply(ImportStatus.NA, None)))
+        else:
+            raise ControlError(f"unexpected {type(request).__name__}")
+        return False
+
+    def _export(
+        self, conn: socket.socket, request: ExportRequest, peer: str, peer_port: int
+    ) -> tuple[int, int | None]:
+        record = request.device
+        fields: dict[str, Any] = {
+            "peer": peer,
+            "busid": record.busid,
+            "vid_pid": f"{record.id_vendor:04x}:{record.id_product:04x}",
+        }
+        self._reap()
+        previous = self.sessions.find(peer, record.busid)
+        if previous is not None:
+            # The same device from the same peer again: its old link is stale
+            # (the device side restarted or lost the link before we noticed).
+            self._detach(previous.port, "replaced by a new export of the same device")
+        exported = self.sessions.count_for(peer)
+        reason = authorize(self.config, _ip(peer), record.id_vendor, record.id_product, exported)
+        if reason is not None:
+            log.event(
+                logger,
+                logging.WARNING,
+                f"refused export from {peer}: {reason}",
+                event="refused",
+                **fields,
+            )
+            return ExportStatus.FAILED, None
+        speed = Speed(record.speed)
+        port = self.vhci.find_free_port(speed)
+        if port is None:
+            kind = "SuperSpeed" if speed.needs_superspeed_port else "high-speed"
+            log.event(
+                logger,
+                logging.WARNING,
+                f"refused export from {peer}: no free {kind} port",
+                event="no-port",
+                **fields,
+            )
+            return ExportStatus.NO_FREE_PORT, None
+        conn.setblocking(True)  # the kernel does blocking I/O on it
+        try:
+            self.vhci.attach(port.port, conn, record.devid, speed)
+        except KernelError as exc:
+            conn.setblocking(False)
+            log.event(
+                logger,
+                logging.ERROR,
+                f"attach failed: {exc}",
+                event="attach-failed",
+                port=port.port,
+                **fields,
+            )
+            return ExportStatus.FAILED, None
+        conn.setblocking(False)
+        self.sessions.add(
+            Session(
+                port=port.port,
+                peer=peer,
+                peer_port=peer_port,
+                busid=record.busid,
+                devid=record.devid,
+                vendor=record.id_vendor,
+                product=record.id_product,
+                speed=int(speed),
+                since=time.time(),
+            )
+        )
+        log.event(
+            logger,
+            logging.INFO,
+            f"attached {record.busid} from {peer} on port {port.port}",
+            event="attached",
+            port=port.port,
+            **fields,
+        )
+        self.notifier.status(self.status_line())
+        return ExportStatus.ATTACHED, port.port
+
+    def _unexport(self, request: UnexportRequest, peer: str) -> UnexportStatus:
+        session = self.sessions.find(peer, request.device.busid)
+        if session is None:
+            log.event(
+                logger,
+                logging.INFO,
+                f"unexport from {peer}: {request.device.busid} is not attached here",
+                event="unexport-unknown",
+                peer=peer,
+                busid=request.device.busid,
+            )
+            return UnexportStatus.NOT_FOUND
+        self._detach(session.port, "unexported by the device side")
+        return UnexportStatus.DETACHED
+
+    def _detach(self, port: int, why: str) -> None:
+        session = self.sessions.by_port.get(port)
+        with contextlib.suppress(KernelError):  # EINVAL: the kernel already freed it
+            self.vhci.detach(port)
+        self.sessions.drop(port)
+        if session is not None:
+            log.event(
+                logger,
+                logging.INFO,
+                f"detached port {port}: {session.busid} from {session.peer} ({why})",
+                event="detached",
+                port=port,
+                busid=session.busid,
+                peer=session.peer,
+            )
+        self.notifier.status(self.status_line())
+
+
+def _ip(peer: str) -> IPAddress:
+    return peer_address(peer)
+
+
+def _sockname(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _log_refusal(peer: str, port: int, reason: str) -> None:
+    log.event(
+        logger,
+        logging.WARNING,
+        f"refused connection from {peer}: {reason}",
+        event="refused",
+        peer=peer,
+    )

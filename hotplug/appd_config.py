@@ -1,0 +1,214 @@
+"""usbipa's configuration and its access decision. Pure: no sockets, no files.
+
+Default deny: a peer is served only if an `allow` entry's network contains its
+address; the entry may also limit which devices (vid:pid globs) it may export
+and how many at once.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import ipaddress
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from hotplug.address import DEFAULT_PORT
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class ConfigError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class AllowRule:
+    networks: tuple[IPNetwork, ...]
+    devices: tuple[str, ...] = ()  # "vvvv:pppp" globs, lower case; empty = any
+    max_devices: int | None = None
+
+    def admits_peer(self, peer: IPAddress) -> bool:
+        return any(peer.version == net.version and peer in net for net in self.networks)
+
+    def admits_device(self, vendor: int, product: int) -> bool:
+        if not self.devices:
+            return True
+        ident = f"{vendor:04x}:{product:04x}"
+        return any(fnmatch.fnmatchcase(ident, pattern) for pattern in self.devices)
+
+
+@dataclass(frozen=True)
+class Limits:
+    control_timeout: float = 10.0  # whole control phase of one connection
+    per_peer_connections: int = 16  # concurrent control connections per address
+    max_connections: int = 1024
+
+
+@dataclass(frozen=True)
+class AppdConfig:
+    listen: tuple[str, ...] = ("0.0.0.0", "::")
+    port: int = DEFAULT_PORT
+    allow: tuple[AllowRule, ...] = ()
+    limits: Limits = field(default_factory=Limits)
+    state_dir: str | None = None
+
+
+def peer_address(host: str) -> IPAddress:
+    """The peer's address, with IPv4-mapped IPv6 (::ffff:a.b.c.d) unwrapped."""
+    addr = ipaddress.ip_address(host.split("%")[0])
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
+def authorize(
+    config: AppdConfig, peer: IPAddress, vendor: int, product: int, exported_now: int
+) -> str | None:
+    """None if the peer may export this device now, else the reason for refusing."""
+    peer_rules = [rule for rule in config.allow if rule.admits_peer(peer)]
+    if not peer_rules:
+        return "peer not in any allow list"
+    for rule in peer_rules:
+        if not rule.admits_device(vendor, product):
+            continue
+        if rule.max_devices is not None and exported_now >= rule.max_devices:
+            return f"peer already exports {exported_now} devices (max_devices {rule.max_devices})"
+        return None
+    return f"device {vendor:04x}:{product:04x} not allowed for this peer"
+
+
+def parse_network(text: str, where: str) -> IPNetwork:
+    try:
+        return ipaddress.ip_network(text.strip(), strict=False)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: expected an address or CIDR network, got {text!r}") from exc
+
+
+def parse_device_pattern(text: str, where: str) -> str:
+    vendor, sep, product = text.strip().lower().partition(":")
+    ok = sep and all(
+        len(part) == 4 and all(c in "0123456789abcdef*?" for c in part)
+        for part in (vendor, product)
+    )
+    if not ok:
+        raise ConfigError(
+            f"{where}: expected vid:pid as 4 hex digits each (globs allowed), got {text!r}"
+        )
+    return f"{vendor}:{product}"
+
+
+_TOP_KEYS = {"listen", "port", "allow", "limits", "state_dir"}
+_ALLOW_KEYS = {"from", "devices", "max_devices"}
+_LIMIT_KEYS = {"control_timeout", "per_peer_connections", "max_connections"}
+
+
+def _check_keys(data: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key {unknown[0]!r} (expected one of {', '.join(sorted(allowed))})"
+        )
+
+
+def _list_of_str(value: Any, where: str) -> list[str]:
+    items = value if isinstance(value, list) else [value]
+    if not all(isinstance(item, str | int) for item in items):
+        raise ConfigError(f"{where}: expected a string or a list of strings")
+    return [str(item) for item in items]
+
+
+def _positive(value: Any, where: str, kind: type = int) -> Any:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ConfigError(f"{where}: expected a positive number, got {value!r}")
+    return kind(value)
+
+
+def parse_config(text: str, filename: str) -> AppdConfig:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{filename}{line}: YAML syntax error: {exc}") from exc
+    if data is None:
+        return AppdConfig()
+    if not isinstance(data, dict):
+        raise ConfigError(f"{filename}: expected a mapping at the top level")
+    _check_keys(data, _TOP_KEYS, filename)
+    kwargs: dict[str, Any] = {}
+    if "listen" in data:
+        kwargs["listen"] = tuple(_list_of_str(data["listen"], f"{filename}: listen"))
+    if "port" in data:
+        port = data["port"]
+        if not isinstance(port, int) or not 0 < port < 65536:
+            raise ConfigError(f"{filename}: port: expected 1..65535, got {port!r}")
+        kwargs["port"] = port
+    rules = []
+    allow = data.get("allow") or []
+    if not isinstance(allow, list):
+        raise ConfigError(f"{filename}: allow: expected a list of entries")
+    for i, entry in enumerate(allow):
+        where = f"{filename}: allow[{i}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}: expected a mapping with 'from'")
+        _check_keys(entry, _ALLOW_KEYS, where)
+        if "from" not in entry:
+            raise ConfigError(f"{where}: missing 'from' (address or CIDR network)")
+        networks = tuple(
+            parse_network(n, f"{where}.from") for n in _list_of_str(entry["from"], f"{where}.from")
+        )
+        devices = tuple(
+            parse_device_pattern(d, f"{where}.devices")
+            for d in _list_of_str(entry.get("devices", []), f"{where}.devices")
+        )
+        max_devices = entry.get("max_devices")
+        if max_devices is not None:
+            max_devices = _positive(max_devices, f"{where}.max_devices")
+        rules.append(AllowRule(networks, devices, max_devices))
+    kwargs["allow"] = tuple(rules)
+    limits = data.get("limits") or {}
+    if not isinstance(limits, dict):
+        raise ConfigError(f"{filename}: limits: expected a mapping")
+    _check_keys(limits, _LIMIT_KEYS, f"{filename}: limits")
+    kwargs["limits"] = Limits(
+        control_timeout=_positive(
+            limits.get("control_timeout", Limits.control_timeout), "limits.control_timeout", float
+        ),
+        per_peer_connections=_positive(
+            limits.get("per_peer_connections", Limits.per_peer_connections),
+            "limits.per_peer_connections",
+        ),
+        max_connections=_positive(
+            limits.get("max_connections", Limits.max_connections), "limits.max_connections"
+        ),
+    )
+    if "state_dir" in data:
+        kwargs["state_dir"] = str(data["state_dir"])
+    return AppdConfig(**kwargs)
+
+
+def with_cli(
+    config: AppdConfig,
+    listen: Sequence[str],
+    port: int | None,
+    allow: Sequence[str],
+    devices: Sequence[str],
+) -> AppdConfig:
+    """Command-line flags add to (allow) or override (listen, port) the file's settings."""
+    rules = list(config.allow)
+    if allow:
+        pats = tuple(parse_device_pattern(d, "--device") for d in devices)
+        rules.append(AllowRule(tuple(parse_network(a, "--allow") for a in allow), pats))
+    elif devices:
+        raise ConfigError("--device limits the peers given with --allow; give --allow too")
+    return AppdConfig(
+        listen=tuple(listen) or config.listen,
+        port=port if port is not None else config.port,
+        allow=tuple(rules),
+        limits=config.limits,
+        state_dir=config.state_dir,
+    )

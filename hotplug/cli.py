@@ -1,0 +1,223 @@
+"""`usbip-hotplug`: the device side's command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from hotplug import __version__, log, usbids
+from hotplug.address import AddressError, Endpoint, parse_endpoint
+from hotplug.export import ExportError, Timeouts, export, unexport
+from hotplug.kernel import KernelError, make_stub
+from hotplug.kernel.stub import STUB_DRIVER, StubStatus
+from hotplug.kernel.sysfs import list_devices
+from hotplug.state import RecordDir, StateError, default_dir
+
+Handler = Callable[[argparse.Namespace], int]
+_COMMANDS: dict[str, Handler] = {}
+
+
+class UsageError(Exception):
+    pass
+
+
+def exports_dir() -> RecordDir:
+    """One record per device exported by `connect` or the daemon: to whom, since when."""
+    return RecordDir(default_dir("device") / "exports")
+
+
+def _endpoint(text: str) -> Endpoint:
+    try:
+        return parse_endpoint(text)
+    except AddressError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def _timeouts(args: argparse.Namespace) -> Timeouts:
+    return Timeouts(connect=args.timeout, handshake=args.timeout)
+
+
+def cmd_connect(args: argparse.Namespace) -> int:
+    endpoint = _endpoint(args.remote)
+    stub = make_stub()
+    device = export(stub, args.busid, endpoint, _timeouts(args), adopt_bound=args.force)
+    try:
+        exports_dir().put(
+            args.busid,
+            {
+                "target": str(endpoint),
+                "since": time.time(),
+                "by": "connect",
+                "vid_pid": device.vid_pid,
+            },
+        )
+    except StateError as exc:
+        print(f"usbip-hotplug: warning: {exc}", file=sys.stderr)
+    print(f"exported {args.busid} ({device.vid_pid}) to {endpoint}")
+    return 0
+
+
+def cmd_disconnect(args: argparse.Namespace) -> int:
+    records = exports_dir()
+    record = records.get(args.busid)
+    remote = args.remote or (record or {}).get("target")
+    if not remote:
+        raise UsageError(f"no record of where {args.busid} was exported: give -r HOST[:PORT]")
+    endpoint = _endpoint(remote)
+    try:
+        status = unexport(make_stub(), args.busid, endpoint, _timeouts(args))
+    finally:
+        records.remove(args.busid)
+    note = " (it was not attached there)" if status == 3 else ""
+    print(f"unexported {args.busid} from {endpoint}{note}")
+    return 0
+
+
+def device_rows() -> list[dict[str, Any]]:
+    stub = make_stub()
+    records = exports_dir()
+    rows = []
+    for device in list_devices(stub.paths):
+        if device.is_hub:
+            continue
+        status = stub.status(device.busid) if device.driver == STUB_DRIVER else None
+        record = records.get(device.busid)
+        exported_to = None
+        if status == StubStatus.USED:
+            exported_to = (record or {}).get("target", "another usbip peer")
+        rows.append(
+            {
+                "busid": device.busid,
+                "vid_pid": device.vid_pid,
+                "vendor": usbids.system_database().vendor(device.vendor) or device.manufacturer,
+                "product": usbids.system_database().product(device.vendor, device.product)
+                or device.product_name,
+                "serial": device.serial,
+                "driver": device.driver,
+                "usbip_status": status.name.lower() if status is not None else None,
+                "exported_to": exported_to,
+            }
+        )
+    return rows
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    rows = device_rows()
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    if not rows:
+        print("no exportable USB devices")
+        return 0
+    for row in rows:
+        names = f"{row['vendor'] or 'unknown vendor'} : {row['product'] or 'unknown product'}"
+        print(f" - busid {row['busid']} ({row['vid_pid']})")
+        print(f"   {names}")
+        where = f", exported to {row['exported_to']}" if row["exported_to"] else ""
+        print(f"   driver: {row['driver'] or '(none)'}{where}")
+        print()
+    return 0
+
+
+def add_common_net(parser: argparse.ArgumentParser, remote_required: bool) -> None:
+    parser.add_argument(
+        "-r",
+        "--remote",
+        required=remote_required,
+        metavar="HOST[:PORT]",
+        help="application-side daemon (usbipa); IPv6 as [addr]:port; port 3240 by default",
+    )
+    parser.add_argument("-b", "--busid", required=True, help="the device's busid, e.g. 1-1.2")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="connect and handshake timeout (default 5)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="usbip-hotplug",
+        description="Export USB devices over USB/IP to an application-side daemon (usbipa), "
+        "by hand or automatically as they are plugged in.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("connect", help="export one device to usbipa (bind + OP_EXPORT)")
+    add_common_net(p, remote_required=True)
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="take over a device that another tool already bound to usbip-host",
+    )
+    p.set_defaults(handler=cmd_connect)
+
+    p = sub.add_parser("disconnect", help="withdraw an exported device (OP_UNEXPORT + release)")
+    add_common_net(p, remote_required=False)
+    p.set_defaults(handler=cmd_disconnect)
+
+    p = sub.add_parser("list", help="list exportable local devices")
+    p.add_argument("-l", "--local", action="store_true", help="local devices (the default)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler=cmd_list)
+
+    for name, (help_text, configure) in _EXTRA_COMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        configure(p)
+    return parser
+
+
+# Commands defined in other modules register here, keeping this file the only parser.
+_EXTRA_COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {}
+
+
+def register(
+    name: str, help_text: str
+) -> Callable[
+    [Callable[[argparse.ArgumentParser], None]], Callable[[argparse.ArgumentParser], None]
+]:
+    def wrap(
+        configure: Callable[[argparse.ArgumentParser], None],
+    ) -> Callable[[argparse.ArgumentParser], None]:
+        _EXTRA_COMMANDS[name] = (help_text, configure)
+        return configure
+
+    return wrap
+
+
+def _load_extras() -> None:
+    # Imported for their register() side effect; each defines one command.
+    import importlib
+
+    for module in ("hotplug.daemon_cli", "hotplug.testvm.demo"):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if not (exc.name and module.startswith(exc.name)):
+                raise
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    _load_extras()
+    args = build_parser().parse_args(argv)
+    log.setup("usbip-hotplug", verbose=args.verbose)
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except (UsageError, ExportError, KernelError, StateError) as exc:
+        print(f"usbip-hotplug: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""What we know about one USB device on the device side.
+
+`Device` is plain data: built from sysfs (hotplug.kernel.sysfs) or from a udev
+event (hotplug.udev), consumed by the policy matcher and the exporter. This
+module does no I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+HUB_CLASS = 0x09
+
+
+class Speed(IntEnum):
+    """USB speed as carried in the USB/IP device record (enum usb_device_speed)."""
+
+    UNKNOWN = 0
+    LOW = 1
+    FULL = 2
+    HIGH = 3
+    WIRELESS = 4
+    SUPER = 5
+    SUPER_PLUS = 6
+
+    @property
+    def needs_superspeed_port(self) -> bool:
+        return self >= Speed.SUPER
+
+
+# The sysfs `speed` attribute is in Mbit/s; map it to the wire enum.
+SYSFS_SPEEDS: Mapping[str, Speed] = {
+    "1.5": Speed.LOW,
+    "12": Speed.FULL,
+    "480": Speed.HIGH,
+    "53.3-480": Speed.WIRELESS,
+    "5000": Speed.SUPER,
+    "10000": Speed.SUPER_PLUS,
+    "20000": Speed.SUPER_PLUS,
+}
+
+
+@dataclass(frozen=True)
+class Interface:
+    klass: int
+    subclass: int
+    protocol: int
+
+
+@dataclass(frozen=True)
+class Device:
+    busid: str
+    path: str  # sysfs path of the device, e.g. /sys/devices/.../1-1
+    busnum: int
+    devnum: int
+    speed: Speed
+    vendor: int  # idVendor
+    product: int  # idProduct
+    bcd_device: int = 0
+    device_class: int = 0
+    device_subclass: int = 0
+    device_protocol: int = 0
+    configuration_value: int = 1
+    num_configurations: int = 1
+    interfaces: tuple[Interface, ...] = ()
+    serial: str | None = None
+    manufacturer: str | None = None
+    product_name: str | None = None
+    driver: str | None = None  # driver bound to the device (usb, usbip-host, ...)
+    properties: Mapping[str, str] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def devid(self) -> int:
+        return (self.busnum << 16) | self.devnum
+
+    @property
+    def is_hub(self) -> bool:
+        return self.device_class == HUB_CLASS
+
+    @property
+    def vid_pid(self) -> str:
+        return f"{self.vendor:04x}:{self.product:04x}"

@@ -1,0 +1,274 @@
+"""Device-side transactions: export a device to a target, and withdraw it.
+
+The order is the one checked on the real kernel (PROTOCOL.md, "the export
+handshake"): bind to usbip-host, connect, OP_REQ_EXPORT, read exactly the
+8-byte reply, and only after a status-0 reply hand the socket to usbip-host.
+Anything that fails rolls back what this transaction did.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import time
+from dataclasses import dataclass
+
+from hotplug import log
+from hotplug.address import Endpoint
+from hotplug.device import Device
+from hotplug.kernel.stub import STUB_DRIVER, StubStatus, UsbipHost
+from hotplug.kernel.sysfs import KernelError, read_device
+from hotplug.protocol import (
+    HEADER_SIZE,
+    DeviceRecord,
+    ExportRequest,
+    ExportStatus,
+    Op,
+    ProtocolError,
+    UnexportRequest,
+    UnexportStatus,
+    decode_header,
+    encode,
+)
+
+logger = log.get("hotplug.export")
+
+
+class ExportError(Exception):
+    """An export or unexport did not happen; the message says why."""
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    connect: float = 5.0
+    handshake: float = 5.0
+    # How long the kernel may keep unacknowledged data before it declares the
+    # link dead (TCP_USER_TIMEOUT), and keepalive probing for an idle link.
+    user_timeout: float = 30.0
+    keepalive_idle: int = 10
+    keepalive_interval: int = 5
+    keepalive_count: int = 3
+
+
+def device_record(device: Device) -> DeviceRecord:
+    return DeviceRecord(
+        path=device.path,
+        busid=device.busid,
+        busnum=device.busnum,
+        devnum=device.devnum,
+        speed=device.speed,
+        id_vendor=device.vendor,
+        id_product=device.product,
+        bcd_device=device.bcd_device,
+        device_class=device.device_class,
+        device_subclass=device.device_subclass,
+        device_protocol=device.device_protocol,
+        configuration_value=device.configuration_value,
+        num_configurations=device.num_configurations,
+        num_interfaces=len(device.interfaces),
+    )
+
+
+def tune_socket(sock: socket.socket, timeouts: Timeouts) -> None:
+    """Set what the kernel needs to notice a dead peer once it owns the socket."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, timeouts.keepalive_idle)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, timeouts.keepalive_interval)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, timeouts.keepalive_count)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(timeouts.user_timeout * 1000))
+
+
+def connect(endpoint: Endpoint, timeouts: Timeouts) -> socket.socket:
+    try:
+        sock = socket.create_connection((endpoint.host, endpoint.port), timeout=timeouts.connect)
+    except TimeoutError as exc:
+        raise ExportError(f"{endpoint}: connection timed out after {timeouts.connect:g} s") from exc
+    except socket.gaierror as exc:
+        raise ExportError(f"{endpoint}: cannot resolve host: {exc.strerror}") from exc
+    except OSError as exc:
+        raise ExportError(f"{endpoint}: {exc.strerror or exc}") from exc
+    tune_socket(sock, timeouts)
+    return sock
+
+
+def recv_exactly(sock: socket.socket, size: int, deadline: float, endpoint: Endpoint) -> bytes:
+    """Read exactly `size` bytes and not one more: what follows belongs to the kernel."""
+    chunks = bytearray()
+    while len(chunks) < size:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ExportError(f"{endpoint}: no reply within the handshake timeout")
+        sock.settimeout(remaining)
+        try:
+            chunk = sock.recv(size - len(chunks))
+        except TimeoutError as exc:
+            raise ExportError(f"{endpoint}: no reply within the handshake timeout") from exc
+        except OSError as exc:
+            raise ExportError(f"{endpoint}: {exc.strerror or exc} while waiting for reply") from exc
+        if not chunk:
+            got = f"after {len(chunks)} of {size} bytes" if chunks else "before replying"
+            raise ExportError(f"{endpoint}: connection closed {got}")
+        chunks += chunk
+    return bytes(chunks)
+
+
+def _exchange(
+    sock: socket.socket, request: bytes, expected: Op, endpoint: Endpoint, timeouts: Timeouts
+) -> int:
+    deadline = time.monotonic() + timeouts.handshake
+    sock.settimeout(timeouts.handshake)
+    try:
+        sock.sendall(request)
+    except OSError as exc:
+        raise ExportError(f"{endpoint}: sending request failed: {exc.strerror or exc}") from exc
+    reply = recv_exactly(sock, HEADER_SIZE, deadline, endpoint)
+    try:
+        header = decode_header(reply)
+    except ProtocolError as exc:
+        raise ExportError(f"{endpoint}: bad reply: {exc}") from exc
+    if header.code != expected:
+        raise ExportError(
+            f"{endpoint}: bad reply: op code 0x{header.code:04x}, not {expected.name}"
+        )
+    return header.status
+
+
+EXPORT_REFUSALS = {
+    ExportStatus.FAILED: "the application side could not attach the device",
+    ExportStatus.NO_FREE_PORT: "the application side has no free port of the needed speed",
+}
+
+
+def export(
+    stub: UsbipHost,
+    busid: str,
+    endpoint: Endpoint,
+    timeouts: Timeouts | None = None,
+    adopt_bound: bool = False,
+) -> Device:
+    """Bind `busid`, export it to `endpoint` and hand the link to the kernel.
+
+    Returns the device as exported. On failure, leaves the device as it found it.
+    A device some other tool already bound to usbip-host (`usbip bind` for
+    usbipd) is refused unless `adopt_bound`: taking it would cut that tool off.
+    """
+    timeouts = timeouts or Timeouts()
+    stub.require_loaded()
+    before = read_device(stub.paths, busid)
+    if before.is_hub:
+        raise KernelError(f"{busid} is a USB hub; hubs cannot be exported")
+    if before.driver == STUB_DRIVER:
+        status = stub.status(busid)
+        if status == StubStatus.USED:
+            raise KernelError(
+                f"{busid} is already in use by usbip-host (exported or imported by another "
+                "tool); disconnect it first"
+            )
+        if not adopt_bound:
+            raise KernelError(
+                f"{busid} is already bound to usbip-host by another tool (usbip bind?); "
+                f"'usbip unbind -b {busid}' first, or pass --force to take it over"
+            )
+    fields = {"busid": busid, "target": str(endpoint)}
+    bound_here = before.driver != STUB_DRIVER
+    stub.bind(busid)
+    sock: socket.socket | None = None
+    try:
+        device = read_device(stub.paths, busid)
+        sock = connect(endpoint, timeouts)
+        reply = _exchange(
+            sock, encode(ExportRequest(device_record(device))), Op.REP_EXPORT, endpoint, timeouts
+        )
+        if reply != ExportStatus.ATTACHED:
+            reason = EXPORT_REFUSALS.get(reply, f"refused with status {reply}")  # type: ignore[call-overload]
+            raise ExportError(f"{endpoint} refused {busid}: {reason}")
+        sock.settimeout(None)  # the kernel wants a blocking socket
+        stub.hand_over(busid, sock)
+        if stub.status(busid) != StubStatus.USED:
+            raise ExportError(f"{busid}: usbip-host did not take the connection")
+    except BaseException as exc:
+        if sock is not None:
+            sock.close()
+            sock = None
+        if bound_here:
+            with contextlib.suppress(KernelError):
+                stub.release(busid)
+        log.event(logger, logging.WARNING, f"export failed: {exc}", event="export-failed", **fields)
+        raise
+    finally:
+        if sock is not None:
+            sock.close()  # the kernel holds its own reference now
+    log.event(logger, logging.INFO, f"exported {busid} to {endpoint}", event="exported", **fields)
+    return device
+
+
+def unexport(
+    stub: UsbipHost,
+    busid: str,
+    endpoint: Endpoint,
+    timeouts: Timeouts | None = None,
+    device: Device | None = None,
+    release: bool = True,
+) -> UnexportStatus:
+    """Ask `endpoint` to detach `busid`, then give the device back to its driver.
+
+    Idempotent: an unknown busid on the far side is not an error. The device is
+    released even when the target cannot be reached (the kernel then closes the
+    link and the far side's port is freed by its own kernel).
+    """
+    timeouts = timeouts or Timeouts()
+    fields = {"busid": busid, "target": str(endpoint)}
+    if device is None:
+        try:
+            device = read_device(stub.paths, busid)
+        except KernelError:
+            device = None
+    record = (
+        device_record(device)
+        if device is not None
+        else DeviceRecord(
+            path="",
+            busid=busid,
+            busnum=0,
+            devnum=0,
+            speed=0,  # type: ignore[arg-type]
+            id_vendor=0,
+            id_product=0,
+            bcd_device=0,
+            device_class=0,
+            device_subclass=0,
+            device_protocol=0,
+            configuration_value=0,
+            num_configurations=0,
+            num_interfaces=0,
+        )
+    )
+    error: ExportError | None = None
+    status = UnexportStatus.FAILED
+    try:
+        with connect(endpoint, timeouts) as sock:
+            raw = _exchange(
+                sock, encode(UnexportRequest(record)), Op.REP_UNEXPORT, endpoint, timeouts
+            )
+        known = {int(s) for s in UnexportStatus}
+        status = UnexportStatus(raw) if raw in known else UnexportStatus.FAILED
+    except ExportError as exc:
+        error = exc
+    if release and device is not None:
+        stub.release(busid)
+    if error is not None:
+        log.event(logger, logging.WARNING, f"unexport: {error}", event="unexport-failed", **fields)
+        raise error
+    if status == UnexportStatus.FAILED:
+        raise ExportError(f"{endpoint} failed to detach {busid}")
+    log.event(
+        logger,
+        logging.INFO,
+        f"unexported {busid} from {endpoint}"
+        + (" (it was not attached there)" if status == UnexportStatus.NOT_FOUND else ""),
+        event="unexported",
+        **fields,
+    )
+    return status

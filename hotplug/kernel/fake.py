@@ -1,0 +1,559 @@
+"""A fake kernel for tests and benchmarks: a sysfs tree plus a process that
+plays the kernel's part behind its control files.
+
+Reads need nothing special: the real `UsbipHost` and `Vhci` code reads the
+fake tree under a different root. Writes go to `FakeKernelServer`, a separate
+process, exactly as writes to real sysfs go to the kernel: it applies the
+kernel's rules (errno for errno), and for `usbip_sockfd` and `attach` it does
+what the kernel's sockfd_lookup does — takes its own reference to the writer's
+socket (passed with SCM_RIGHTS), which must be a connected stream socket. It
+holds those sockets independently of the writer, so a killed daemon does not
+take its exports down (as with the real kernel), frees a vhci port when the
+far end closes, and drops a stub's connection when its device is unplugged.
+
+Selected with USBIP_HOTPLUG_FAKE_KERNEL=<server socket> and
+USBIP_HOTPLUG_SYSFS_ROOT=<tree>. Behaviour was checked against Debian's 6.1
+kernel in the VM tests; where it differs, the kernel is right.
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import contextlib
+import errno
+import json
+import os
+import selectors
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from hotplug.device import Speed
+from hotplug.kernel.stub import UsbipHost
+from hotplug.kernel.sysfs import KernelError, SysfsPaths, _explain_write_error
+from hotplug.kernel.vhci import PortState, Vhci, parse_status
+
+STATUS_HEADER = "hub port sta spd dev      sockfd local_busid"
+RX_CAP = 1 << 20
+SERVER_SOCKET = ".fake-kernel.sock"
+
+
+# --------------------------------------------------------------------------- client side
+
+
+def _send_write(server: Path, path: Path, text: str, fd: int | None) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as conn:
+        conn.settimeout(10)
+        conn.connect(str(server))
+        payload = json.dumps({"path": str(path), "text": text}).encode()
+        fds = [fd] if fd is not None else []
+        conn.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+        reply = json.loads(conn.recv(4096) or b'{"errno": 5}')
+    code = int(reply["errno"])
+    if code:
+        raise KernelError(_explain_write_error(path, text, OSError(code, os.strerror(code))))
+
+
+def _fd_in_write(path: Path, text: str) -> int | None:
+    """The fd number a kernel control file would look up in the writing process."""
+    fields = text.split()
+    if path.name == "usbip_sockfd" and fields and fields[0] != "-1":
+        return _checked_fd(int(fields[0]))
+    if path.name == "attach" and len(fields) == 4:
+        return _checked_fd(int(fields[1]))
+    return None
+
+
+def _checked_fd(number: int) -> int:
+    try:
+        os.fstat(number)
+    except OSError as exc:
+        raise KernelError(f"fd {number} is not open in the writing process") from exc
+    return number
+
+
+class _FakeWriter:
+    server: Path
+
+    def write(self, path: Path, text: str) -> None:
+        if not path.parent.exists():
+            raise KernelError(f"{path} does not exist")
+        _send_write(self.server, path, text, _fd_in_write(path, text))
+
+
+class FakeUsbipHost(_FakeWriter, UsbipHost):
+    def __init__(self, paths: SysfsPaths, server: Path) -> None:
+        UsbipHost.__init__(self, paths)
+        self.server = server
+
+
+class FakeVhci(_FakeWriter, Vhci):
+    def __init__(self, paths: SysfsPaths, server: Path) -> None:
+        Vhci.__init__(self, paths)
+        self.server = server
+
+
+# --------------------------------------------------------------------------- the tree
+
+
+@dataclass(frozen=True)
+class FakeUsbDevice:
+    busid: str
+    vendor: int
+    product: int
+    serial: str | None = None
+    speed: str = "480"
+    device_class: int = 0
+    interfaces: tuple[tuple[int, int, int], ...] = ((0x08, 0x06, 0x50),)
+    manufacturer: str = "Fake Inc."
+    product_name: str = "Fake Device"
+
+
+class FakeTree:
+    """Builds and edits a sysfs-shaped tree, as the kernel would lay it out."""
+
+    def __init__(self, root: Path, vhci_controllers: int = 1, ports_per_hub: int = 8) -> None:
+        self.root = root
+        self.paths = SysfsPaths(root)
+        self.vhci_controllers = vhci_controllers
+        self.ports_per_hub = ports_per_hub
+
+    @property
+    def server_socket(self) -> Path:
+        return self.root / SERVER_SOCKET
+
+    def create(self, *, stub: bool = True, vhci: bool = True) -> FakeTree:
+        p = self.paths
+        p.usb_devices.mkdir(parents=True, exist_ok=True)
+        (p.usb_drivers / "usb").mkdir(parents=True, exist_ok=True)
+        (p.sys / "bus/usb/drivers_probe").touch()
+        (p.sys / "devices/fake").mkdir(parents=True, exist_ok=True)
+        if stub:
+            self.load_stub()
+        if vhci:
+            main = p.platform / "vhci_hcd.0"
+            for index in range(self.vhci_controllers):
+                (p.platform / f"vhci_hcd.{index}").mkdir(parents=True, exist_ok=True)
+            for name in ("attach", "detach"):
+                (main / name).touch()
+            (main / "nports").write_text(f"{self.vhci_controllers * self.ports_per_hub * 2}\n")
+            for index in range(self.vhci_controllers):
+                lines = [STATUS_HEADER]
+                for k in range(2 * self.ports_per_hub):
+                    hub = "hs" if k < self.ports_per_hub else "ss"
+                    number = index * 2 * self.ports_per_hub + k
+                    lines.append(_status_line(hub, number, PortState.NULL, 0, 0, 0, "0-0"))
+                name = "status" if index == 0 else f"status.{index}"
+                (main / name).write_text("\n".join(lines) + "\n")
+        return self
+
+    def load_stub(self) -> None:
+        stub = self.paths.stub_driver
+        stub.mkdir(parents=True, exist_ok=True)
+        for name in ("bind", "unbind", "rebind", "match_busid"):
+            (stub / name).touch()
+
+    def unload_stub(self) -> None:
+        shutil.rmtree(self.paths.stub_driver, ignore_errors=True)
+
+    def add_device(self, dev: FakeUsbDevice, devnum: int | None = None) -> Path:
+        busnum = int(dev.busid.split("-")[0])
+        real = self.paths.sys / f"devices/fake/usb{busnum}/{dev.busid}"
+        real.mkdir(parents=True)
+        attrs = {
+            "busnum": str(busnum),
+            "devnum": str(devnum if devnum is not None else 2),
+            "speed": dev.speed,
+            "idVendor": f"{dev.vendor:04x}",
+            "idProduct": f"{dev.product:04x}",
+            "bcdDevice": "0100",
+            "bDeviceClass": f"{dev.device_class:02x}",
+            "bDeviceSubClass": "00",
+            "bDeviceProtocol": "00",
+            "bConfigurationValue": "1",
+            "bNumConfigurations": "1",
+            "bNumInterfaces": f"{len(dev.interfaces):2d}",
+            "manufacturer": dev.manufacturer,
+            "product": dev.product_name,
+        }
+        if dev.serial is not None:
+            attrs["serial"] = dev.serial
+        for name, value in attrs.items():
+            (real / name).write_text(value + "\n")
+        for number, (klass, subclass, protocol) in enumerate(dev.interfaces):
+            iface = real / f"{dev.busid}:1.{number}"
+            iface.mkdir()
+            (iface / "bInterfaceNumber").write_text(f"{number:02x}\n")
+            (iface / "bInterfaceClass").write_text(f"{klass:02x}\n")
+            (iface / "bInterfaceSubClass").write_text(f"{subclass:02x}\n")
+            (iface / "bInterfaceProtocol").write_text(f"{protocol:02x}\n")
+        (self.paths.usb_devices / dev.busid).symlink_to(real)
+        _set_driver(self.paths, dev.busid, "usb")
+        return real
+
+    def remove_device(self, busid: str) -> None:
+        """Unplug: the kernel drops the stub's connection and removes the device."""
+        link = self.paths.usb_devices / busid
+        real = Path(os.path.realpath(link))
+        if self.server_socket.exists():
+            with contextlib.suppress(KernelError, OSError):
+                _send_write(self.server_socket, self.paths.usb_devices / busid / "remove", "", None)
+        link.unlink(missing_ok=True)
+        shutil.rmtree(real, ignore_errors=True)
+
+    def start_server(self) -> subprocess.Popen[bytes]:
+        """Run the fake kernel in its own process; returns once it accepts writes."""
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "hotplug.kernel.fake", "serve", str(self.root)],
+        )
+        deadline = time.monotonic() + 10
+        while not self.server_socket.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError("fake kernel server did not start")
+            time.sleep(0.01)
+        return proc
+
+    def stub(self) -> FakeUsbipHost:
+        return FakeUsbipHost(self.paths, self.server_socket)
+
+    def vhci(self) -> FakeVhci:
+        return FakeVhci(self.paths, self.server_socket)
+
+    def env(self) -> dict[str, str]:
+        return {
+            "USBIP_HOTPLUG_SYSFS_ROOT": str(self.root),
+            "USBIP_HOTPLUG_FAKE_KERNEL": str(self.server_socket),
+        }
+
+
+def _status_line(
+    hub: str, port: int, state: int, speed: int, devid: int, sockfd: int, busid: str
+) -> str:
+    return f"{hub}  {port:04d} {state:03d} {speed:03d} {devid:08x} {sockfd:06d} {busid}"
+
+
+def _set_driver(paths: SysfsPaths, busid: str, driver: str | None) -> None:
+    link = paths.usb_devices / busid / "driver"
+    link.unlink(missing_ok=True)
+    if driver is not None:
+        link.symlink_to(paths.usb_drivers / driver)
+
+
+def _driver(paths: SysfsPaths, busid: str) -> str | None:
+    try:
+        return os.path.basename(os.readlink(paths.usb_devices / busid / "driver"))
+    except OSError:
+        return None
+
+
+# --------------------------------------------------------------------------- the "kernel"
+
+
+class _Fail(Exception):
+    def __init__(self, code: int) -> None:
+        self.code = code
+
+
+class FakeKernelServer:
+    """The kernel's side of the control files, in one single-threaded loop."""
+
+    def __init__(self, root: Path) -> None:
+        self.tree = FakeTree(root)
+        self.paths = self.tree.paths
+        self.selector = selectors.DefaultSelector()
+        self.stub_socks: dict[str, socket.socket] = {}
+        self.vhci_socks: dict[int, socket.socket] = {}
+        self.rx_dir = root / ".fake-kernel-rx"
+        self.rx_dir.mkdir(exist_ok=True)
+
+    # -- stub
+
+    def _match_table(self) -> list[str]:
+        text = (self.paths.stub_driver / "match_busid").read_text()
+        return [line.split()[0] for line in text.splitlines() if line.strip()]
+
+    def _save_match_table(self, busids: list[str]) -> None:
+        (self.paths.stub_driver / "match_busid").write_text("".join(f"{b:<32}\n" for b in busids))
+
+    def _require_device(self, busid: str) -> None:
+        if not (self.paths.usb_devices / busid).exists():
+            raise _Fail(errno.ENODEV)
+
+    def _stub_bind(self, busid: str) -> None:
+        self._require_device(busid)
+        if busid not in self._match_table():
+            raise _Fail(errno.ENODEV)
+        if _driver(self.paths, busid) is not None:
+            raise _Fail(errno.EBUSY)
+        _set_driver(self.paths, busid, "usbip-host")
+        dev_dir = self.paths.usb_devices / busid
+        (dev_dir / "usbip_status").write_text("1\n")
+        (dev_dir / "usbip_sockfd").touch()
+        (dev_dir / "usbip_debug").touch()
+
+    def _stub_unbind(self, busid: str) -> None:
+        self._require_device(busid)
+        if _driver(self.paths, busid) != "usbip-host":
+            raise _Fail(errno.ENODEV)
+        self._stub_drop(busid)
+        dev_dir = self.paths.usb_devices / busid
+        for name in ("usbip_status", "usbip_sockfd", "usbip_debug"):
+            (dev_dir / name).unlink(missing_ok=True)
+        _set_driver(self.paths, busid, None)
+
+    def _stub_drop(self, busid: str) -> None:
+        sock = self.stub_socks.pop(busid, None)
+        if sock is not None:
+            self.selector.unregister(sock)
+            sock.close()
+        status = self.paths.usb_devices / busid / "usbip_status"
+        if status.exists():
+            status.write_text(f"{1}\n")
+
+    def _stub_sockfd(self, busid: str, text: str, sock: socket.socket | None) -> None:
+        status_file = self.paths.usb_devices / busid / "usbip_status"
+        if not status_file.exists():
+            raise _Fail(errno.ENODEV)
+        if text.strip() == "-1":
+            if busid not in self.stub_socks:
+                raise _Fail(errno.EINVAL)
+            self._stub_drop(busid)
+            return
+        if sock is None:
+            raise _Fail(errno.EINVAL)
+        if status_file.read_text().strip() != "1":
+            sock.close()
+            raise _Fail(errno.EINVAL)
+        self._check_stream(sock)
+        self.stub_socks[busid] = sock
+        (self.rx_dir / busid).write_bytes(b"")
+        self.selector.register(sock, selectors.EVENT_READ, ("stub", busid))
+        status_file.write_text("2\n")
+
+    # -- vhci
+
+    def _status_files(self) -> list[Path]:
+        main = self.paths.platform / "vhci_hcd.0"
+        return sorted(main.glob("status*"))
+
+    def _set_port(
+        self, number: int, state: int, speed: int = 0, devid: int = 0, sockfd: int = 0
+    ) -> None:
+        for path in self._status_files():
+            ports = parse_status(path.read_text())
+            if not any(p.port == number for p in ports):
+                continue
+            lines = [STATUS_HEADER]
+            for p in ports:
+                if p.port == number:
+                    busid = f"{3 if p.superspeed else 2}-{number + 1}" if state == 6 else "0-0"
+                    lines.append(_status_line(p.hub, p.port, state, speed, devid, sockfd, busid))
+                else:
+                    lines.append(
+                        _status_line(
+                            p.hub, p.port, p.state, p.speed, p.devid, p.sockfd, p.local_busid
+                        )
+                    )
+            path.write_text("\n".join(lines) + "\n")
+            return
+        raise _Fail(errno.EINVAL)
+
+    def _port(self, number: int) -> tuple[bool, int]:
+        for path in self._status_files():
+            for p in parse_status(path.read_text()):
+                if p.port == number:
+                    return p.superspeed, p.state
+        raise _Fail(errno.EINVAL)
+
+    def _vhci_attach(self, text: str, sock: socket.socket | None) -> None:
+        fields = text.split()
+        if len(fields) != 4 or sock is None:
+            raise _Fail(errno.EINVAL)
+        number, devid, speed = int(fields[0]), int(fields[2]), int(fields[3])
+        superspeed, state = self._port(number)
+        if superspeed != Speed(speed).needs_superspeed_port:
+            raise _Fail(errno.EINVAL)
+        if state != PortState.NULL:
+            raise _Fail(errno.EBUSY)
+        self._check_stream(sock)
+        self.vhci_socks[number] = sock
+        self.selector.register(sock, selectors.EVENT_READ, ("vhci", number))
+        self._set_port(number, PortState.USED, speed, devid, sock.fileno())
+
+    def _vhci_detach(self, text: str) -> None:
+        number = int(text.strip())
+        _, state = self._port(number)
+        if state == PortState.NULL:
+            raise _Fail(errno.EINVAL)
+        self._vhci_drop(number)
+
+    def _vhci_drop(self, number: int) -> None:
+        sock = self.vhci_socks.pop(number, None)
+        if sock is not None:
+            self.selector.unregister(sock)
+            sock.close()
+        self._set_port(number, PortState.NULL)
+
+    @staticmethod
+    def _check_stream(sock: socket.socket) -> None:
+        # What sockfd_lookup + the drivers' checks require of the fd.
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE) != socket.SOCK_STREAM:
+            sock.close()
+            raise _Fail(errno.EINVAL)
+        try:
+            sock.getpeername()
+        except OSError as exc:
+            sock.close()
+            raise _Fail(errno.EINVAL) from exc
+
+    # -- dispatch
+
+    def apply(self, path: Path, text: str, sock: socket.socket | None) -> None:
+        p = self.paths
+        stub = p.stub_driver
+        name = path.name
+        value = text.strip()
+        if path.parent == stub and not stub.exists():
+            raise _Fail(errno.ENOENT)
+        if path == stub / "match_busid":
+            op, _, busid = value.partition(" ")
+            table = self._match_table()
+            if op == "add":
+                if busid not in table:
+                    table.append(busid)
+            elif op == "del":
+                if busid not in table:
+                    raise _Fail(errno.ENODEV)
+                table.remove(busid)
+            else:
+                raise _Fail(errno.EINVAL)
+            self._save_match_table(table)
+        elif path == stub / "bind":
+            self._stub_bind(value)
+        elif path == stub / "unbind":
+            self._stub_unbind(value)
+        elif path == stub / "rebind":
+            if value not in self._match_table():
+                raise _Fail(errno.ENODEV)
+            self._save_match_table([b for b in self._match_table() if b != value])
+            self._require_device(value)
+            _set_driver(p, value, "usb")
+        elif path == p.sys / "bus/usb/drivers_probe":
+            self._require_device(value)
+            if _driver(p, value) is None:
+                if value in self._match_table() and stub.exists():
+                    self._stub_bind(value)
+                else:
+                    _set_driver(p, value, "usb")
+        elif name == "unbind" and path.parent.name == "driver":
+            busid = path.parent.parent.name
+            self._require_device(busid)
+            if _driver(p, busid) == "usbip-host":
+                self._stub_unbind(busid)
+            else:
+                _set_driver(p, busid, None)
+        elif name == "usbip_sockfd":
+            self._stub_sockfd(path.parent.name, text, sock)
+            sock = None
+        elif name == "remove" and path.parent.parent == p.usb_devices:
+            busid = path.parent.name
+            if busid in self.stub_socks:
+                self._stub_drop(busid)
+        elif path == p.platform / "vhci_hcd.0/attach":
+            self._vhci_attach(text, sock)
+            sock = None
+        elif path == p.platform / "vhci_hcd.0/detach":
+            self._vhci_detach(text)
+        else:
+            raise _Fail(errno.EACCES)
+        if sock is not None:
+            sock.close()
+
+    def _on_request(self, listener: socket.socket) -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(5)
+            msg, ancdata, _, _ = conn.recvmsg(65536, socket.CMSG_SPACE(4 * 4))
+            fds: list[int] = []
+            for level, kind, data in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds.extend(array.array("i", data[: len(data) - len(data) % 4]))
+            request = json.loads(msg)
+            sock = socket.socket(fileno=fds[0]) if fds else None
+            code = 0
+            try:
+                self.apply(Path(request["path"]), request["text"], sock)
+            except _Fail as fail:
+                code = fail.code
+                if sock is not None and sock.fileno() >= 0 and sock not in self._held():
+                    sock.close()
+            conn.send(json.dumps({"errno": code}).encode())
+
+    def _held(self) -> list[socket.socket]:
+        return [*self.stub_socks.values(), *self.vhci_socks.values()]
+
+    def _on_data(self, sock: socket.socket, owner: tuple[str, object]) -> None:
+        try:
+            data = sock.recv(65536)
+        except OSError:
+            data = b""
+        kind, key = owner
+        if kind == "stub":
+            busid = str(key)
+            if not data:
+                self._stub_drop(busid)
+                return
+            rx = self.rx_dir / busid
+            if rx.stat().st_size < RX_CAP:
+                with rx.open("ab") as f:
+                    f.write(data)
+        elif not data:
+            assert isinstance(key, int)
+            self._vhci_drop(key)
+
+    def serve(self) -> None:
+        path = self.tree.server_socket
+        path.unlink(missing_ok=True)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        tmp = path.with_suffix(".tmp")
+        tmp.unlink(missing_ok=True)
+        listener.bind(str(tmp))
+        listener.listen(128)
+        os.replace(tmp, path)  # appears only once it accepts
+        self.selector.register(listener, selectors.EVENT_READ, None)
+        stop = False
+
+        def on_term(signum: int, frame: object) -> None:
+            nonlocal stop
+            stop = True
+
+        signal.signal(signal.SIGTERM, on_term)
+        signal.signal(signal.SIGINT, on_term)
+        while not stop:
+            for key, _ in self.selector.select(timeout=0.5):
+                if key.data is None:
+                    self._on_request(listener)
+                else:
+                    self._on_data(key.fileobj, key.data)  # type: ignore[arg-type]
+        path.unlink(missing_ok=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m hotplug.kernel.fake")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="play the kernel behind a fake sysfs tree")
+    serve.add_argument("root", type=Path)
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        FakeKernelServer(args.root).serve()
+
+
+if __name__ == "__main__":
+    main()

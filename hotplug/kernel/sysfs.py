@@ -1,0 +1,217 @@
+"""Reading USB devices from sysfs, under a configurable root.
+
+Everything here reads files the kernel publishes; writes to the kernel's
+control files go through `SysfsWriter.write` so that one place turns errno
+values into messages a user can act on (and so the fake kernel used in tests
+can take the kernel's part by overriding that one method).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from hotplug.device import SYSFS_SPEEDS, Device, Interface, Speed
+
+# A USB device (not a root hub "usb1", not an interface "1-1:1.0").
+BUSID_RE = re.compile(r"^\d+-\d+(\.\d+)*$")
+
+
+class KernelError(Exception):
+    """A kernel interface refused or is missing; the message says what to do."""
+
+
+class DeviceNotFound(KernelError):
+    def __init__(self, busid: str) -> None:
+        super().__init__(f"no USB device with busid {busid} (see 'usbip-hotplug list -l')")
+        self.busid = busid
+
+
+@dataclass(frozen=True)
+class SysfsPaths:
+    """Where the kernel's files are. `root` is "/" except in tests."""
+
+    root: Path = Path("/")
+
+    @classmethod
+    def from_env(cls) -> SysfsPaths:
+        return cls(Path(os.environ.get("USBIP_HOTPLUG_SYSFS_ROOT", "/")))
+
+    @property
+    def sys(self) -> Path:
+        return self.root / "sys"
+
+    @property
+    def usb_devices(self) -> Path:
+        return self.sys / "bus/usb/devices"
+
+    @property
+    def usb_drivers(self) -> Path:
+        return self.sys / "bus/usb/drivers"
+
+    @property
+    def stub_driver(self) -> Path:
+        return self.usb_drivers / "usbip-host"
+
+    @property
+    def platform(self) -> Path:
+        return self.sys / "devices/platform"
+
+    @property
+    def vhci_records(self) -> Path:
+        # Mainline `usbip attach` keeps its per-port records here; `usbip port` reads them.
+        return self.root / "var/run/vhci_hcd"
+
+    def device_dir(self, busid: str) -> Path:
+        return self.usb_devices / busid
+
+    def unrooted(self, path: Path) -> str:
+        """The path as the kernel would name it (without our test root)."""
+        rel = os.path.relpath(path, self.root)
+        return "/" + rel
+
+
+def validate_busid(busid: str) -> str:
+    if not BUSID_RE.match(busid):
+        raise KernelError(f"'{busid}' is not a USB busid (expected e.g. 1-1 or 3-2.4)")
+    return busid
+
+
+class SysfsWriter:
+    """Writes to kernel control files with errors a user can act on."""
+
+    def write(self, path: Path, text: str) -> None:
+        try:
+            fd = os.open(path, os.O_WRONLY)
+        except FileNotFoundError as exc:
+            raise KernelError(f"{path} does not exist") from exc
+        except PermissionError as exc:
+            raise KernelError(f"permission denied writing {path}: run as root") from exc
+        try:
+            os.write(fd, text.encode())
+        except OSError as exc:
+            raise KernelError(_explain_write_error(path, text, exc)) from exc
+        finally:
+            os.close(fd)
+
+
+def _explain_write_error(path: Path, text: str, exc: OSError) -> str:
+    what = f"writing '{text.strip()}' to {path}"
+    reasons = {
+        errno.ENODEV: "no such device",
+        errno.EBUSY: "busy (already in use)",
+        errno.EINVAL: "the kernel rejected the value",
+        errno.EEXIST: "already there",
+        errno.EPERM: "not permitted: run as root",
+        errno.EACCES: "permission denied: run as root",
+        errno.EBADF: "bad file descriptor",
+        errno.ENOTSOCK: "not a socket",
+    }
+    reason = reasons.get(exc.errno or 0, os.strerror(exc.errno or 0))
+    return f"{what} failed: {reason}"
+
+
+def read_attr(path: Path) -> str | None:
+    try:
+        return path.read_text(errors="replace").strip()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError:
+        # Some attributes (serial of a dying device) fail with EIO or ENODEV.
+        return None
+
+
+def _int(path: Path, base: int, default: int = 0) -> int:
+    text = read_attr(path)
+    if not text:
+        return default
+    try:
+        return int(text, base)
+    except ValueError:
+        return default
+
+
+def _driver(dev_dir: Path) -> str | None:
+    link = dev_dir / "driver"
+    try:
+        return os.path.basename(os.readlink(link))
+    except OSError:
+        return None
+
+
+def read_interfaces(dev_dir: Path, busid: str) -> tuple[Interface, ...]:
+    found: list[tuple[int, Interface]] = []
+    prefix = busid + ":"
+    try:
+        entries = list(dev_dir.iterdir())
+    except OSError:
+        return ()
+    for entry in entries:
+        if not entry.name.startswith(prefix):
+            continue
+        number = _int(entry / "bInterfaceNumber", 16, default=len(found))
+        found.append(
+            (
+                number,
+                Interface(
+                    klass=_int(entry / "bInterfaceClass", 16),
+                    subclass=_int(entry / "bInterfaceSubClass", 16),
+                    protocol=_int(entry / "bInterfaceProtocol", 16),
+                ),
+            )
+        )
+    return tuple(iface for _, iface in sorted(found, key=lambda item: item[0]))
+
+
+def read_device(paths: SysfsPaths, busid: str) -> Device:
+    validate_busid(busid)
+    dev_dir = paths.device_dir(busid)
+    if not dev_dir.exists():
+        raise DeviceNotFound(busid)
+    real = Path(os.path.realpath(dev_dir))
+    speed_text = read_attr(dev_dir / "speed") or ""
+    return Device(
+        busid=busid,
+        path=paths.unrooted(real),
+        busnum=_int(dev_dir / "busnum", 10),
+        devnum=_int(dev_dir / "devnum", 10),
+        speed=SYSFS_SPEEDS.get(speed_text, Speed.UNKNOWN),
+        vendor=_int(dev_dir / "idVendor", 16),
+        product=_int(dev_dir / "idProduct", 16),
+        bcd_device=_int(dev_dir / "bcdDevice", 16),
+        device_class=_int(dev_dir / "bDeviceClass", 16),
+        device_subclass=_int(dev_dir / "bDeviceSubClass", 16),
+        device_protocol=_int(dev_dir / "bDeviceProtocol", 16),
+        configuration_value=_int(dev_dir / "bConfigurationValue", 10),
+        num_configurations=_int(dev_dir / "bNumConfigurations", 10),
+        interfaces=read_interfaces(dev_dir, busid),
+        serial=read_attr(dev_dir / "serial"),
+        manufacturer=read_attr(dev_dir / "manufacturer"),
+        product_name=read_attr(dev_dir / "product"),
+        driver=_driver(dev_dir),
+    )
+
+
+def list_busids(paths: SysfsPaths) -> list[str]:
+    try:
+        names = os.listdir(paths.usb_devices)
+    except FileNotFoundError:
+        return []
+    return sorted((n for n in names if BUSID_RE.match(n)), key=busid_sort_key)
+
+
+def busid_sort_key(busid: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.split(r"[-.]", busid))
+
+
+def list_devices(paths: SysfsPaths) -> list[Device]:
+    devices = []
+    for busid in list_busids(paths):
+        try:
+            devices.append(read_device(paths, busid))
+        except DeviceNotFound:
+            continue  # unplugged while we listed
+    return devices

@@ -1,0 +1,185 @@
+"""vhci_hcd, the virtual host controller on the application side.
+
+Controllers are /sys/devices/platform/vhci_hcd.N; controller 0 carries the
+shared `attach`, `detach`, `nports` files and `status` (`status.N` for the
+others). Each controller has a high-speed and a SuperSpeed root hub; port
+numbers are global. The `status` layout differs between kernels, so the
+header line is parsed rather than fixed columns assumed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import socket
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import IntEnum
+from pathlib import Path
+
+from hotplug.device import Speed
+from hotplug.kernel.sysfs import KernelError, SysfsPaths, SysfsWriter, read_attr
+
+
+class PortState(IntEnum):
+    # enum usbip_device_status in the kernel's usbip_common.h
+    NULL = 4  # free
+    NOTASSIGNED = 5
+    USED = 6
+    ERROR = 7
+
+
+@dataclass(frozen=True)
+class VhciPort:
+    hub: str  # "hs" or "ss"
+    port: int
+    state: int
+    speed: int
+    devid: int
+    sockfd: int
+    local_busid: str
+
+    @property
+    def free(self) -> bool:
+        return self.state == PortState.NULL
+
+    @property
+    def superspeed(self) -> bool:
+        return self.hub == "ss"
+
+
+class VhciStatusError(KernelError):
+    pass
+
+
+_CONTROLLER_RE = re.compile(r"^vhci_hcd\.(\d+)$")
+
+
+def parse_status(text: str) -> list[VhciPort]:
+    """Parse one vhci `status` file (any kernel since the hub column, 4.13)."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        return []
+    header = lines[0].split()
+    columns = {name: i for i, name in enumerate(header)}
+    needed = ("hub", "port", "sta", "spd", "dev", "local_busid")
+    missing = [name for name in needed if name not in columns]
+    if missing:
+        raise VhciStatusError(
+            f"unsupported vhci status header {lines[0]!r} (missing {', '.join(missing)}); "
+            "kernels before 4.13 are not supported"
+        )
+    ports = []
+    for line in lines[1:]:
+        fields = line.split()
+        if len(fields) < len(header):
+            raise VhciStatusError(f"malformed vhci status line {line!r}")
+        sockfd_text = fields[columns["sockfd"]] if "sockfd" in columns else "0"
+        ports.append(
+            VhciPort(
+                hub=fields[columns["hub"]],
+                port=int(fields[columns["port"]], 10),
+                state=int(fields[columns["sta"]], 10),
+                speed=int(fields[columns["spd"]], 10),
+                devid=int(fields[columns["dev"]], 16),
+                sockfd=int(sockfd_text, 10) if sockfd_text.isdigit() else 0,
+                local_busid=fields[columns["local_busid"]],
+            )
+        )
+    return ports
+
+
+def pick_free_port(ports: Iterable[VhciPort], speed: Speed) -> VhciPort | None:
+    """The lowest free port of the right speed class (SuperSpeed needs an ss hub)."""
+    want_ss = speed.needs_superspeed_port
+    for port in sorted(ports, key=lambda p: p.port):
+        if port.free and port.superspeed == want_ss:
+            return port
+    return None
+
+
+@dataclass(frozen=True)
+class PortRecord:
+    """The mainline `usbip port` record: who is at the other end of a port."""
+
+    host: str
+    tcp_port: str
+    busid: str
+
+    def render(self) -> str:
+        return f"{self.host} {self.tcp_port} {self.busid}\n"
+
+    @classmethod
+    def parse(cls, text: str) -> PortRecord | None:
+        fields = text.split()
+        if len(fields) != 3:
+            return None
+        return cls(*fields)
+
+
+class Vhci(SysfsWriter):
+    def __init__(self, paths: SysfsPaths | None = None) -> None:
+        self.paths = paths or SysfsPaths.from_env()
+
+    def controllers(self) -> list[Path]:
+        try:
+            names = os.listdir(self.paths.platform)
+        except FileNotFoundError:
+            return []
+        found = sorted(
+            (int(m.group(1)), name) for name in names if (m := _CONTROLLER_RE.match(name))
+        )
+        return [self.paths.platform / name for _, name in found]
+
+    @property
+    def main_controller(self) -> Path:
+        return self.paths.platform / "vhci_hcd.0"
+
+    def require_loaded(self) -> None:
+        if not (self.main_controller / "attach").exists():
+            raise KernelError("vhci-hcd is not loaded: run 'modprobe vhci-hcd' as root")
+
+    def ports(self) -> list[VhciPort]:
+        self.require_loaded()
+        ports: list[VhciPort] = []
+        for index, _ in enumerate(self.controllers()):
+            name = "status" if index == 0 else f"status.{index}"
+            text = read_attr(self.main_controller / name)
+            if text is None:
+                continue
+            ports.extend(parse_status(text))
+        return ports
+
+    def port(self, number: int) -> VhciPort | None:
+        for port in self.ports():
+            if port.port == number:
+                return port
+        return None
+
+    def find_free_port(self, speed: Speed) -> VhciPort | None:
+        return pick_free_port(self.ports(), speed)
+
+    def attach(self, port: int, sock: socket.socket, devid: int, speed: Speed) -> None:
+        # The fd is resolved in the writing process: this process must hold `sock`.
+        self.write(self.main_controller / "attach", f"{port} {sock.fileno()} {devid} {int(speed)}")
+
+    def detach(self, port: int) -> None:
+        self.write(self.main_controller / "detach", str(port))
+
+    # The per-port records of the mainline tools, so that `usbip port` shows the far end.
+
+    def write_record(self, port: int, record: PortRecord) -> None:
+        directory = self.paths.vhci_records
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = directory / f".port{port}.tmp"
+        tmp.write_text(record.render())
+        os.replace(tmp, directory / f"port{port}")
+
+    def read_record(self, port: int) -> PortRecord | None:
+        text = read_attr(self.paths.vhci_records / f"port{port}")
+        return PortRecord.parse(text) if text else None
+
+    def remove_record(self, port: int) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.paths.vhci_records / f"port{port}")

@@ -1,0 +1,143 @@
+"""Structured logging: journald fields when running under systemd, plain stderr otherwise.
+
+Every event is logged with `event(logger, level, message, busid=..., target=...)`;
+the keyword fields become journal fields (USBIP_BUSID, USBIP_TARGET, ...), so
+`journalctl USBIP_BUSID=1-1.2` tells one device's story. On stderr they are
+appended as key=value so the same facts are there without a journal.
+
+The journal's native protocol (newline-separated FIELD=value datagrams on
+/run/systemd/journal/socket) is small enough to speak directly, which saves a
+compiled dependency (python-systemd) on every install.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import struct
+import sys
+from typing import Any
+
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
+FIELDS_ATTR = "usbip_fields"
+
+_PRIORITY = {
+    logging.CRITICAL: 2,
+    logging.ERROR: 3,
+    logging.WARNING: 4,
+    logging.INFO: 6,
+    logging.DEBUG: 7,
+}
+
+
+def event(logger: logging.Logger, level: int, message: str, **fields: object) -> None:
+    clean = {k: v for k, v in fields.items() if v is not None}
+    logger.log(level, message, extra={FIELDS_ATTR: clean}, stacklevel=2)
+
+
+def journal_field_name(key: str) -> str:
+    return "USBIP_" + key.upper()
+
+
+def _fields_of(record: logging.LogRecord) -> dict[str, object]:
+    fields = getattr(record, FIELDS_ATTR, None)
+    return dict(fields) if isinstance(fields, dict) else {}
+
+
+class StderrFormatter(logging.Formatter):
+    def __init__(self, with_time: bool) -> None:
+        super().__init__()
+        self.with_time = with_time
+
+    def format(self, record: logging.LogRecord) -> str:
+        parts = []
+        if self.with_time:
+            parts.append(self.formatTime(record, "%H:%M:%S"))
+        parts.append(f"{record.name}: {record.getMessage()}")
+        fields = _fields_of(record)
+        if fields:
+            parts.append(" ".join(f"{k}={_quote(v)}" for k, v in fields.items()))
+        text = " ".join(parts)
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return text
+
+
+def _quote(value: object) -> str:
+    text = str(value)
+    return repr(text) if (" " in text or not text) else text
+
+
+class JournalHandler(logging.Handler):
+    """Sends records to journald over its native datagram socket."""
+
+    def __init__(self, identifier: str, path: str = JOURNAL_SOCKET) -> None:
+        super().__init__()
+        self.identifier = identifier
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setblocking(False)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+            if record.exc_info:
+                message += "\n" + logging.Formatter().formatException(record.exc_info)
+            fields: dict[str, object] = {
+                "MESSAGE": message,
+                "PRIORITY": _PRIORITY.get(record.levelno, 6),
+                "SYSLOG_IDENTIFIER": self.identifier,
+                "CODE_FILE": record.pathname,
+                "CODE_LINE": record.lineno,
+                "CODE_FUNC": record.funcName,
+                "LOGGER": record.name,
+            }
+            for key, value in _fields_of(record).items():
+                fields[journal_field_name(key)] = value
+            self.sock.sendto(encode_journal(fields), self.path)
+        except Exception:
+            self.handleError(record)
+
+    def close(self) -> None:
+        self.sock.close()
+        super().close()
+
+
+def encode_journal(fields: dict[str, object]) -> bytes:
+    out = bytearray()
+    for key, value in fields.items():
+        data = str(value).encode("utf-8", "replace")
+        if b"\n" in data:
+            # Multi-line values use the length-prefixed form of the protocol.
+            out += key.encode() + b"\n" + struct.pack("<Q", len(data)) + data + b"\n"
+        else:
+            out += key.encode() + b"=" + data + b"\n"
+    return bytes(out)
+
+
+def _journal_wanted() -> bool:
+    # JOURNAL_STREAM is set by systemd when stderr is connected to the journal.
+    return bool(os.environ.get("JOURNAL_STREAM")) and os.path.exists(JOURNAL_SOCKET)
+
+
+def setup(identifier: str, verbose: bool = False, force_stderr: bool = False) -> None:
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    if not force_stderr and _journal_wanted():
+        root.addHandler(JournalHandler(identifier))
+    else:
+        stream = logging.StreamHandler(sys.stderr)
+        stream.setFormatter(StderrFormatter(with_time=sys.stderr.isatty()))
+        root.addHandler(stream)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def get(name: str) -> logging.Logger:
+    return logging.getLogger(name)
+
+
+def fields_for_test(record: logging.LogRecord) -> dict[str, Any]:
+    """The structured fields of a record (for tests asserting on log content)."""
+    return _fields_of(record)

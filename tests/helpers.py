@@ -1,0 +1,114 @@
+"""Shared test helpers: run our real programs against the fake kernel, as systemd would."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TypeVar
+
+from hotplug.kernel.fake import FakeTree
+
+T = TypeVar("T")
+
+
+def wait_for(predicate: Callable[[], T], timeout: float = 10.0, what: str = "condition") -> T:
+    """Poll `predicate` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.01)
+
+
+class NotifySocket:
+    """Plays systemd's side of sd_notify for a child process."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / "notify.sock"
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(self.path))
+        self.messages: list[dict[str, str]] = []
+
+    def wait(self, key: str, timeout: float = 10.0) -> dict[str, str]:
+        deadline = time.monotonic() + timeout
+        while True:
+            for message in self.messages:
+                if key in message:
+                    self.messages.remove(message)
+                    return message
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"no {key} notification within {timeout} s")
+            self.sock.settimeout(remaining)
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            fields = dict(
+                line.split("=", 1) for line in data.decode().splitlines() if "=" in line
+            )
+            self.messages.append(fields)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def env_for(tree: FakeTree, state: Path, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(tree.env())
+    env["USBIP_HOTPLUG_STATE_DIR"] = str(state / "device")
+    env["USBIPA_STATE_DIR"] = str(state / "app")
+    env["PYTHONUNBUFFERED"] = "1"
+    env.pop("NOTIFY_SOCKET", None)
+    env.pop("JOURNAL_STREAM", None)
+    env.update(extra)
+    return env
+
+
+def run_cli(
+    tree: FakeTree, state: Path, *args: str, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "hotplug.cli", *args],
+        env=env_for(tree, state),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@contextmanager
+def running_usbipa(
+    tree: FakeTree, state: Path, *args: str, allow: str = "127.0.0.0/8"
+) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    """Start the real usbipa on an ephemeral loopback port; yield (process, port)."""
+    notify = NotifySocket(state)
+    env = env_for(tree, state, NOTIFY_SOCKET=str(notify.path))
+    cmd = [sys.executable, "-m", "hotplug.appd_cli", "--listen", "127.0.0.1", "-t", "0"]
+    if allow:
+        cmd += ["--allow", allow]
+    proc = subprocess.Popen(
+        [*cmd, *args], env=env, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        ready = notify.wait("READY")
+        port = int(ready["STATUS"].rsplit(":", 1)[1])
+        yield proc, port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        notify.close()
+        notify.path.unlink(missing_ok=True)

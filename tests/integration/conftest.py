@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hotplug.kernel.fake import FakeTree, FakeUsbDevice
+
+DISK = FakeUsbDevice(busid="1-1", vendor=0x1D6B, product=0x0104, serial="TESTDISK01")
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Iterator[FakeTree]:
+    tree = FakeTree(tmp_path / "root").create()
+    proc = tree.start_server()
+    try:
+        yield tree
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> Path:
+    path = tmp_path / "state"
+    path.mkdir()
+    return path
