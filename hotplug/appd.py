@@ -26,7 +26,6 @@ from hotplug.kernel.sysfs import KernelError
 from hotplug.kernel.vhci import PortRecord, PortState, Vhci
 from hotplug.notify import Notifier
 from hotplug.protocol import (
-    NEED_DATA,
     Decoder,
     DevlistReply,
     DevlistRequest,
@@ -36,6 +35,8 @@ from hotplug.protocol import (
     ImportReply,
     ImportRequest,
     ImportStatus,
+    NeedData,
+    Op,
     Pdu,
     ProtocolError,
     UnexportReply,
@@ -48,6 +49,7 @@ from hotplug.state import RecordDir, default_dir
 logger = log.get("usbipa")
 
 SESSION_POLL_INTERVAL = 2.0
+REQUESTS = (Op.REQ_EXPORT, Op.REQ_UNEXPORT, Op.REQ_DEVLIST, Op.REQ_IMPORT)
 
 
 @dataclass
@@ -310,16 +312,14 @@ class Appd:
 
     async def _read_request(self, conn: socket.socket) -> Pdu:
         loop = asyncio.get_running_loop()
-        decoder = Decoder()
+        decoder = Decoder(accept=REQUESTS)
         while True:
             pdu = decoder.next_pdu()
-            if pdu is not NEED_DATA:
-                assert not isinstance(pdu, type(NEED_DATA))
+            if not isinstance(pdu, NeedData):
                 return pdu
-            data = await loop.sock_recv(conn, decoder.bytes_needed())
-            if not data:
-                raise ControlError("peer closed the connection mid-request")
-            decoder.receive_data(data)
+            # An empty read is end of stream: the decoder turns a cut-short
+            # request into a ProtocolError that says where it was cut.
+            decoder.receive_data(await loop.sock_recv(conn, decoder.bytes_needed()))
 
     async def _dispatch(self, conn: socket.socket, request: Pdu, peer: str, peer_port: int) -> bool:
         loop = asyncio.get_running_loop()

@@ -90,11 +90,13 @@ def parse_network(text: str, where: str) -> IPNetwork:
 
 def parse_device_pattern(text: str, where: str) -> str:
     vendor, sep, product = text.strip().lower().partition(":")
-    ok = sep and all(
-        len(part) == 4 and all(c in "0123456789abcdef*?" for c in part)
-        for part in (vendor, product)
-    )
-    if not ok:
+
+    def ok(part: str) -> bool:
+        if not part or len(part) > 4 or any(c not in "0123456789abcdef*?" for c in part):
+            return False
+        return len(part) == 4 or "*" in part
+
+    if not (sep and ok(vendor) and ok(product)):
         raise ConfigError(
             f"{where}: expected vid:pid as 4 hex digits each (globs allowed), got {text!r}"
         )

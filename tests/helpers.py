@@ -38,9 +38,14 @@ class NotifySocket:
         self.sock.bind(str(self.path))
         self.messages: list[dict[str, str]] = []
 
-    def wait(self, key: str, timeout: float = 10.0) -> dict[str, str]:
+    def wait(
+        self, key: str, timeout: float = 10.0, proc: subprocess.Popen[str] | None = None
+    ) -> dict[str, str]:
         deadline = time.monotonic() + timeout
         while True:
+            if proc is not None and proc.poll() is not None:
+                err = proc.stderr.read() if proc.stderr else ""
+                raise AssertionError(f"process exited with {proc.returncode} before {key}: {err}")
             for message in self.messages:
                 if key in message:
                     self.messages.remove(message)
@@ -48,14 +53,12 @@ class NotifySocket:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise AssertionError(f"no {key} notification within {timeout} s")
-            self.sock.settimeout(remaining)
+            self.sock.settimeout(min(remaining, 0.2))
             try:
                 data = self.sock.recv(4096)
             except TimeoutError:
                 continue
-            fields = dict(
-                line.split("=", 1) for line in data.decode().splitlines() if "=" in line
-            )
+            fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
             self.messages.append(fields)
 
     def close(self) -> None:
@@ -96,11 +99,9 @@ def running_usbipa(
     cmd = [sys.executable, "-m", "hotplug.appd_cli", "--listen", "127.0.0.1", "-t", "0"]
     if allow:
         cmd += ["--allow", allow]
-    proc = subprocess.Popen(
-        [*cmd, *args], env=env, stderr=subprocess.PIPE, text=True
-    )
+    proc = subprocess.Popen([*cmd, *args], env=env, stderr=subprocess.PIPE, text=True)
     try:
-        ready = notify.wait("READY")
+        ready = notify.wait("READY", proc=proc)
         port = int(ready["STATUS"].rsplit(":", 1)[1])
         yield proc, port
     finally:

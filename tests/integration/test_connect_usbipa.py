@@ -7,7 +7,7 @@ from pathlib import Path
 
 from hotplug.kernel.fake import FakeTree
 from hotplug.kernel.vhci import PortState
-from tests.helpers import run_cli, running_usbipa, wait_for
+from tests.helpers import run_cli, running_usbipa
 from tests.integration.conftest import DISK
 
 

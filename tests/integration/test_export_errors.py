@@ -1,0 +1,258 @@
+"""Every way an export can fail leaves the device as it was and says why in one line."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from hotplug.address import Endpoint
+from hotplug.export import ExportError, Timeouts, export
+from hotplug.kernel.fake import FakeTree, FakeUsbDevice
+from hotplug.kernel.vhci import PortState
+from hotplug.protocol import (
+    DEVICE_RECORD_SIZE,
+    HEADER_SIZE,
+    ExportReply,
+    ExportStatus,
+    encode,
+)
+from tests.helpers import run_cli, running_usbipa, wait_for
+from tests.integration.conftest import DISK
+from tests.integration.test_connect_usbipa import driver, stub_status, used_ports
+
+REQUEST_SIZE = HEADER_SIZE + DEVICE_RECORD_SIZE
+
+
+def assert_untouched(tree: FakeTree, busid: str = "1-1") -> None:
+    """The device is back with its usual driver and the far side holds no port."""
+    assert driver(tree, busid) == "usb"
+    assert stub_status(tree, busid) is None
+    assert used_ports(tree) == []
+    match = (tree.paths.stub_driver / "match_busid").read_text()
+    assert busid not in match.split()
+
+
+@contextmanager
+def fake_peer(behaviour: Callable[[socket.socket], None]) -> Iterator[int]:
+    """A hand-rolled application side on loopback that does `behaviour` per connection."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    stop = threading.Event()
+    held: list[socket.socket] = []
+
+    def serve() -> None:
+        listener.settimeout(0.05)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            held.append(conn)
+            behaviour(conn)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        listener.close()
+        for conn in held:
+            conn.close()
+
+
+def read_request(conn: socket.socket) -> bytes:
+    data = b""
+    conn.settimeout(5)
+    while len(data) < REQUEST_SIZE:
+        chunk = conn.recv(REQUEST_SIZE - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def connect_cli(tree: FakeTree, state: Path, port: int, *extra: str) -> tuple[int, str]:
+    result = run_cli(
+        tree, state, "connect", "-r", f"127.0.0.1:{port}", "-b", "1-1", "--timeout", "1", *extra
+    )
+    return result.returncode, result.stderr.strip().splitlines()[-1] if result.stderr else ""
+
+
+def test_peer_not_allowed(tree: FakeTree, state: Path) -> None:
+    tree.add_device(DISK)
+    with running_usbipa(tree, state, allow="192.0.2.0/24") as (proc, port):
+        code, err = connect_cli(tree, state, port)
+    assert code == 1
+    assert "refused 1-1: the application side could not attach the device" in err
+    assert_untouched(tree)
+    assert proc.stderr is not None
+    log = proc.stderr.read()
+    assert "refused export from 127.0.0.1: peer not in any allow list" in log
+    assert "busid=1-1" in log
+
+
+def test_device_filtered(tree: FakeTree, state: Path) -> None:
+    tree.add_device(DISK)
+    with running_usbipa(tree, state, "--device", "0781:*") as (proc, port):
+        code, err = connect_cli(tree, state, port)
+    assert code == 1 and "refused 1-1" in err
+    assert_untouched(tree)
+    assert proc.stderr is not None
+    assert "device 1d6b:0104 not allowed for this peer" in proc.stderr.read()
+
+
+def test_no_free_port(tmp_path: Path, state: Path) -> None:
+    tree = FakeTree(tmp_path / "small", ports_per_hub=1).create()
+    server = tree.start_server()
+    try:
+        tree.add_device(DISK)
+        tree.add_device(FakeUsbDevice("1-2", 0x1D6B, 0x0105, serial="B"))
+        with running_usbipa(tree, state) as (_, port):
+            assert (
+                run_cli(tree, state, "connect", "-r", f"127.0.0.1:{port}", "-b", "1-2").returncode
+                == 0
+            )
+            code, err = connect_cli(tree, state, port)
+            assert code == 1
+            assert "no free port of the needed speed" in err
+            assert driver(tree, "1-1") == "usb" and stub_status(tree, "1-1") is None
+            assert len(used_ports(tree)) == 1
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def test_superspeed_device_gets_superspeed_port(tree: FakeTree, state: Path) -> None:
+    tree.add_device(FakeUsbDevice("2-1", 0x0781, 0x5583, serial="SS", speed="5000"))
+    with running_usbipa(tree, state) as (_, port):
+        result = run_cli(tree, state, "connect", "-r", f"127.0.0.1:{port}", "-b", "2-1")
+        assert result.returncode == 0, result.stderr
+        (used,) = [p for p in tree.vhci().ports() if p.state == PortState.USED]
+        assert used.hub == "ss"
+
+
+def test_target_refuses_connection(tree: FakeTree, state: Path) -> None:
+    tree.add_device(DISK)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()  # nothing listens there now
+    code, err = connect_cli(tree, state, port)
+    assert code == 1 and "Connection refused" in err
+    assert_untouched(tree)
+
+
+def test_target_silent(tree: FakeTree, state: Path) -> None:
+    tree.add_device(DISK)
+    with fake_peer(lambda conn: None) as port:
+        code, err = connect_cli(tree, state, port)
+    assert code == 1 and "no reply within the handshake timeout" in err
+    assert_untouched(tree)
+
+
+def test_target_closes_mid_reply(tree: FakeTree, state: Path) -> None:
+    tree.add_device(DISK)
+
+    def half_reply(conn: socket.socket) -> None:
+        read_request(conn)
+        conn.sendall(encode(ExportReply(ExportStatus.ATTACHED))[:4])
+        conn.close()
+
+    with fake_peer(half_reply) as port:
+        code, err = connect_cli(tree, state, port)
+    assert code == 1 and "connection closed after 4 of 8 bytes" in err
+    assert_untouched(tree)
+
+
+def test_target_sends_garbage_reply(tree: FakeTree, state: Path) -> None:
+    tree.add_device(DISK)
+
+    def garbage(conn: socket.socket) -> None:
+        read_request(conn)
+        conn.sendall(b"HTTP/1.1")
+
+    with fake_peer(garbage) as port:
+        code, err = connect_cli(tree, state, port)
+    assert code == 1 and "bad reply" in err
+    assert_untouched(tree)
+
+
+def test_bytes_after_the_reply_reach_the_kernel_untouched(tree: FakeTree) -> None:
+    """The first URBs may share a segment with the reply; usbip-host must get all of them."""
+    tree.add_device(DISK)
+    urbs = bytes(range(256)) * 4
+
+    def reply_with_urbs(conn: socket.socket) -> None:
+        read_request(conn)
+        conn.sendall(encode(ExportReply(ExportStatus.ATTACHED)) + urbs)
+
+    with fake_peer(reply_with_urbs) as port:
+        export(tree.stub(), "1-1", Endpoint("127.0.0.1", port), Timeouts(1, 1))
+        rx = tree.root / ".fake-kernel-rx" / "1-1"
+        wait_for(lambda: rx.read_bytes() == urbs, what="URB bytes at the stub")
+        assert stub_status(tree, "1-1") == "2"
+
+
+def test_disconnect_unknown_busid_is_idempotent(tree: FakeTree, state: Path) -> None:
+    tree.add_device(DISK)
+    with running_usbipa(tree, state) as (_, port):
+        result = run_cli(tree, state, "disconnect", "-r", f"127.0.0.1:{port}", "-b", "1-1")
+    assert result.returncode == 0, result.stderr
+    assert "it was not attached there" in result.stdout
+    assert_untouched(tree)
+
+
+@pytest.mark.parametrize(
+    ("prepare", "message"),
+    [
+        (lambda t: t.unload_stub(), "usbip-host is not loaded: run 'modprobe usbip-host'"),
+        (
+            lambda t: t.add_device(FakeUsbDevice("1-3", 0x05E3, 0x0608, device_class=9)),
+            "1-3 is a USB hub",
+        ),
+    ],
+)
+def test_kernel_refusals(
+    tree: FakeTree, state: Path, prepare: Callable[[FakeTree], object], message: str
+) -> None:
+    prepare(tree)
+    busid = "1-3" if "hub" in message else "1-1"
+    result = run_cli(tree, state, "connect", "-r", "127.0.0.1:1", "-b", busid)
+    assert result.returncode == 1
+    assert message in result.stderr
+
+
+def test_unknown_busid(tree: FakeTree, state: Path) -> None:
+    result = run_cli(tree, state, "connect", "-r", "127.0.0.1:1", "-b", "9-9")
+    assert result.returncode == 1
+    assert "no USB device with busid 9-9" in result.stderr
+
+
+def test_device_bound_by_another_tool_is_not_taken(tree: FakeTree, state: Path) -> None:
+    tree.add_device(DISK)
+    stub = tree.stub()
+    stub.bind("1-1")  # what `usbip bind` does for usbipd
+    with running_usbipa(tree, state) as (_, port):
+        code, err = connect_cli(tree, state, port)
+        assert code == 1 and "already bound to usbip-host by another tool" in err
+        assert stub_status(tree, "1-1") == "1" and used_ports(tree) == []
+        code, _ = connect_cli(tree, state, port, "--force")
+        assert code == 0 and stub_status(tree, "1-1") == "2"
+
+
+def test_export_error_is_one_line(tree: FakeTree) -> None:
+    tree.add_device(DISK)
+    with pytest.raises(ExportError) as info:
+        export(tree.stub(), "1-1", Endpoint("127.0.0.1", 1), Timeouts(1, 1))
+    assert "\n" not in str(info.value)
+    assert_untouched(tree)
