@@ -174,34 +174,39 @@ def export(
     fields = {"busid": busid, "target": str(endpoint)}
     bound_here = before.driver != STUB_DRIVER
     stub.bind(busid)
-    sock: socket.socket | None = None
     try:
         device = read_device(stub.paths, busid)
-        sock = connect(endpoint, timeouts)
-        reply = _exchange(
-            sock, encode(ExportRequest(device_record(device))), Op.REP_EXPORT, endpoint, timeouts
-        )
-        if reply != ExportStatus.ATTACHED:
-            reason = EXPORT_REFUSALS.get(reply, f"refused with status {reply}")  # type: ignore[call-overload]
-            raise ExportError(f"{endpoint} refused {busid}: {reason}")
-        sock.settimeout(None)  # the kernel wants a blocking socket
-        stub.hand_over(busid, sock)
+        with handshake_export(device_record(device), endpoint, timeouts) as sock:
+            stub.hand_over(busid, sock)
         if stub.status(busid) != StubStatus.USED:
             raise ExportError(f"{busid}: usbip-host did not take the connection")
     except BaseException as exc:
-        if sock is not None:
-            sock.close()
-            sock = None
         if bound_here:
             with contextlib.suppress(KernelError):
                 stub.release(busid)
         log.event(logger, logging.WARNING, f"export failed: {exc}", event="export-failed", **fields)
         raise
-    finally:
-        if sock is not None:
-            sock.close()  # the kernel holds its own reference now
     log.event(logger, logging.INFO, f"exported {busid} to {endpoint}", event="exported", **fields)
     return device
+
+
+def handshake_export(record: DeviceRecord, endpoint: Endpoint, timeouts: Timeouts) -> socket.socket:
+    """Connect, offer `record` and return the socket after a status-0 reply.
+
+    The caller hands the socket to the kernel and closes its own copy (use it
+    as a context manager); on any failure the socket is already closed.
+    """
+    sock = connect(endpoint, timeouts)
+    try:
+        reply = _exchange(sock, encode(ExportRequest(record)), Op.REP_EXPORT, endpoint, timeouts)
+        if reply != ExportStatus.ATTACHED:
+            reason = EXPORT_REFUSALS.get(reply, f"refused with status {reply}")  # type: ignore[call-overload]
+            raise ExportError(f"{endpoint} refused {record.busid}: {reason}")
+        sock.settimeout(None)  # the kernel does blocking I/O on it
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def unexport(
