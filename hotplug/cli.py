@@ -11,10 +11,18 @@ from typing import Any
 
 from hotplug import __version__, log, usbids
 from hotplug.address import AddressError, Endpoint, parse_endpoint
-from hotplug.export import ExportError, Timeouts, export, unexport
+from hotplug.export import (
+    ExportError,
+    Timeouts,
+    export,
+    export_gadget,
+    unexport,
+    unexport_gadget,
+)
 from hotplug.kernel import KernelError, make_stub
 from hotplug.kernel.stub import STUB_DRIVER, StubStatus
 from hotplug.kernel.sysfs import list_devices
+from hotplug.kernel.vudc import Vudc
 from hotplug.state import RecordDir, StateError, default_dir
 
 Handler = Callable[[argparse.Namespace], int]
@@ -41,8 +49,30 @@ def _timeouts(args: argparse.Namespace) -> Timeouts:
     return Timeouts(connect=args.timeout, handshake=args.timeout)
 
 
+def _gadget_name(args: argparse.Namespace, vudc: Vudc) -> str:
+    if args.busid:
+        return str(args.busid)
+    bound = [name for name in vudc.names() if vudc.gadget_bound(name)]
+    if len(bound) != 1:
+        have = ", ".join(bound) or "none with a gadget bound"
+        raise UsageError(f"--device: name the vUDC with -b (have: {have})")
+    return bound[0]
+
+
+def _require_busid(args: argparse.Namespace) -> None:
+    if not args.device and not args.busid:
+        raise UsageError(f"{args.command}: -b BUSID is required")
+
+
 def cmd_connect(args: argparse.Namespace) -> int:
+    _require_busid(args)
     endpoint = _endpoint(args.remote)
+    if args.device:
+        vudc = Vudc()
+        name = _gadget_name(args, vudc)
+        record = export_gadget(vudc, name, endpoint, _timeouts(args))
+        print(f"exported {name} ({record.id_vendor:04x}:{record.id_product:04x}) to {endpoint}")
+        return 0
     stub = make_stub()
     device = export(stub, args.busid, endpoint, _timeouts(args), adopt_bound=args.force)
     try:
@@ -62,12 +92,17 @@ def cmd_connect(args: argparse.Namespace) -> int:
 
 
 def cmd_disconnect(args: argparse.Namespace) -> int:
+    _require_busid(args)
     records = exports_dir()
     record = records.get(args.busid)
     remote = args.remote or (record or {}).get("target")
     if not remote:
         raise UsageError(f"no record of where {args.busid} was exported: give -r HOST[:PORT]")
     endpoint = _endpoint(remote)
+    if args.device:
+        status = unexport_gadget(Vudc(), args.busid, endpoint, _timeouts(args))
+        print(f"unexported {args.busid} from {endpoint}")
+        return 0
     try:
         status = unexport(make_stub(), args.busid, endpoint, _timeouts(args))
     finally:
@@ -105,7 +140,31 @@ def device_rows() -> list[dict[str, Any]]:
     return rows
 
 
+def gadget_rows() -> list[dict[str, Any]]:
+    vudc = Vudc()
+    rows = []
+    for name in vudc.names():
+        row: dict[str, Any] = {"busid": name, "gadget": vudc.gadget_bound(name)}
+        if row["gadget"]:
+            record = vudc.record(name)
+            row["vid_pid"] = f"{record.id_vendor:04x}:{record.id_product:04x}"
+        status = vudc.status(name)
+        row["usbip_status"] = {1: "available", 2: "used", 3: "error"}.get(status or 0)
+        rows.append(row)
+    return rows
+
+
 def cmd_list(args: argparse.Namespace) -> int:
+    if args.device:
+        grows = gadget_rows()
+        if args.json:
+            print(json.dumps(grows, indent=1))
+        elif not grows:
+            print("no usbip-vudc UDCs (modprobe usbip-vudc)")
+        for row in [] if args.json else grows:
+            what = f"gadget {row['vid_pid']}" if row["gadget"] else "no gadget bound"
+            print(f" - {row['busid']}: {what}, {row['usbip_status'] or 'not exportable'}")
+        return 0
     rows = device_rows()
     if args.json:
         print(json.dumps(rows, indent=1))
@@ -131,7 +190,14 @@ def add_common_net(parser: argparse.ArgumentParser, remote_required: bool) -> No
         metavar="HOST[:PORT]",
         help="application-side daemon (usbipa); IPv6 as [addr]:port; port 3240 by default",
     )
-    parser.add_argument("-b", "--busid", required=True, help="the device's busid, e.g. 1-1.2")
+    parser.add_argument(
+        "-b", "--busid", help="the device's busid, e.g. 1-1.2 (with --device: usbip-vudc.N)"
+    )
+    parser.add_argument(
+        "--device",
+        action="store_true",
+        help="vUDC mode: export the USB gadget bound to a usbip-vudc UDC",
+    )
     parser.add_argument(
         "--timeout",
         type=float,
@@ -167,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="list exportable local devices")
     p.add_argument("-l", "--local", action="store_true", help="local devices (the default)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--device", action="store_true", help="list usbip-vudc UDCs (vUDC mode)")
     p.set_defaults(handler=cmd_list)
 
     for name, (help_text, configure) in _EXTRA_COMMANDS.items():

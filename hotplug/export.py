@@ -12,13 +12,15 @@ import contextlib
 import logging
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from hotplug import log
 from hotplug.address import Endpoint
-from hotplug.device import Device
+from hotplug.device import Device, Speed
 from hotplug.kernel.stub import STUB_DRIVER, StubStatus, UsbipHost
 from hotplug.kernel.sysfs import KernelError, read_device
+from hotplug.kernel.vudc import Vudc
 from hotplug.protocol import (
     HEADER_SIZE,
     DeviceRecord,
@@ -147,12 +149,16 @@ def export(
     endpoint: Endpoint,
     timeouts: Timeouts | None = None,
     adopt_bound: bool = False,
+    on_connect: Callable[[socket.socket], None] | None = None,
 ) -> Device:
     """Bind `busid`, export it to `endpoint` and hand the link to the kernel.
 
     Returns the device as exported. On failure, leaves the device as it found it.
     A device some other tool already bound to usbip-host (`usbip bind` for
     usbipd) is refused unless `adopt_bound`: taking it would cut that tool off.
+    `on_connect` sees the socket as soon as it is connected, so that another
+    thread can cut a handshake short (shutdown() wakes the blocked recv); if it
+    raises, the export is rolled back like any other failure.
     """
     timeouts = timeouts or Timeouts()
     stub.require_loaded()
@@ -224,34 +230,44 @@ def unexport(
     link and the far side's port is freed by its own kernel).
     """
     timeouts = timeouts or Timeouts()
-    fields = {"busid": busid, "target": str(endpoint)}
     if device is None:
         try:
             device = read_device(stub.paths, busid)
         except KernelError:
             device = None
-    record = (
-        device_record(device)
-        if device is not None
-        else DeviceRecord(
-            path="",
-            busid=busid,
-            busnum=0,
-            devnum=0,
-            speed=0,  # type: ignore[arg-type]
-            id_vendor=0,
-            id_product=0,
-            bcd_device=0,
-            device_class=0,
-            device_subclass=0,
-            device_protocol=0,
-            configuration_value=0,
-            num_configurations=0,
-            num_interfaces=0,
-        )
+    record = device_record(device) if device is not None else bare_record(busid)
+    try:
+        return request_unexport(record, endpoint, timeouts)
+    finally:
+        if release and device is not None:
+            stub.release(busid)
+
+
+def bare_record(busid: str) -> DeviceRecord:
+    """The record of a device that is gone: the far side finds it by busid alone."""
+    return DeviceRecord(
+        path="",
+        busid=busid,
+        busnum=0,
+        devnum=0,
+        speed=Speed.UNKNOWN,
+        id_vendor=0,
+        id_product=0,
+        bcd_device=0,
+        device_class=0,
+        device_subclass=0,
+        device_protocol=0,
+        configuration_value=0,
+        num_configurations=0,
+        num_interfaces=0,
     )
-    error: ExportError | None = None
-    status = UnexportStatus.FAILED
+
+
+def request_unexport(
+    record: DeviceRecord, endpoint: Endpoint, timeouts: Timeouts
+) -> UnexportStatus:
+    """Send OP_REQ_UNEXPORT on a new connection; DETACHED or NOT_FOUND, else ExportError."""
+    fields = {"busid": record.busid, "target": str(endpoint)}
     try:
         with connect(endpoint, timeouts) as sock:
             raw = _exchange(
@@ -259,21 +275,54 @@ def unexport(
             )
         known = {int(s) for s in UnexportStatus}
         status = UnexportStatus(raw) if raw in known else UnexportStatus.FAILED
+        if status == UnexportStatus.FAILED:
+            raise ExportError(f"{endpoint} failed to detach {record.busid}")
     except ExportError as exc:
-        error = exc
-    if release and device is not None:
-        stub.release(busid)
-    if error is not None:
-        log.event(logger, logging.WARNING, f"unexport: {error}", event="unexport-failed", **fields)
-        raise error
-    if status == UnexportStatus.FAILED:
-        raise ExportError(f"{endpoint} failed to detach {busid}")
+        log.event(logger, logging.WARNING, f"unexport: {exc}", event="unexport-failed", **fields)
+        raise
     log.event(
         logger,
         logging.INFO,
-        f"unexported {busid} from {endpoint}"
+        f"unexported {record.busid} from {endpoint}"
         + (" (it was not attached there)" if status == UnexportStatus.NOT_FOUND else ""),
         event="unexported",
         **fields,
     )
     return status
+
+
+def export_gadget(
+    vudc: Vudc, name: str, endpoint: Endpoint, timeouts: Timeouts | None = None
+) -> DeviceRecord:
+    """Export the gadget bound to vUDC `name` (no bind/unbind: it is ours already)."""
+    timeouts = timeouts or Timeouts()
+    vudc.require(name)
+    if vudc.status(name) == 2:
+        raise KernelError(f"{name} is already exported; disconnect it first")
+    record = vudc.record(name)
+    fields = {"busid": name, "target": str(endpoint)}
+    try:
+        with handshake_export(record, endpoint, timeouts) as sock:
+            vudc.hand_over(name, sock)
+        if vudc.status(name) != 2:
+            raise ExportError(f"{name}: usbip-vudc did not take the connection")
+    except BaseException as exc:
+        log.event(logger, logging.WARNING, f"export failed: {exc}", event="export-failed", **fields)
+        raise
+    log.event(logger, logging.INFO, f"exported {name} to {endpoint}", event="exported", **fields)
+    return record
+
+
+def unexport_gadget(
+    vudc: Vudc, name: str, endpoint: Endpoint, timeouts: Timeouts | None = None
+) -> UnexportStatus:
+    timeouts = timeouts or Timeouts()
+    vudc.require(name)
+    try:
+        record = vudc.record(name)
+    except KernelError:
+        record = bare_record(name)
+    try:
+        return request_unexport(record, endpoint, timeouts)
+    finally:
+        vudc.stop(name)
