@@ -118,7 +118,7 @@ class FakeUsbDevice:
 class FakeTree:
     """Builds and edits a sysfs-shaped tree, as the kernel would lay it out."""
 
-    def __init__(self, root: Path, vhci_controllers: int = 1, ports_per_hub: int = 8) -> None:
+    def __init__(self, root: Path, vhci_controllers: int = 1, ports_per_hub: int = 15) -> None:
         self.root = root
         self.paths = SysfsPaths(root)
         self.vhci_controllers = vhci_controllers
