@@ -21,10 +21,12 @@ from typing import Any
 
 from hotplug import log
 from hotplug.appd_config import AppdConfig, IPAddress, authorize, peer_address
+from hotplug.appd_link import LinkRefused, PlainLink, SecureLink, SecureServer
 from hotplug.device import Speed
 from hotplug.kernel.sysfs import KernelError
-from hotplug.kernel.vhci import PortRecord, PortState, Vhci
+from hotplug.kernel.vhci import PortRecord, Vhci
 from hotplug.notify import Notifier
+from hotplug.peercert import PeerCert
 from hotplug.protocol import (
     Decoder,
     DevlistReply,
@@ -44,7 +46,7 @@ from hotplug.protocol import (
     UnexportStatus,
     encode,
 )
-from hotplug.state import RecordDir, default_dir
+from hotplug.state import RecordDir, StateError, default_dir
 
 logger = log.get("usbipa")
 
@@ -63,10 +65,17 @@ class Session:
     product: int
     speed: int
     since: float
+    client: str | None = None  # the TLS client certificate's subject, if it showed one
+
+    @property
+    def owner(self) -> str:
+        """Who exported it: the certificate's subject when there is one (the
+        address may change, e.g. behind NAT or a proxy), else the address."""
+        return self.client or self.peer
 
     @property
     def key(self) -> tuple[str, str]:
-        return (self.peer, self.busid)
+        return (self.owner, self.busid)
 
 
 class Sessions:
@@ -83,33 +92,53 @@ class Sessions:
                 return session
         return None
 
-    def count_for(self, peer: str) -> int:
-        return sum(1 for s in self.by_port.values() if s.peer == peer)
+    def count_for(self, owner: str) -> int:
+        return sum(1 for s in self.by_port.values() if s.owner == owner)
 
     def add(self, session: Session) -> None:
         self.by_port[session.port] = session
-        self.records.put(str(session.port), asdict(session))
-        self.vhci.write_record(
-            session.port, PortRecord(session.peer, str(session.peer_port), session.busid)
-        )
+        try:
+            self.records.put(str(session.port), asdict(session))
+            self.vhci.write_record(
+                session.port, PortRecord(session.peer, str(session.peer_port), session.busid)
+            )
+        except (StateError, OSError) as exc:
+            # The port works without its record; only a restart cannot adopt it.
+            _state_warning(
+                f"cannot record port {session.port} ({exc}); a restarted usbipa will not adopt it",
+                session.port,
+            )
 
     def drop(self, port: int) -> Session | None:
         session = self.by_port.pop(port, None)
-        self.records.remove(str(port))
-        self.vhci.remove_record(port)
+        try:
+            self.records.remove(str(port))
+            self.vhci.remove_record(port)
+        except OSError as exc:
+            _state_warning(f"cannot remove the record of port {port}: {exc}", port)
         return session
 
     def adopt(self) -> None:
         """Take back the sessions of a previous run whose ports the kernel still holds."""
-        live = {p.port: p for p in self.vhci.ports() if p.state == PortState.USED}
-        for key, data in list(self.records.items()):
+        live = {p.port: p for p in self.vhci.ports()}
+        try:
+            records = list(self.records.items())
+        except OSError as exc:
+            logger.error(
+                "cannot read session records in %s: %s; ports attached before this start "
+                "are not adopted",
+                self.records.directory,
+                exc.strerror or exc,
+            )
+            return
+        for key, data in records:
             try:
                 session = Session(**data)
             except TypeError:
                 self.records.remove(key)
                 continue
             port = live.get(session.port)
-            if port is not None and port.devid == session.devid:
+            if port is not None and port.holds(session.devid):
                 self.by_port[session.port] = session
                 log.event(
                     logger,
@@ -122,6 +151,16 @@ class Sessions:
                 )
             else:
                 self.drop(session.port)
+                log.event(
+                    logger,
+                    logging.INFO,
+                    f"forgot port {session.port}: {session.busid} from {session.peer} "
+                    "(the kernel no longer holds it)",
+                    event="port-released",
+                    busid=session.busid,
+                    peer=session.peer,
+                    port=session.port,
+                )
 
     def reap(self) -> list[Session]:
         """Drop sessions whose port the kernel freed (link lost, detached by hand)."""
@@ -129,7 +168,7 @@ class Sessions:
         gone = []
         for number, session in list(self.by_port.items()):
             port = live.get(number)
-            if port is None or port.state != PortState.USED or port.devid != session.devid:
+            if port is None or not port.holds(session.devid):
                 self.drop(number)
                 gone.append(session)
         return gone
@@ -149,12 +188,23 @@ class Appd:
         self.connections: dict[str, int] = {}
         self.total_connections = 0
         self.listeners: list[socket.socket] = []
+        self.kinds: dict[socket.socket, str] = {}  # listener -> "tcp", "tls" or "wss"
+        # TLS and WebSocket listeners; checks the certificate files now (CertError).
+        self.secure = SecureServer(config) if config.tls is not None else None
         self.tasks: set[asyncio.Task[None]] = set()
         self.stopping = asyncio.Event()
 
     # ---------------------------------------------------------------- listening
 
     def open_listeners(self) -> list[socket.socket]:
+        self._listen(self.config.port, "tls" if self.config.tls else "tcp")
+        if self.config.wss is not None:
+            self._listen(self.config.wss.port, "wss")
+        if not self.listeners:
+            raise KernelError("no address to listen on")
+        return self.listeners
+
+    def _listen(self, port: int, kind: str) -> None:
         addresses = self.config.listen
         for address in addresses:
             family = socket.AF_INET6 if ":" in address else socket.AF_INET
@@ -164,21 +214,19 @@ class Appd:
                 # With both 0.0.0.0 and :: configured, each family gets its own socket.
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             try:
-                sock.bind((address, self.config.port))
+                sock.bind((address, port))
             except OSError as exc:
                 sock.close()
                 if family == socket.AF_INET6 and address == "::" and len(addresses) > 1:
                     logger.warning("not listening on [::]: %s", exc.strerror)
                     continue
                 raise KernelError(
-                    f"cannot listen on {address} port {self.config.port}: {exc.strerror}"
+                    f"cannot listen on {address} port {port}: {exc.strerror}"
                 ) from exc
             sock.listen(128)
             sock.setblocking(False)
             self.listeners.append(sock)
-        if not self.listeners:
-            raise KernelError("no address to listen on")
-        return self.listeners
+            self.kinds[sock] = kind
 
     @property
     def bound_port(self) -> int:
@@ -192,9 +240,14 @@ class Appd:
             self.open_listeners()
         if not self.config.allow:
             logger.warning("no peer is allowed (default deny): every export will be refused")
-        accepters = [asyncio.create_task(self._accept_loop(s)) for s in self.listeners]
+        if self.secure is not None:
+            self.secure.log_start()
+        accepters = [
+            asyncio.create_task(self._accept_loop(s, self.kinds.get(s, "tcp")))
+            for s in self.listeners
+        ]
         reaper = asyncio.create_task(self._reap_loop())
-        names = ", ".join(_sockname(s) for s in self.listeners)
+        names = ", ".join(self._listener_name(s) for s in self.listeners)
         logger.info("listening on %s", names)
         self.notifier.ready(self.status_line())
         try:
@@ -211,8 +264,16 @@ class Appd:
         self.stopping.set()
 
     def status_line(self) -> str:
-        names = ", ".join(_sockname(s) for s in self.listeners)
+        names = ", ".join(self._listener_name(s) for s in self.listeners)
         return f"{len(self.sessions.by_port)} attached; listening on {names}"
+
+    def _listener_name(self, sock: socket.socket) -> str:
+        """'127.0.0.1:3240' (plain, as always), 'tls://…:3240', 'wss://…:443/path'."""
+        kind = self.kinds.get(sock, "tcp")
+        if kind == "tcp":
+            return _sockname(sock)
+        path = self.config.wss.path if kind == "wss" and self.config.wss else ""
+        return f"{kind}://{_sockname(sock)}{path}"
 
     async def _reap_loop(self) -> None:
         while True:
@@ -240,7 +301,7 @@ class Appd:
         if gone:
             self.notifier.status(self.status_line())
 
-    async def _accept_loop(self, listener: socket.socket) -> None:
+    async def _accept_loop(self, listener: socket.socket, kind: str = "tcp") -> None:
         loop = asyncio.get_running_loop()
         while True:
             try:
@@ -260,20 +321,33 @@ class Appd:
                 continue
             self.connections[peer] = self.connections.get(peer, 0) + 1
             self.total_connections += 1
-            task = asyncio.create_task(self._handle(conn, peer, addr[1]))
+            task = asyncio.create_task(self._handle(conn, peer, addr[1], kind))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
 
     # ---------------------------------------------------------------- one connection
 
-    async def _handle(self, conn: socket.socket, peer: str, peer_port: int) -> None:
+    async def _handle(
+        self, conn: socket.socket, peer: str, peer_port: int, kind: str = "tcp"
+    ) -> None:
         conn.setblocking(False)
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         handed_over = False
+        link: PlainLink | SecureLink = PlainLink(conn)
         try:
             async with asyncio.timeout(self.config.limits.control_timeout):
-                request = await self._read_request(conn)
-                handed_over = await self._dispatch(conn, request, peer, peer_port)
+                if kind != "tcp" and self.secure is not None:
+                    link = await self.secure.open(conn, kind)
+                request = await self._read_request(link)
+                handed_over = await self._dispatch(link, request, peer, peer_port)
+        except LinkRefused as exc:
+            log.event(
+                logger,
+                logging.WARNING,
+                f"refused {kind} connection from {peer}: {exc}",
+                event="refused",
+                peer=peer,
+            )
         except TimeoutError:
             log.event(
                 logger,
@@ -305,13 +379,21 @@ class Appd:
             if not self.connections[peer]:
                 del self.connections[peer]
             self.total_connections -= 1
-            if not handed_over:
-                with contextlib.suppress(OSError):
-                    conn.shutdown(socket.SHUT_RDWR)
-            conn.close()  # after a hand-over the kernel keeps its own reference
+            link.finish(handed_over)
+        if handed_over and isinstance(link, SecureLink):
+            await self._relay(link)
 
-    async def _read_request(self, conn: socket.socket) -> Pdu:
-        loop = asyncio.get_running_loop()
+    async def _relay(self, link: SecureLink) -> None:
+        """The data phase of a TLS or wss session: ours to carry, the kernel's to use."""
+        port = link.port
+        session = self.sessions.by_port.get(port) if port is not None else None
+        why = await link.relay()
+        if port is not None and session is not None and self.sessions.by_port.get(port) is session:
+            # Its vhci socket is closed already, so the kernel frees the port by
+            # itself; detaching now makes that immediate and says why.
+            self._detach(port, f"encrypted link ended: {why}")
+
+    async def _read_request(self, link: PlainLink | SecureLink) -> Pdu:
         decoder = Decoder(accept=REQUESTS)
         while True:
             pdu = decoder.next_pdu()
@@ -319,52 +401,70 @@ class Appd:
                 return pdu
             # An empty read is end of stream: the decoder turns a cut-short
             # request into a ProtocolError that says where it was cut.
-            decoder.receive_data(await loop.sock_recv(conn, decoder.bytes_needed()))
+            decoder.receive_data(await link.recv(decoder.bytes_needed()))
 
-    async def _dispatch(self, conn: socket.socket, request: Pdu, peer: str, peer_port: int) -> bool:
-        loop = asyncio.get_running_loop()
+    async def _dispatch(
+        self, link: PlainLink | SecureLink, request: Pdu, peer: str, peer_port: int
+    ) -> bool:
+        client = link.client
         if isinstance(request, ExportRequest):
-            status, attached = self._export(conn, request, peer, peer_port)
             try:
-                await loop.sock_sendall(conn, encode(ExportReply(status)))
+                kernel_sock = link.kernel_socket()
+            except OSError as exc:
+                raise ControlError(f"cannot make the relay's loopback connection: {exc}") from exc
+            status, attached = self._export(kernel_sock, request, peer, peer_port, client)
+            link.port = attached
+            try:
+                await link.send(encode(ExportReply(status)))
             except OSError:
                 if attached is not None:
                     self._detach(attached, "peer vanished before the reply")
                 raise
             return attached is not None
         if isinstance(request, UnexportRequest):
-            await loop.sock_sendall(conn, encode(UnexportReply(self._unexport(request, peer))))
+            owner = client.name if client is not None else peer
+            await link.send(encode(UnexportReply(self._unexport(request, owner))))
         elif isinstance(request, DevlistRequest):
             # usbipa exports nothing itself: an honest, empty list for `usbip list -r`.
-            await loop.sock_sendall(conn, encode(DevlistReply(0, ())))
+            await link.send(encode(DevlistReply(0, ())))
         elif isinstance(request, ImportRequest):
-            await loop.sock_sendall(conn, encode(ImportReply(ImportStatus.NA, None)))
+            await link.send(encode(ImportReply(ImportStatus.NA, None)))
         else:
             raise ControlError(f"unexpected {type(request).__name__}")
         return False
 
     def _export(
-        self, conn: socket.socket, request: ExportRequest, peer: str, peer_port: int
+        self,
+        conn: socket.socket,
+        request: ExportRequest,
+        peer: str,
+        peer_port: int,
+        client: PeerCert | None = None,
     ) -> tuple[int, int | None]:
         record = request.device
         fields: dict[str, Any] = {
             "peer": peer,
             "busid": record.busid,
             "vid_pid": f"{record.id_vendor:04x}:{record.id_product:04x}",
+            "client": client.name if client is not None else None,
         }
+        owner = client.name if client is not None else peer
+        who = f"{peer} ({client.name})" if client is not None else peer
         self._reap()
-        previous = self.sessions.find(peer, record.busid)
+        previous = self.sessions.find(owner, record.busid)
         if previous is not None:
             # The same device from the same peer again: its old link is stale
             # (the device side restarted or lost the link before we noticed).
             self._detach(previous.port, "replaced by a new export of the same device")
-        exported = self.sessions.count_for(peer)
-        reason = authorize(self.config, _ip(peer), record.id_vendor, record.id_product, exported)
+        exported = self.sessions.count_for(owner)
+        reason = authorize(
+            self.config, _ip(peer), record.id_vendor, record.id_product, exported, client
+        )
         if reason is not None:
             log.event(
                 logger,
                 logging.WARNING,
-                f"refused export from {peer}: {reason}",
+                f"refused export from {who}: {reason}",
                 event="refused",
                 **fields,
             )
@@ -376,7 +476,7 @@ class Appd:
             log.event(
                 logger,
                 logging.WARNING,
-                f"refused export from {peer}: no free {kind} port",
+                f"refused export from {who}: no free {kind} port",
                 event="no-port",
                 **fields,
             )
@@ -407,12 +507,13 @@ class Appd:
                 product=record.id_product,
                 speed=int(speed),
                 since=time.time(),
+                client=client.name if client is not None else None,
             )
         )
         log.event(
             logger,
             logging.INFO,
-            f"attached {record.busid} from {peer} on port {port.port}",
+            f"attached {record.busid} from {who} on port {port.port}",
             event="attached",
             port=port.port,
             **fields,
@@ -421,6 +522,7 @@ class Appd:
         return ExportStatus.ATTACHED, port.port
 
     def _unexport(self, request: UnexportRequest, peer: str) -> UnexportStatus:
+        """`peer`: the sender's certificate subject if it showed one, else its address."""
         session = self.sessions.find(peer, request.device.busid)
         if session is None:
             log.event(
@@ -460,6 +562,10 @@ def _ip(peer: str) -> IPAddress:
 def _sockname(sock: socket.socket) -> str:
     host, port = sock.getsockname()[:2]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _state_warning(message: str, port: int) -> None:
+    log.event(logger, logging.WARNING, message, event="state-error", port=port)
 
 
 def _log_refusal(peer: str, port: int, reason: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import signal
@@ -15,9 +16,9 @@ from hotplug import log, usbids
 from hotplug.appd import Appd, Session, Sessions
 from hotplug.appd_config import AppdConfig, ConfigError, parse_config, with_cli
 from hotplug.kernel import KernelError, make_vhci
-from hotplug.kernel.vhci import PortState
 from hotplug.notify import Notifier
 from hotplug.state import default_dir
+from hotplug.tlsconfig import CertError
 
 DEFAULT_CONFIG = "/etc/usbip-hotplug/usbipa.yaml"
 
@@ -53,6 +54,26 @@ def run_parser() -> argparse.ArgumentParser:
         help="limit the --allow peers to these devices (globs allowed), repeatable",
     )
     parser.add_argument("--state-dir", help="where sessions are recorded (default /run/usbipa)")
+    tls = parser.add_argument_group(
+        "TLS (then -t/--tcp-port speaks TLS only) and WebSocket listeners"
+    )
+    tls.add_argument("--tls-cert", metavar="FILE", help="our certificate (PEM)")
+    tls.add_argument("--tls-key", metavar="FILE", help="its private key (PEM, unencrypted)")
+    tls.add_argument(
+        "--tls-client-ca", metavar="FILE", help="CA whose certificates clients must show"
+    )
+    tls.add_argument(
+        "--allow-client",
+        action="append",
+        default=[],
+        metavar="SUBJECT",
+        help="allow exports from clients whose certificate subject matches, e.g. "
+        "'CN=lab-1' (globs in values), from any address; repeatable",
+    )
+    tls.add_argument(
+        "--wss-port", type=int, metavar="PORT", help="also accept wss:// on this port (443)"
+    )
+    tls.add_argument("--wss-path", metavar="PATH", help="URL path of the wss listener (default /)")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
 
@@ -73,9 +94,19 @@ def load_config(args: argparse.Namespace) -> AppdConfig:
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
         config = parse_config(text, path)
-    config = with_cli(config, args.listen, args.tcp_port, args.allow, args.device)
+    config = with_cli(
+        config,
+        args.listen,
+        args.tcp_port,
+        args.allow,
+        args.device,
+        allow_clients=args.allow_client,
+        tls=(args.tls_cert, args.tls_key, args.tls_client_ca),
+        wss_port=args.wss_port,
+        wss_path=args.wss_path,
+    )
     if args.state_dir:
-        config = AppdConfig(config.listen, config.port, config.allow, config.limits, args.state_dir)
+        config = dataclasses.replace(config, state_dir=args.state_dir)
     return config
 
 
@@ -95,7 +126,7 @@ def run(argv: list[str]) -> int:
         appd.vhci.require_loaded()
         appd.open_listeners()
         asyncio.run(_run(appd))
-    except (ConfigError, KernelError) as exc:
+    except (ConfigError, KernelError, CertError) as exc:
         print(f"usbipa: {exc}", file=sys.stderr)
         return 1
     return 0
@@ -112,11 +143,12 @@ def session_rows(state_dir: Path) -> list[dict[str, object]]:
         except TypeError:
             continue
         port = live.get(session.port)
-        alive = port is not None and port.state == PortState.USED and port.devid == session.devid
+        alive = port is not None and port.holds(session.devid)
         rows.append(
             {
                 "port": session.port,
                 "peer": session.peer,
+                "client": session.client,  # TLS client certificate subject, if any
                 "busid": session.busid,
                 "vid_pid": f"{session.vendor:04x}:{session.product:04x}",
                 "names": usbids.names(session.vendor, session.product, None, None),

@@ -1,24 +1,37 @@
 """usbipa's configuration and its access decision. Pure: no sockets, no files.
 
-Default deny: a peer is served only if an `allow` entry's network contains its
-address; the entry may also limit which devices (vid:pid globs) it may export
-and how many at once.
+Default deny: a peer is served only if an `allow` entry admits it: by its
+address (`from`), and on the TLS and WebSocket listeners by the names in its
+verified client certificate (`client`: subject attributes, `san`:
+subjectAltName entries). Every key an entry gives must match. The entry may
+also limit which devices (vid:pid globs) it may export and how many at once.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import ipaddress
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
 from hotplug.address import DEFAULT_PORT
+from hotplug.peercert import (
+    PatternError,
+    PeerCert,
+    SanPattern,
+    SubjectPattern,
+    parse_san_pattern,
+    parse_subject_pattern,
+)
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+_P = TypeVar("_P", SubjectPattern, SanPattern)
 
 
 class ConfigError(Exception):
@@ -27,12 +40,20 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class AllowRule:
-    networks: tuple[IPNetwork, ...]
+    networks: tuple[IPNetwork, ...]  # empty = any address (only with clients or sans)
     devices: tuple[str, ...] = ()  # "vvvv:pppp" globs, lower case; empty = any
     max_devices: int | None = None
+    clients: tuple[SubjectPattern, ...] = ()  # any one must match the certificate's subject
+    sans: tuple[SanPattern, ...] = ()  # any one must match a subjectAltName
 
-    def admits_peer(self, peer: IPAddress) -> bool:
-        return any(peer.version == net.version and peer in net for net in self.networks)
+    def admits_peer(self, peer: IPAddress, cert: PeerCert | None = None) -> bool:
+        if self.networks and not any(
+            peer.version == net.version and peer in net for net in self.networks
+        ):
+            return False
+        if self.clients and not (cert and any(p.matches(cert) for p in self.clients)):
+            return False
+        return not self.sans or bool(cert and any(p.matches(cert) for p in self.sans))
 
     def admits_device(self, vendor: int, product: int) -> bool:
         if not self.devices:
@@ -49,12 +70,31 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class TlsServer:
+    """With TLS, `port` speaks TLS only, and every client must show a certificate."""
+
+    cert: str
+    key: str
+    client_ca: str
+
+
+@dataclass(frozen=True)
+class WssListener:
+    """A second listener (needs `tls`): USB/IP in binary WebSocket frames at `path`."""
+
+    port: int = 443
+    path: str = "/"
+
+
+@dataclass(frozen=True)
 class AppdConfig:
     listen: tuple[str, ...] = ("0.0.0.0", "::")
     port: int = DEFAULT_PORT
     allow: tuple[AllowRule, ...] = ()
     limits: Limits = field(default_factory=Limits)
     state_dir: str | None = None
+    tls: TlsServer | None = None
+    wss: WssListener | None = None
 
 
 def peer_address(host: str) -> IPAddress:
@@ -66,11 +106,18 @@ def peer_address(host: str) -> IPAddress:
 
 
 def authorize(
-    config: AppdConfig, peer: IPAddress, vendor: int, product: int, exported_now: int
+    config: AppdConfig,
+    peer: IPAddress,
+    vendor: int,
+    product: int,
+    exported_now: int,
+    cert: PeerCert | None = None,
 ) -> str | None:
     """None if the peer may export this device now, else the reason for refusing."""
-    peer_rules = [rule for rule in config.allow if rule.admits_peer(peer)]
+    peer_rules = [rule for rule in config.allow if rule.admits_peer(peer, cert)]
     if not peer_rules:
+        if cert is not None:
+            return f"client {cert.name} (from {peer}) not in any allow entry"
         return "peer not in any allow list"
     for rule in peer_rules:
         if not rule.admits_device(vendor, product):
@@ -103,8 +150,10 @@ def parse_device_pattern(text: str, where: str) -> str:
     return f"{vendor}:{product}"
 
 
-_TOP_KEYS = {"listen", "port", "allow", "limits", "state_dir"}
-_ALLOW_KEYS = {"from", "devices", "max_devices"}
+_TOP_KEYS = {"listen", "port", "allow", "limits", "state_dir", "tls", "wss"}
+_ALLOW_KEYS = {"from", "client", "san", "devices", "max_devices"}
+_TLS_KEYS = {"cert", "key", "client_ca"}
+_WSS_KEYS = {"port", "path"}
 _LIMIT_KEYS = {"control_timeout", "per_peer_connections", "max_connections"}
 
 
@@ -156,13 +205,27 @@ def parse_config(text: str, filename: str) -> AppdConfig:
     for i, entry in enumerate(allow):
         where = f"{filename}: allow[{i}]"
         if not isinstance(entry, dict):
-            raise ConfigError(f"{where}: expected a mapping with 'from'")
+            raise ConfigError(f"{where}: expected a mapping with 'from', 'client' or 'san'")
         _check_keys(entry, _ALLOW_KEYS, where)
-        if "from" not in entry:
-            raise ConfigError(f"{where}: missing 'from' (address or CIDR network)")
+        if not {"from", "client", "san"} & set(entry):
+            raise ConfigError(
+                f"{where}: missing 'from' (address or CIDR network), 'client' (certificate "
+                "subject, e.g. 'CN=lab-1') or 'san' (e.g. 'DNS:lab-1.example.net')"
+            )
         networks = tuple(
-            parse_network(n, f"{where}.from") for n in _list_of_str(entry["from"], f"{where}.from")
+            parse_network(n, f"{where}.from")
+            for n in _list_of_str(entry.get("from", []), f"{where}.from")
         )
+        clients = tuple(
+            _pattern(parse_subject_pattern, c, f"{where}.client")
+            for c in _list_of_str(entry.get("client", []), f"{where}.client")
+        )
+        sans = tuple(
+            _pattern(parse_san_pattern, c, f"{where}.san")
+            for c in _list_of_str(entry.get("san", []), f"{where}.san")
+        )
+        if not (networks or clients or sans):
+            raise ConfigError(f"{where}: 'from', 'client' and 'san' are all empty")
         devices = tuple(
             parse_device_pattern(d, f"{where}.devices")
             for d in _list_of_str(entry.get("devices", []), f"{where}.devices")
@@ -170,7 +233,7 @@ def parse_config(text: str, filename: str) -> AppdConfig:
         max_devices = entry.get("max_devices")
         if max_devices is not None:
             max_devices = _positive(max_devices, f"{where}.max_devices")
-        rules.append(AllowRule(networks, devices, max_devices))
+        rules.append(AllowRule(networks, devices, max_devices, clients, sans))
     kwargs["allow"] = tuple(rules)
     limits = data.get("limits") or {}
     if not isinstance(limits, dict):
@@ -190,7 +253,56 @@ def parse_config(text: str, filename: str) -> AppdConfig:
     )
     if "state_dir" in data:
         kwargs["state_dir"] = str(data["state_dir"])
+    if data.get("tls") is not None:
+        kwargs["tls"] = _parse_tls(data["tls"], f"{filename}: tls")
+    if data.get("wss") is not None:
+        kwargs["wss"] = _parse_wss(data["wss"], f"{filename}: wss")
     return AppdConfig(**kwargs)
+
+
+def _pattern(parse: Callable[[str], _P], text: str, where: str) -> _P:
+    try:
+        return parse(text)
+    except PatternError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
+def _parse_tls(data: Any, where: str) -> TlsServer:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping with cert, key, client_ca")
+    _check_keys(data, _TLS_KEYS, where)
+    missing = [k for k in ("cert", "key", "client_ca") if not isinstance(data.get(k), str)]
+    if missing:
+        raise ConfigError(f"{where}: missing '{missing[0]}' (a PEM file path)")
+    return TlsServer(data["cert"], data["key"], data["client_ca"])
+
+
+def _parse_wss(data: Any, where: str) -> WssListener:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping with port and path")
+    _check_keys(data, _WSS_KEYS, where)
+    port = data.get("port", WssListener.port)
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port < 65536:
+        raise ConfigError(f"{where}.port: expected 1..65535, got {port!r}")
+    return WssListener(port, parse_wss_path(data.get("path", WssListener.path), f"{where}.path"))
+
+
+def parse_wss_path(path: Any, where: str) -> str:
+    if not isinstance(path, str) or not path.startswith("/") or any(c in path for c in " ?#"):
+        raise ConfigError(f"{where}: expected a URL path like '/usbip', got {path!r}")
+    return path
+
+
+def _check_secure(config: AppdConfig, where: str) -> None:
+    if config.wss is not None and config.tls is None:
+        raise ConfigError(
+            f"{where}: wss needs tls (cert, key, client_ca): the WebSocket listener is TLS only"
+        )
+    if config.tls is None and any(r.clients or r.sans for r in config.allow):
+        raise ConfigError(
+            f"{where}: allow entries with 'client' or 'san' need tls (cert, key, client_ca): "
+            "without TLS no client shows a certificate"
+        )
 
 
 def with_cli(
@@ -199,18 +311,49 @@ def with_cli(
     port: int | None,
     allow: Sequence[str],
     devices: Sequence[str],
+    *,
+    allow_clients: Sequence[str] = (),
+    tls: tuple[str | None, str | None, str | None] = (None, None, None),
+    wss_port: int | None = None,
+    wss_path: str | None = None,
 ) -> AppdConfig:
-    """Command-line flags add to (allow) or override (listen, port) the file's settings."""
+    """Command-line flags add to (allow) or override (listen, port, tls, wss) the file's.
+
+    `tls` is (--tls-cert, --tls-key, --tls-client-ca): all three or none.
+    """
     rules = list(config.allow)
+    pats = tuple(parse_device_pattern(d, "--device") for d in devices)
     if allow:
-        pats = tuple(parse_device_pattern(d, "--device") for d in devices)
         rules.append(AllowRule(tuple(parse_network(a, "--allow") for a in allow), pats))
-    elif devices:
-        raise ConfigError("--device limits the peers given with --allow; give --allow too")
-    return AppdConfig(
+    if allow_clients:
+        subjects = tuple(
+            _pattern(parse_subject_pattern, c, "--allow-client") for c in allow_clients
+        )
+        rules.append(AllowRule((), pats, clients=subjects))
+    if devices and not (allow or allow_clients):
+        raise ConfigError(
+            "--device limits the peers given with --allow or --allow-client; give one too"
+        )
+    server = config.tls
+    if any(tls):
+        if not all(tls):
+            raise ConfigError("--tls-cert, --tls-key and --tls-client-ca go together")
+        server = TlsServer(*tls)  # type: ignore[arg-type]
+    wss = config.wss
+    if wss_port is not None or wss_path is not None:
+        base = wss or WssListener()
+        wss = WssListener(
+            wss_port if wss_port is not None else base.port,
+            parse_wss_path(wss_path, "--wss-path") if wss_path is not None else base.path,
+        )
+    result = AppdConfig(
         listen=tuple(listen) or config.listen,
         port=port if port is not None else config.port,
         allow=tuple(rules),
         limits=config.limits,
         state_dir=config.state_dir,
+        tls=server,
+        wss=wss,
     )
+    _check_secure(result, "configuration")
+    return result

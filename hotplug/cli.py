@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from hotplug import __version__, log, usbids
@@ -24,6 +24,7 @@ from hotplug.kernel.stub import STUB_DRIVER, StubStatus
 from hotplug.kernel.sysfs import list_devices
 from hotplug.kernel.vudc import Vudc
 from hotplug.state import RecordDir, StateError, default_dir
+from hotplug.transport import Remote, parse_remote
 
 Handler = Callable[[argparse.Namespace], int]
 _COMMANDS: dict[str, Handler] = {}
@@ -43,6 +44,36 @@ def _endpoint(text: str) -> Endpoint:
         return parse_endpoint(text)
     except AddressError as exc:
         raise UsageError(str(exc)) from exc
+
+
+def _remote(
+    args: argparse.Namespace, text: str, saved: Mapping[str, Any] | None = None
+) -> Endpoint | Remote:
+    """-r with --cert/--key/--ca/--proxy; `saved` (disconnect's record) fills in the rest."""
+    saved = saved if saved is not None and saved.get("target") == text else {}
+    tls = saved.get("tls") or {}
+    try:
+        remote = parse_remote(
+            text,
+            cert=args.cert or tls.get("cert"),
+            key=args.key or tls.get("key"),
+            ca=args.ca or tls.get("ca"),
+            proxy=args.proxy or saved.get("proxy"),
+        )
+    except AddressError as exc:
+        raise UsageError(str(exc)) from exc
+    return remote if remote.secure else _endpoint(text)
+
+
+def _remote_record(endpoint: Endpoint | Remote) -> dict[str, Any]:
+    """What disconnect needs to reach a secure remote again."""
+    if not isinstance(endpoint, Remote):
+        return {}
+    tls = endpoint.tls
+    return {
+        "tls": {"cert": tls.cert, "key": tls.key, "ca": tls.ca} if tls else None,
+        "proxy": endpoint.proxy,
+    }
 
 
 def _timeouts(args: argparse.Namespace) -> Timeouts:
@@ -66,7 +97,7 @@ def _require_busid(args: argparse.Namespace) -> None:
 
 def cmd_connect(args: argparse.Namespace) -> int:
     _require_busid(args)
-    endpoint = _endpoint(args.remote)
+    endpoint = _remote(args, args.remote)
     if args.device:
         vudc = Vudc()
         name = _gadget_name(args, vudc)
@@ -83,6 +114,7 @@ def cmd_connect(args: argparse.Namespace) -> int:
                 "since": time.time(),
                 "by": "connect",
                 "vid_pid": device.vid_pid,
+                **_remote_record(endpoint),
             },
         )
     except StateError as exc:
@@ -98,7 +130,7 @@ def cmd_disconnect(args: argparse.Namespace) -> int:
     remote = args.remote or (record or {}).get("target")
     if not remote:
         raise UsageError(f"no record of where {args.busid} was exported: give -r HOST[:PORT]")
-    endpoint = _endpoint(remote)
+    endpoint = _remote(args, remote, record)
     if args.device:
         status = unexport_gadget(Vudc(), args.busid, endpoint, _timeouts(args))
         print(f"unexported {args.busid} from {endpoint}")
@@ -182,13 +214,43 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cert_fingerprint(args: argparse.Namespace) -> int:
+    from hotplug.tlsconfig import CertError, check_pair, fingerprint
+
+    try:
+        print(fingerprint(args.cert))
+        if args.key:
+            info = check_pair(args.cert, args.key, "client")
+            print(f"subject: {info.subject}")
+            if info.san:
+                print(f"subjectAltName: {', '.join(info.san)}")
+            print(f"valid: {info.not_before} to {info.not_after}")
+            print("key matches; usable as a client certificate")
+    except CertError as exc:
+        raise UsageError(str(exc)) from exc
+    return 0
+
+
 def add_common_net(parser: argparse.ArgumentParser, remote_required: bool) -> None:
     parser.add_argument(
         "-r",
         "--remote",
         required=remote_required,
-        metavar="HOST[:PORT]",
-        help="application-side daemon (usbipa); IPv6 as [addr]:port; port 3240 by default",
+        metavar="REMOTE",
+        help="application-side daemon (usbipa): HOST[:PORT] (plain TCP, port 3240), "
+        "tls://HOST[:PORT] (TLS, port 3240) or wss://HOST[:PORT]/PATH (WebSocket over TLS, "
+        "port 443); IPv6 as [addr]:port",
+    )
+    tls = parser.add_argument_group("tls:// and wss:// remotes")
+    tls.add_argument("--cert", metavar="FILE", help="our client certificate (PEM)")
+    tls.add_argument("--key", metavar="FILE", help="its private key (PEM, unencrypted)")
+    tls.add_argument(
+        "--ca", metavar="FILE", help="CA that issued usbipa's certificate (default: system CAs)"
+    )
+    tls.add_argument(
+        "--proxy",
+        metavar="http://HOST:PORT",
+        help="tunnel through this HTTP CONNECT proxy (default: $https_proxy, minus $no_proxy)",
     )
     parser.add_argument(
         "-b", "--busid", help="the device's busid, e.g. 1-1.2 (with --device: usbip-vudc.N)"
@@ -235,6 +297,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--device", action="store_true", help="list usbip-vudc UDCs (vUDC mode)")
     p.set_defaults(handler=cmd_list)
+
+    p = sub.add_parser(
+        "cert-fingerprint",
+        help="print a certificate's SHA-256 fingerprint (with --key: names, dates, checks)",
+    )
+    p.add_argument("cert", metavar="CERT", help="certificate file (PEM)")
+    p.add_argument("--key", metavar="FILE", help="its key: also check the pair and show names")
+    p.set_defaults(handler=cmd_cert_fingerprint)
 
     for name, (help_text, configure) in _EXTRA_COMMANDS.items():
         p = sub.add_parser(name, help=help_text)
@@ -287,4 +357,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Under `python -m hotplug.cli` this file is __main__, but the commands of
+    # other modules register with the imported hotplug.cli: run that one.
+    from hotplug import cli
+
+    sys.exit(cli.main())

@@ -13,7 +13,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from hotplug import log
 from hotplug.address import Endpoint
@@ -33,6 +33,7 @@ from hotplug.protocol import (
     decode_header,
     encode,
 )
+from hotplug.transport import Remote, TransportError, run_tunnel
 
 logger = log.get("hotplug.export")
 
@@ -126,6 +127,10 @@ def _exchange(
     except OSError as exc:
         raise ExportError(f"{endpoint}: sending request failed: {exc.strerror or exc}") from exc
     reply = recv_exactly(sock, HEADER_SIZE, deadline, endpoint)
+    return _reply_status(reply, expected, endpoint)
+
+
+def _reply_status(reply: bytes, expected: Op, endpoint: Endpoint | Remote) -> int:
     try:
         header = decode_header(reply)
     except ProtocolError as exc:
@@ -137,6 +142,66 @@ def _exchange(
     return header.status
 
 
+def _endpoint(endpoint: Endpoint | Remote) -> Endpoint:
+    """A plain (tcp) remote is an Endpoint: it takes the plain path, unchanged."""
+    return endpoint.endpoint if isinstance(endpoint, Remote) else endpoint
+
+
+def _secure_handshake(
+    record: DeviceRecord,
+    remote: Remote,
+    timeouts: Timeouts,
+    on_connect: Callable[[socket.socket], None] | None,
+) -> socket.socket:
+    """handshake_export for tls:// and wss://: the exchange runs in a relay process.
+
+    Returns the kernel's end of this session's loopback pair; the relay process
+    holds the other end and the encrypted connection (transport.py). Closing
+    the returned socket ends the relay and so the session on the far side:
+    that is the rollback. `on_connect` gets the kernel's end: shutting it down
+    cancels the wait for the reply.
+    """
+    from hotplug.relay import loopback_pair  # plain-TCP users never load TLS/WebSocket code
+
+    try:
+        kernel_end, relay_end = loopback_pair()
+    except OSError as exc:
+        raise ExportError(f"cannot make the relay's loopback connection: {exc}") from exc
+    try:
+        if on_connect is not None:
+            on_connect(kernel_end)
+        with relay_end:  # the relay process keeps its own copy
+            raw, pid = run_tunnel(
+                remote,
+                encode(ExportRequest(record)),
+                asdict(timeouts),
+                relay_end.fileno(),
+                busid=record.busid,
+                cancel_fd=kernel_end.fileno(),
+            )
+        reply = _reply_status(raw, Op.REP_EXPORT, remote)
+        if reply != ExportStatus.ATTACHED:
+            reason = EXPORT_REFUSALS.get(reply, f"refused with status {reply}")  # type: ignore[call-overload]
+            raise ExportError(f"{remote} refused {record.busid}: {reason}")
+    except TransportError as exc:
+        kernel_end.close()
+        raise ExportError(str(exc)) from None
+    except BaseException:
+        kernel_end.close()
+        raise
+    logger.debug("%s: relay process %s carries the session to %s", record.busid, pid, remote)
+    return kernel_end
+
+
+def _secure_exchange(remote: Remote, request: bytes, timeouts: Timeouts) -> int:
+    """A control-only exchange (UNEXPORT) over tls:// or wss://, in a relay process."""
+    try:
+        raw, _ = run_tunnel(remote, request, asdict(timeouts), None)
+    except TransportError as exc:
+        raise ExportError(str(exc)) from None
+    return _reply_status(raw, Op.REP_UNEXPORT, remote)
+
+
 EXPORT_REFUSALS = {
     ExportStatus.FAILED: "the application side could not attach the device",
     ExportStatus.NO_FREE_PORT: "the application side has no free port of the needed speed",
@@ -146,7 +211,7 @@ EXPORT_REFUSALS = {
 def export(
     stub: UsbipHost,
     busid: str,
-    endpoint: Endpoint,
+    endpoint: Endpoint | Remote,
     timeouts: Timeouts | None = None,
     adopt_bound: bool = False,
     on_connect: Callable[[socket.socket], None] | None = None,
@@ -182,7 +247,7 @@ def export(
     stub.bind(busid)
     try:
         device = read_device(stub.paths, busid)
-        with handshake_export(device_record(device), endpoint, timeouts) as sock:
+        with handshake_export(device_record(device), endpoint, timeouts, on_connect) as sock:
             stub.hand_over(busid, sock)
         if stub.status(busid) != StubStatus.USED:
             raise ExportError(f"{busid}: usbip-host did not take the connection")
@@ -196,14 +261,25 @@ def export(
     return device
 
 
-def handshake_export(record: DeviceRecord, endpoint: Endpoint, timeouts: Timeouts) -> socket.socket:
+def handshake_export(
+    record: DeviceRecord,
+    endpoint: Endpoint | Remote,
+    timeouts: Timeouts,
+    on_connect: Callable[[socket.socket], None] | None = None,
+) -> socket.socket:
     """Connect, offer `record` and return the socket after a status-0 reply.
 
     The caller hands the socket to the kernel and closes its own copy (use it
     as a context manager); on any failure the socket is already closed.
+    `on_connect` (see `export`) is called with the socket once it is connected.
     """
+    if isinstance(endpoint, Remote) and endpoint.secure:
+        return _secure_handshake(record, endpoint, timeouts, on_connect)
+    endpoint = _endpoint(endpoint)
     sock = connect(endpoint, timeouts)
     try:
+        if on_connect is not None:
+            on_connect(sock)
         reply = _exchange(sock, encode(ExportRequest(record)), Op.REP_EXPORT, endpoint, timeouts)
         if reply != ExportStatus.ATTACHED:
             reason = EXPORT_REFUSALS.get(reply, f"refused with status {reply}")  # type: ignore[call-overload]
@@ -218,7 +294,7 @@ def handshake_export(record: DeviceRecord, endpoint: Endpoint, timeouts: Timeout
 def unexport(
     stub: UsbipHost,
     busid: str,
-    endpoint: Endpoint,
+    endpoint: Endpoint | Remote,
     timeouts: Timeouts | None = None,
     device: Device | None = None,
     release: bool = True,
@@ -241,6 +317,11 @@ def unexport(
     finally:
         if release and device is not None:
             stub.release(busid)
+        elif release:
+            # Unplugged: usbip-host keeps the busid in match_busid and would take
+            # the next device plugged into that port. Forget it.
+            with contextlib.suppress(KernelError):
+                stub.release(busid)
 
 
 def bare_record(busid: str) -> DeviceRecord:
@@ -264,15 +345,19 @@ def bare_record(busid: str) -> DeviceRecord:
 
 
 def request_unexport(
-    record: DeviceRecord, endpoint: Endpoint, timeouts: Timeouts
+    record: DeviceRecord, endpoint: Endpoint | Remote, timeouts: Timeouts
 ) -> UnexportStatus:
     """Send OP_REQ_UNEXPORT on a new connection; DETACHED or NOT_FOUND, else ExportError."""
     fields = {"busid": record.busid, "target": str(endpoint)}
     try:
-        with connect(endpoint, timeouts) as sock:
-            raw = _exchange(
-                sock, encode(UnexportRequest(record)), Op.REP_UNEXPORT, endpoint, timeouts
-            )
+        if isinstance(endpoint, Remote) and endpoint.secure:
+            raw = _secure_exchange(endpoint, encode(UnexportRequest(record)), timeouts)
+        else:
+            plain = _endpoint(endpoint)
+            with connect(plain, timeouts) as sock:
+                raw = _exchange(
+                    sock, encode(UnexportRequest(record)), Op.REP_UNEXPORT, plain, timeouts
+                )
         known = {int(s) for s in UnexportStatus}
         status = UnexportStatus(raw) if raw in known else UnexportStatus.FAILED
         if status == UnexportStatus.FAILED:
@@ -292,7 +377,7 @@ def request_unexport(
 
 
 def export_gadget(
-    vudc: Vudc, name: str, endpoint: Endpoint, timeouts: Timeouts | None = None
+    vudc: Vudc, name: str, endpoint: Endpoint | Remote, timeouts: Timeouts | None = None
 ) -> DeviceRecord:
     """Export the gadget bound to vUDC `name` (no bind/unbind: it is ours already)."""
     timeouts = timeouts or Timeouts()
@@ -314,7 +399,7 @@ def export_gadget(
 
 
 def unexport_gadget(
-    vudc: Vudc, name: str, endpoint: Endpoint, timeouts: Timeouts | None = None
+    vudc: Vudc, name: str, endpoint: Endpoint | Remote, timeouts: Timeouts | None = None
 ) -> UnexportStatus:
     timeouts = timeouts or Timeouts()
     vudc.require(name)

@@ -198,14 +198,19 @@ class FakeTree:
         return real
 
     def remove_device(self, busid: str) -> None:
-        """Unplug: the kernel drops the stub's connection and removes the device."""
+        """Unplug: the kernel drops the stub's connection and removes the device.
+
+        The files go first, then the kernel process is told: a write it handles
+        after that finds no device, and a link it set up before is dropped here.
+        (The other order let a hand-over slip in between and keep a link up.)
+        """
         link = self.paths.usb_devices / busid
         real = Path(os.path.realpath(link))
+        link.unlink(missing_ok=True)
+        shutil.rmtree(real, ignore_errors=True)
         if self.server_socket.exists():
             with contextlib.suppress(KernelError, OSError):
                 _send_write(self.server_socket, self.paths.usb_devices / busid / "remove", "", None)
-        link.unlink(missing_ok=True)
-        shutil.rmtree(real, ignore_errors=True)
 
     def start_server(self) -> subprocess.Popen[bytes]:
         """Run the fake kernel in its own process; returns once it accepts writes."""
@@ -246,6 +251,14 @@ def _set_driver(paths: SysfsPaths, busid: str, driver: str | None) -> None:
         link.symlink_to(paths.usb_drivers / driver)
 
 
+def _replace_text(path: Path, text: str) -> None:
+    """Replace a file whole: a reader in another process sees the old text or the new,
+    never a half-written one (a real sysfs read is generated whole by the kernel)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _driver(paths: SysfsPaths, busid: str) -> str | None:
     try:
         return os.path.basename(os.readlink(paths.usb_devices / busid / "driver"))
@@ -280,7 +293,7 @@ class FakeKernelServer:
         return [line.split()[0] for line in text.splitlines() if line.strip()]
 
     def _save_match_table(self, busids: list[str]) -> None:
-        (self.paths.stub_driver / "match_busid").write_text("".join(f"{b:<32}\n" for b in busids))
+        _replace_text(self.paths.stub_driver / "match_busid", "".join(f"{b:<32}\n" for b in busids))
 
     def _require_device(self, busid: str) -> None:
         if not (self.paths.usb_devices / busid).exists():
@@ -294,7 +307,7 @@ class FakeKernelServer:
             raise _Fail(errno.EBUSY)
         _set_driver(self.paths, busid, "usbip-host")
         dev_dir = self.paths.usb_devices / busid
-        (dev_dir / "usbip_status").write_text("1\n")
+        _replace_text(dev_dir / "usbip_status", "1\n")
         (dev_dir / "usbip_sockfd").touch()
         (dev_dir / "usbip_debug").touch()
 
@@ -315,7 +328,7 @@ class FakeKernelServer:
             sock.close()
         status = self.paths.usb_devices / busid / "usbip_status"
         if status.exists():
-            status.write_text(f"{1}\n")
+            _replace_text(status, "1\n")
 
     def _stub_sockfd(self, busid: str, text: str, sock: socket.socket | None) -> None:
         status_file = self.paths.usb_devices / busid / "usbip_status"
@@ -335,7 +348,7 @@ class FakeKernelServer:
         self.stub_socks[busid] = sock
         (self.rx_dir / busid).write_bytes(b"")
         self.selector.register(sock, selectors.EVENT_READ, ("stub", busid))
-        status_file.write_text("2\n")
+        _replace_text(status_file, "2\n")
 
     # -- vhci
 
@@ -361,7 +374,7 @@ class FakeKernelServer:
                             p.hub, p.port, p.state, p.speed, p.devid, p.sockfd, p.local_busid
                         )
                     )
-            path.write_text("\n".join(lines) + "\n")
+            _replace_text(path, "\n".join(lines) + "\n")
             return
         raise _Fail(errno.EINVAL)
 
@@ -480,11 +493,18 @@ class FakeKernelServer:
         conn, _ = listener.accept()
         with conn:
             conn.settimeout(5)
-            msg, ancdata, _, _ = conn.recvmsg(65536, socket.CMSG_SPACE(4 * 4))
+            try:
+                msg, ancdata, _, _ = conn.recvmsg(65536, socket.CMSG_SPACE(4 * 4))
+            except OSError:
+                return  # the writer went away before writing
             fds: list[int] = []
             for level, kind, data in ancdata:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                     fds.extend(array.array("i", data[: len(data) - len(data) % 4]))
+            if not msg:
+                for fd in fds:
+                    os.close(fd)
+                return  # the writer died before writing: nothing to apply
             request = json.loads(msg)
             sock = socket.socket(fileno=fds[0]) if fds else None
             code = 0
@@ -494,7 +514,15 @@ class FakeKernelServer:
                 code = fail.code
                 if sock is not None and sock.fileno() >= 0 and sock not in self._held():
                     sock.close()
-            conn.send(json.dumps({"errno": code}).encode())
+            except (FileNotFoundError, NotADirectoryError):
+                # Unplugged while we worked on it (remove_device edits the tree from
+                # another process): the kernel answers ENODEV for a vanishing device.
+                code = errno.ENODEV
+                if sock is not None and sock.fileno() >= 0 and sock not in self._held():
+                    sock.close()
+            # As the kernel, the write is applied even if the writer died meanwhile.
+            with contextlib.suppress(OSError):
+                conn.send(json.dumps({"errno": code}).encode())
 
     def _held(self) -> list[socket.socket]:
         return [*self.stub_socks.values(), *self.vhci_socks.values()]
@@ -541,7 +569,9 @@ class FakeKernelServer:
                 if key.data is None:
                     self._on_request(listener)
                 else:
-                    self._on_data(key.fileobj, key.data)  # type: ignore[arg-type]
+                    # A link's device may be unplugged under us: its files vanish.
+                    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                        self._on_data(key.fileobj, key.data)  # type: ignore[arg-type]
         path.unlink(missing_ok=True)
 
 

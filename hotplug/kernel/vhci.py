@@ -48,6 +48,17 @@ class VhciPort:
     def superspeed(self) -> bool:
         return self.hub == "ss"
 
+    def holds(self, devid: int) -> bool:
+        """Whether this port still carries the device `devid` attached to it.
+
+        Right after `attach` the port reads NOTASSIGNED, with devid 0, until the
+        hub has reset it (seen on Debian's 6.1 in the VM tests); only a USED
+        port shows the devid.
+        """
+        if self.state == PortState.NOTASSIGNED:
+            return True
+        return self.state == PortState.USED and self.devid == devid
+
 
 class VhciStatusError(KernelError):
     pass

@@ -7,7 +7,7 @@ import ipaddress
 import pytest
 
 from hotplug.address import AddressError, Endpoint, parse_endpoint
-from hotplug.appd_config import AppdConfig, AllowRule, ConfigError, authorize, parse_config
+from hotplug.appd_config import AllowRule, AppdConfig, ConfigError, authorize, parse_config
 from hotplug.device import Speed
 from hotplug.kernel.vhci import PortRecord, VhciStatusError, parse_status, pick_free_port
 from hotplug.log import encode_journal
@@ -27,21 +27,28 @@ def test_parse_status_6_1() -> None:
     assert [p.port for p in ports] == [0, 1, 8, 9]
     used = ports[0]
     assert (used.hub, used.state, used.speed, used.devid, used.sockfd, used.local_busid) == (
-        "hs", 6, 3, 0x10005, 7, "3-1"
+        "hs",
+        6,
+        3,
+        0x10005,
+        7,
+        "3-1",
     )
     assert not used.free and ports[1].free
 
 
 def test_parse_status_without_sockfd_column() -> None:
     # Kernels before 4.15 print a socket pointer column under another name.
-    text = "hub port sta spd dev      socket           local_busid\n" \
-           "hs  0000 004 000 00000000 0000000000000000 0-0\n"
+    text = (
+        "hub port sta spd dev      socket           local_busid\n"
+        "hs  0000 004 000 00000000 0000000000000000 0-0\n"
+    )
     (port,) = parse_status(text)
     assert port.free and port.sockfd == 0
 
 
 def test_parse_status_rejects_pre_4_13_format() -> None:
-    with pytest.raises(VhciStatusError, match="before 4.13"):
+    with pytest.raises(VhciStatusError, match=r"before 4\.13"):
         parse_status("prt sta spd bus dev socket local_busid\n000 004 000 000 000 0 0-0\n")
 
 
