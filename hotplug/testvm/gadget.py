@@ -1,0 +1,690 @@
+"""Real USB devices without hardware, for tests inside the test VM (as root).
+
+`dummy_hcd` gives pairs of a host controller and a UDC (`dummy_udc.N`); a
+configfs gadget bound to a UDC is enumerated by the kernel as a real USB
+device behind the matching `dummy_hcd.N` controller. `MassStorageGadget`
+builds a `usb_f_mass_storage` gadget backed by a file, with its own ids and
+serial; `plug()` / `unplug()` write the UDC name / an empty line to the
+gadget's `UDC` file, which makes udev emit add / remove.
+
+Binding a gadget to `usbip-vudc.N` instead (`load_vudc()` then
+`gadget.plug("usbip-vudc.0")`) exports it through the vUDC, for the `--device`
+mode.
+
+Every wait here is a bounded poll of sysfs (`wait_until`) that raises
+`WaitTimeout` naming what it waited for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import re
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+__all__ = [
+    "BlockDevice",
+    "MassStorageGadget",
+    "UdevWatcher",
+    "UsbDevice",
+    "WaitTimeout",
+    "block_devices",
+    "busid_driver",
+    "free_udcs",
+    "load_gadget_modules",
+    "load_usbip_modules",
+    "load_vudc",
+    "modprobe",
+    "remove_all_gadgets",
+    "udcs",
+    "usb_devices",
+    "wait_until",
+]
+
+SYS = Path("/sys")
+CONFIGFS = SYS / "kernel" / "config"
+GADGETS = CONFIGFS / "usb_gadget"
+USB_DEVICES = SYS / "bus" / "usb" / "devices"
+UDC_CLASS = SYS / "class" / "udc"
+VHCI0 = SYS / "devices" / "platform" / "vhci_hcd.0"
+# Every gadget this module makes has a name with this prefix, so that
+# `remove_all_gadgets()` can clean up after a crashed test.
+NAME_PREFIX = "usbiptest_"
+DEFAULT_TIMEOUT = 60.0  # emulated guests on busy CI machines are slow
+POLL_INTERVAL = 0.05
+
+T = TypeVar("T")
+
+
+class WaitTimeout(TimeoutError):
+    """A bounded wait ran out."""
+
+
+def wait_until(
+    condition: Callable[[], T | None],
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    what: str,
+    interval: float = POLL_INTERVAL,
+) -> T:
+    """Poll `condition` until it returns something truthy; return that.
+
+    Raises `WaitTimeout("timed out after Ns waiting for <what>")`. Exceptions
+    from `condition` propagate (return a falsy value for "not yet").
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise WaitTimeout(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def _write(path: Path, value: str) -> None:
+    # One write() per value: sysfs/configfs attributes want it whole.
+    with open(path, "w") as f:
+        f.write(value)
+
+
+# ---------------------------------------------------------------------------
+# modules
+
+
+def modprobe(module: str, *params: str, timeout: float = 60.0) -> None:
+    """`modprobe module [param=value ...]`; raises with modprobe's message."""
+    r = subprocess.run(
+        ["modprobe", module, *params], capture_output=True, text=True, timeout=timeout, check=False
+    )
+    if r.returncode != 0:
+        raise RuntimeError(f"modprobe {module} {' '.join(params)} failed: {r.stderr.strip()}")
+
+
+def module_loaded(module: str) -> bool:
+    return (SYS / "module" / module.replace("-", "_")).is_dir()
+
+
+def ensure_configfs() -> None:
+    """Mount configfs at /sys/kernel/config unless it is there already."""
+    if not GADGETS.is_dir():
+        modprobe("libcomposite")
+    if not GADGETS.is_dir():
+        subprocess.run(
+            ["mount", "-t", "configfs", "none", str(CONFIGFS)],
+            capture_output=True,
+            check=False,
+            timeout=30,
+        )
+    wait_until(GADGETS.is_dir, timeout=10, what=f"{GADGETS} (configfs + libcomposite)")
+
+
+def load_gadget_modules(dummy_udcs: int = 4) -> list[str]:
+    """Load dummy_hcd (with `dummy_udcs` UDCs), libcomposite, usb_f_mass_storage.
+
+    Returns the dummy UDC names. If dummy_hcd is already loaded its UDC count
+    is kept (module parameters only apply at load time).
+    """
+    if not module_loaded("dummy_hcd"):
+        modprobe("dummy_hcd", f"num={dummy_udcs}")
+    modprobe("libcomposite")
+    modprobe("usb_f_mass_storage")
+    ensure_configfs()
+    return wait_until(lambda: udcs("dummy_udc."), timeout=10, what="dummy_udc.* in /sys/class/udc")
+
+
+def load_usbip_modules() -> None:
+    """Load usbip-host and vhci-hcd and wait for their sysfs files."""
+    modprobe("usbip-host")
+    modprobe("vhci-hcd")
+    wait_until(
+        lambda: (SYS / "bus/usb/drivers/usbip-host").is_dir() and (VHCI0 / "status").is_file(),
+        timeout=10,
+        what="usbip-host driver and vhci_hcd.0/status",
+    )
+
+
+def load_vudc(count: int = 1) -> list[str]:
+    """Load usbip-vudc (with `count` UDCs if not loaded yet); return their names."""
+    if not module_loaded("usbip_vudc"):
+        modprobe("usbip-vudc", f"num={count}")
+    return wait_until(
+        lambda: udcs("usbip-vudc."), timeout=10, what="usbip-vudc.* in /sys/class/udc"
+    )
+
+
+# ---------------------------------------------------------------------------
+# UDCs and USB devices
+
+
+def udcs(prefix: str = "") -> list[str]:
+    """UDC names in /sys/class/udc starting with `prefix`, in numeric order."""
+    if not UDC_CLASS.is_dir():
+        return []
+    names = [p.name for p in UDC_CLASS.iterdir() if p.name.startswith(prefix)]
+    return sorted(
+        names, key=lambda n: [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", n)]
+    )
+
+
+def bound_udcs() -> set[str]:
+    """UDCs some configfs gadget is bound to."""
+    out: set[str] = set()
+    if GADGETS.is_dir():
+        for g in GADGETS.iterdir():
+            name = _read(g / "UDC")
+            if name:
+                out.add(name)
+    return out
+
+
+def free_udcs(prefix: str = "dummy_udc.") -> list[str]:
+    """UDCs with that prefix no gadget is bound to."""
+    used = bound_udcs()
+    return [u for u in udcs(prefix) if u not in used]
+
+
+@dataclass(frozen=True)
+class UsbDevice:
+    """A USB device in /sys/bus/usb/devices (not an interface)."""
+
+    busid: str
+    path: Path  # resolved sysfs path
+
+    def attr(self, name: str) -> str | None:
+        return _read(self.path / name)
+
+    @property
+    def serial(self) -> str | None:
+        return self.attr("serial")
+
+    @property
+    def driver(self) -> str | None:
+        return busid_driver(self.busid)
+
+    @property
+    def on_vhci(self) -> bool:
+        """Attached through a vhci_hcd controller (the import side)."""
+        return "/vhci_hcd." in str(self.path)
+
+    @property
+    def interfaces(self) -> list[str]:
+        return sorted(p.name for p in self.path.glob(f"{self.busid}:*"))
+
+
+def usb_devices(*, serial: str | None = None) -> list[UsbDevice]:
+    """USB devices (root hubs included), optionally only those with `serial`."""
+    out: list[UsbDevice] = []
+    if not USB_DEVICES.is_dir():
+        return out
+    for link in USB_DEVICES.iterdir():
+        if ":" in link.name:
+            continue  # an interface
+        dev = UsbDevice(link.name, link.resolve())
+        if serial is None or dev.serial == serial:
+            out.append(dev)
+    return sorted(out, key=lambda d: d.busid)
+
+
+def busid_driver(busid: str) -> str | None:
+    """Name of the driver bound to a USB device (e.g. `usb`, `usbip-host`)."""
+    link = USB_DEVICES / busid / "driver"
+    try:
+        return os.path.basename(os.readlink(link))
+    except OSError:
+        return None
+
+
+def interface_drivers(busid: str) -> dict[str, str | None]:
+    """{interface name: driver name or None} for a USB device."""
+    out: dict[str, str | None] = {}
+    for p in sorted(USB_DEVICES.glob(f"{busid}:*")):
+        try:
+            out[p.name] = os.path.basename(os.readlink(p / "driver"))
+        except OSError:
+            out[p.name] = None
+    return out
+
+
+@dataclass(frozen=True)
+class BlockDevice:
+    name: str  # e.g. "sda"
+    sysfs: Path  # resolved /sys/block/<name>
+
+    @property
+    def dev(self) -> str:
+        return f"/dev/{self.name}"
+
+    @property
+    def size_bytes(self) -> int:
+        sectors = _read(self.sysfs / "size")
+        return int(sectors) * 512 if sectors and sectors.isdigit() else 0
+
+
+def block_devices(busid: str) -> list[BlockDevice]:
+    """Whole-disk block devices below the USB device `busid`."""
+    out: list[BlockDevice] = []
+    block = SYS / "block"
+    if not block.is_dir():
+        return out
+    for link in block.iterdir():
+        real = link.resolve()
+        if busid in real.parts:
+            out.append(BlockDevice(link.name, real))
+    return sorted(out, key=lambda b: b.name)
+
+
+def wait_block_device(busid: str, *, timeout: float = DEFAULT_TIMEOUT) -> BlockDevice:
+    """The disk of the USB device `busid`, once it has a size and a /dev node."""
+
+    def ready() -> BlockDevice | None:
+        for b in block_devices(busid):
+            if b.size_bytes > 0 and os.path.exists(b.dev):
+                return b
+        return None
+
+    return wait_until(ready, timeout=timeout, what=f"a block device on USB device {busid}")
+
+
+# ---------------------------------------------------------------------------
+# gadgets
+
+_counter = itertools.count(1)
+
+
+def _new_serial() -> str:
+    return f"UT{os.getpid():06d}{next(_counter):04d}"
+
+
+class MassStorageGadget:
+    """A configfs mass-storage gadget backed by a file; a context manager.
+
+    >>> load_gadget_modules()                                  # doctest: +SKIP
+    >>> with MassStorageGadget(size=4 << 20) as g:             # doctest: +SKIP
+    ...     g.plug("dummy_udc.0")
+    ...     busid = g.wait_busid()
+    ...     disk = g.wait_block_device()
+    ...     g.unplug()
+
+    Leaving the context unplugs it and removes the configfs tree and the
+    backing file, in the order configfs requires.
+    """
+
+    def __init__(
+        self,
+        *,
+        serial: str | None = None,
+        size: int = 4 << 20,
+        id_vendor: int = 0x1D6B,  # Linux Foundation
+        id_product: int = 0x0104,  # Multifunction Composite Gadget
+        bcd_device: int = 0x0100,
+        manufacturer: str = "usbip-hotplug",
+        product: str = "Test Disk",
+        backing_dir: str | Path | None = None,
+        removable: bool = True,
+        name: str | None = None,
+    ) -> None:
+        self.serial = serial or _new_serial()
+        self.size = size
+        self.id_vendor = id_vendor
+        self.id_product = id_product
+        self.bcd_device = bcd_device
+        self.manufacturer = manufacturer
+        self.product = product
+        self.removable = removable
+        self.name = name or f"{NAME_PREFIX}{re.sub(r'[^A-Za-z0-9_]', '_', self.serial)}"
+        self.path = GADGETS / self.name
+        self._backing_dir = Path(backing_dir) if backing_dir else None
+        self._own_dir: str | None = None
+        self.backing_file: Path | None = None
+        self.created = False
+
+    # -- configfs tree -------------------------------------------------------
+
+    def create(self) -> MassStorageGadget:
+        """Make the backing file and the configfs tree (not plugged yet)."""
+        ensure_configfs()
+        if self._backing_dir is None:
+            # /run is a tmpfs in the guest: no 9p or overlay below the disk.
+            self._own_dir = tempfile.mkdtemp(prefix="usbip-gadget-", dir="/run")
+            self._backing_dir = Path(self._own_dir)
+        self.backing_file = self._backing_dir / f"{self.name}.img"
+        with open(self.backing_file, "wb") as f:
+            f.truncate(self.size)
+        g = self.path
+        g.mkdir()
+        self.created = True
+        _write(g / "idVendor", f"0x{self.id_vendor:04x}")
+        _write(g / "idProduct", f"0x{self.id_product:04x}")
+        _write(g / "bcdDevice", f"0x{self.bcd_device:04x}")
+        _write(g / "bcdUSB", "0x0200")
+        (g / "strings/0x409").mkdir()
+        _write(g / "strings/0x409/serialnumber", self.serial)
+        _write(g / "strings/0x409/manufacturer", self.manufacturer)
+        _write(g / "strings/0x409/product", self.product)
+        (g / "configs/c.1").mkdir()
+        (g / "configs/c.1/strings/0x409").mkdir()
+        _write(g / "configs/c.1/strings/0x409/configuration", "mass storage")
+        _write(g / "configs/c.1/MaxPower", "100")
+        fn = g / "functions/mass_storage.0"
+        fn.mkdir()
+        _write(fn / "stall", "1")
+        _write(fn / "lun.0/removable", "1" if self.removable else "0")
+        _write(fn / "lun.0/file", str(self.backing_file))
+        (g / "configs/c.1/mass_storage.0").symlink_to(fn)
+        return self
+
+    def remove(self, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+        """Unplug and delete the gadget tree and backing file (idempotent)."""
+        g = self.path
+        if g.is_dir():
+            if self.udc:
+                self.unplug(timeout=timeout)
+            steps: list[Callable[[], None]] = [
+                (g / "configs/c.1/mass_storage.0").unlink,
+                (g / "configs/c.1/strings/0x409").rmdir,
+                (g / "configs/c.1").rmdir,
+                (g / "functions/mass_storage.0").rmdir,
+                (g / "strings/0x409").rmdir,
+                g.rmdir,
+            ]
+            for step in steps:
+                with contextlib.suppress(FileNotFoundError):
+                    step()
+        self.created = False
+        if self.backing_file is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.backing_file.unlink()
+        if self._own_dir is not None:
+            with contextlib.suppress(OSError):
+                os.rmdir(self._own_dir)
+            self._own_dir = None
+
+    def __enter__(self) -> MassStorageGadget:
+        if not self.created:
+            self.create()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.remove()
+
+    # -- plug / unplug -------------------------------------------------------
+
+    @property
+    def udc(self) -> str | None:
+        """The UDC this gadget is bound to, or None."""
+        return _read(self.path / "UDC") or None
+
+    def plug(self, udc: str | None = None) -> str:
+        """Bind to `udc` (default: the first free dummy UDC); return its name.
+
+        On a `dummy_udc.N` the guest kernel then enumerates the device; on a
+        `usbip-vudc.N` it becomes exportable through the vUDC.
+        """
+        if not self.created:
+            self.create()
+        if udc is None:
+            free = free_udcs("dummy_udc.")
+            if not free:
+                raise RuntimeError("no free dummy_udc: load dummy_hcd with a larger num=")
+            udc = free[0]
+        _write(self.path / "UDC", udc)
+        return udc
+
+    def plug_vudc(self, index: int = 0) -> str:
+        """Load usbip-vudc if needed and bind to `usbip-vudc.<index>`.
+
+        The gadget is then not enumerated locally: it waits to be exported
+        through the vUDC's `usbip_sockfd` (see `vudc_platform_dir`).
+        """
+        names = load_vudc(index + 1)
+        udc = f"usbip-vudc.{index}"
+        if udc not in names:
+            raise RuntimeError(f"{udc} does not exist (have {names}); reload usbip-vudc num=")
+        return self.plug(udc)
+
+    def unplug(self, *, timeout: float = DEFAULT_TIMEOUT, wait: bool = True) -> None:
+        """Unbind from the UDC; with `wait`, until the local device is gone."""
+        udc = self.udc
+        if not udc:
+            return
+        _write(self.path / "UDC", "\n")
+        if wait and udc.startswith("dummy_udc."):
+            self.wait_gone(timeout=timeout)
+
+    # -- what the kernel made of it -------------------------------------------
+
+    def find_device(self) -> UsbDevice | None:
+        """This gadget as a USB device behind its dummy_hcd (not a vhci copy)."""
+        for d in usb_devices(serial=self.serial):
+            if not d.on_vhci:
+                return d
+        return None
+
+    def find_busid(self) -> str | None:
+        d = self.find_device()
+        return d.busid if d else None
+
+    def wait_busid(self, *, timeout: float = DEFAULT_TIMEOUT) -> str:
+        """Busid the guest kernel gave this gadget (by its serial)."""
+        return wait_until(
+            self.find_busid, timeout=timeout, what=f"a USB device with serial {self.serial}"
+        )
+
+    def wait_gone(self, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+        wait_until(
+            lambda: self.find_device() is None,
+            timeout=timeout,
+            what=f"USB device with serial {self.serial} to disappear",
+        )
+
+    def vhci_devices(self) -> list[UsbDevice]:
+        """Copies of this device attached through vhci_hcd (import side)."""
+        return [d for d in usb_devices(serial=self.serial) if d.on_vhci]
+
+    def wait_block_device(self, *, timeout: float = DEFAULT_TIMEOUT) -> BlockDevice:
+        """The usb-storage disk of the locally enumerated device."""
+        deadline = time.monotonic() + timeout
+        busid = self.wait_busid(timeout=timeout)
+        return wait_block_device(busid, timeout=max(0.1, deadline - time.monotonic()))
+
+    def by_id_links(self) -> list[Path]:
+        """udev's /dev/disk/by-id links that carry this gadget's serial."""
+        d = Path("/dev/disk/by-id")
+        if not d.is_dir():
+            return []
+        return sorted(p for p in d.iterdir() if self.serial in p.name)
+
+    def read_backing(self, offset: int, length: int) -> bytes:
+        """Bytes of the backing file, as the gadget stored them."""
+        assert self.backing_file is not None
+        with open(self.backing_file, "rb") as f:
+            f.seek(offset)
+            return f.read(length)
+
+    def vudc_platform_dir(self) -> Path | None:
+        """/sys/devices/platform/usbip-vudc.N when bound to a vUDC."""
+        udc = self.udc
+        if udc and udc.startswith("usbip-vudc."):
+            return SYS / "devices" / "platform" / udc
+        return None
+
+
+def remove_all_gadgets(prefix: str = NAME_PREFIX) -> list[str]:
+    """Remove leftover gadgets made by this module (after a crashed test)."""
+    removed: list[str] = []
+    if not GADGETS.is_dir():
+        return removed
+    for g in sorted(GADGETS.iterdir()):
+        if not g.name.startswith(prefix):
+            continue
+        gadget = MassStorageGadget(name=g.name, serial=_read(g / "strings/0x409/serialnumber"))
+        lun = _read(g / "functions/mass_storage.0/lun.0/file")
+        gadget.backing_file = Path(lun) if lun else None
+        gadget.created = True
+        gadget.remove()
+        removed.append(g.name)
+    return removed
+
+
+# ---------------------------------------------------------------------------
+# udev
+
+
+class UdevWatcher:
+    """pyudev monitor for the guest's udev events; a context manager.
+
+    Start it before the action, then `wait_for(...)` the event:
+
+    >>> with UdevWatcher(subsystem="usb", device_type="usb_device") as w:  # doctest: +SKIP
+    ...     gadget.plug()
+    ...     ev = w.wait_for("add", lambda d: d.attributes.get("serial") == b"X")
+    """
+
+    def __init__(self, *, subsystem: str | None = None, device_type: str | None = None) -> None:
+        import pyudev  # imported here: the rest of this module needs only sysfs
+
+        self._pyudev: Any = pyudev
+        self.context: Any = pyudev.Context()
+        self.monitor: Any = pyudev.Monitor.from_netlink(self.context, source="udev")
+        if subsystem is not None:
+            self.monitor.filter_by(subsystem=subsystem, device_type=device_type)
+        self.seen: list[tuple[str, Any]] = []
+
+    def __enter__(self) -> UdevWatcher:
+        self.monitor.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # pyudev closes the netlink socket when the monitor is released.
+        self.monitor = None
+
+    def events(self, timeout: float) -> Iterator[tuple[str, Any]]:
+        """(action, device) pairs until `timeout` seconds pass."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            device = self.monitor.poll(timeout=min(left, 1.0))
+            if device is not None:
+                item = (str(device.action), device)
+                self.seen.append(item)
+                yield item
+
+    def wait_for(
+        self,
+        actions: str | Iterable[str],
+        match: Callable[[Any], bool] = lambda _d: True,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> Any:
+        """The first device event with one of `actions` for which `match` is true."""
+        wanted = {actions} if isinstance(actions, str) else set(actions)
+        for action, device in self.events(timeout):
+            if action in wanted and match(device):
+                return device
+        seen = ", ".join(f"{a} {getattr(d, 'sys_name', d)}" for a, d in self.seen[-10:])
+        raise WaitTimeout(
+            f"timed out after {timeout:.0f}s waiting for udev {'/'.join(sorted(wanted))}"
+            f" event (last seen: {seen or 'none'})"
+        )
+
+
+def udev_serial(device: Any) -> str | None:
+    """The `serial` sysfs attribute of a pyudev device, as text."""
+    raw = device.attributes.get("serial")
+    if raw is None:
+        return None
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
+# ---------------------------------------------------------------------------
+# vhci status
+
+
+@dataclass(frozen=True)
+class VhciPort:
+    """One line of /sys/devices/platform/vhci_hcd.N/status (6.1 format)."""
+
+    hub: str  # "hs" or "ss"
+    port: int  # global port number, as `attach`/`detach` want it
+    status: int  # 4 free, 5 not assigned, 6 used, 7 error
+    speed: int
+    devid: int
+    sockfd: int
+    local_busid: str
+
+    @property
+    def free(self) -> bool:
+        return self.status == 4
+
+
+def vhci_status_files() -> list[Path]:
+    """status, status.1, ... of vhci_hcd.0, in controller order."""
+    files = [VHCI0 / "status"]
+    files += sorted(VHCI0.glob("status.*"), key=lambda p: int(p.name.split(".")[1]))
+    return [f for f in files if f.is_file()]
+
+
+def parse_vhci_status(text: str) -> list[VhciPort]:
+    """Parse a status file by its header's column names, not fixed columns."""
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        return []
+    cols = lines[0].split()
+    out: list[VhciPort] = []
+    for ln in lines[1:]:
+        row = dict(zip(cols, ln.split(), strict=False))
+        out.append(
+            VhciPort(
+                hub=row.get("hub", "hs"),
+                port=int(row["port"]),
+                status=int(row["sta"]),
+                speed=int(row["spd"]),
+                devid=int(row["dev"], 16),
+                sockfd=int(row.get("sockfd", "0")),
+                local_busid=row.get("local_busid", "0-0"),
+            )
+        )
+    return out
+
+
+def vhci_ports() -> list[VhciPort]:
+    """All vhci ports of all controllers."""
+    ports: list[VhciPort] = []
+    for f in vhci_status_files():
+        ports += parse_vhci_status(f.read_text())
+    return ports
+
+
+def run(argv: Sequence[str], *, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """Run a command, raise with its output if it fails (bounded)."""
+    r = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, check=False)
+    if r.returncode != 0:
+        raise RuntimeError(
+            f"{' '.join(argv)} failed ({r.returncode}):\n{r.stdout.strip()}\n{r.stderr.strip()}"
+        )
+    return r

@@ -1,0 +1,431 @@
+"""Real-kernel VM tests: one QEMU guest per pytest session.
+
+On the host (USBIP_IN_VM unset), every test collected under tests/vm/guest/
+is replaced by a proxy item with the same node id. The first proxy that runs
+boots the VM (hotplug.testvm.vm.GuestVM) and runs *one* pytest session inside
+it over all selected guest tests (`python -m pytest <node ids>`, env
+USBIP_IN_VM=1), streaming the guest's output live with a `[guest]` prefix.
+Each proxy then reports its own test's in-guest outcome: pass, fail (with the
+guest's failure text and captured output), skip (with the guest's reason).
+Guest fixtures and module code never run on the host.
+
+Inside the guest (USBIP_IN_VM=1) this file only records each test report as
+a JSON line in $USBIP_VM_RESULTS, which the host reads back through the VM's
+agent.
+
+Every test under tests/vm/ gets the `vm` marker: `pytest -m vm` runs just
+these, plain `pytest` runs them too. Host-side tests that want to drive the
+guest themselves use the session fixture `guest_vm` (the same booted VM).
+
+Environment: see tests/vm/README.md (USBIP_VM=0 disables, USBIP_VM_REQUIRED=1
+turns "cannot start" skips into failures, USBIP_VM_KVM, timeouts...).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import pytest
+
+IN_VM = os.environ.get("USBIP_IN_VM") == "1"
+HERE = Path(__file__).resolve().parent
+GUEST_DIR = HERE / "guest"
+# The guest's /tmp is its own (an overlay): the host reads this via the agent.
+GUEST_RESULTS = "/tmp/usbip-vm-results.jsonl"
+# Marks evaluated inside the guest, never on the host proxy.
+_GUEST_ONLY_MARKS = {"skip", "skipif", "xfail", "usefixtures", "parametrize", "timeout"}
+
+
+def _env_float(name: str, default: float) -> float:
+    try:
+        return float(os.environ.get(name) or default)
+    except ValueError:
+        return default
+
+
+# pytest plugins not loaded in the guest: importing hypothesis alone takes
+# ~19 s of emulated CPU there. In-guest tests can still use hypothesis' @given
+# (only its pytest plugin is off), not the `benchmark` fixture.
+# USBIP_VM_GUEST_PYTEST_ARGS adds arguments to the in-guest pytest command.
+GUEST_PYTEST_DISABLE = ("hypothesispytest", "benchmark")
+SUITE_TIMEOUT = _env_float("USBIP_VM_SUITE_TIMEOUT", 1200.0)  # the whole guest session
+GUEST_TEST_TIMEOUT = _env_float("USBIP_VM_TEST_TIMEOUT", 300.0)  # each guest test
+BOOT_TIMEOUT = _env_float("USBIP_VM_BOOT_TIMEOUT", 240.0)
+
+
+def _under(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+# ---------------------------------------------------------------------------
+# both sides
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(
+    session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
+) -> None:
+    # tryfirst: before -m/-k deselection, which must see the vm marker.
+    for i, item in enumerate(items):
+        path = Path(str(item.path)).resolve()
+        if not _under(path, HERE):
+            continue
+        item.add_marker(pytest.mark.vm)
+        if IN_VM or not _under(path, GUEST_DIR):
+            continue
+        items[i] = GuestTestProxy.from_original(session, item)
+
+
+# ---------------------------------------------------------------------------
+# guest side: record results
+
+if IN_VM:
+
+    def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+        out = os.environ.get("USBIP_VM_RESULTS")
+        if not out:
+            return
+        reason = None
+        if report.skipped and isinstance(report.longrepr, tuple):
+            reason = str(report.longrepr[2])
+        text = ""
+        if report.failed:
+            text = report.longreprtext
+            for title, content in report.sections:
+                text += f"\n{'-' * 20} {title} {'-' * 20}\n{content}"
+        record = {
+            "nodeid": report.nodeid,
+            "when": report.when,
+            "outcome": report.outcome,
+            "duration": report.duration,
+            "text": text,
+            "reason": reason,
+            "wasxfail": getattr(report, "wasxfail", None),
+            "props": [[str(k), str(v)] for k, v in report.user_properties],
+        }
+        with open(out, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+# ---------------------------------------------------------------------------
+# host side: proxies and the one VM
+
+
+@dataclass
+class GuestOutcome:
+    outcome: str  # passed, failed, error, skipped, xfailed, xpassed
+    text: str = ""
+    duration: float = 0.0
+    props: list[tuple[str, str]] = field(default_factory=list)
+
+
+def aggregate(records: list[dict[str, Any]]) -> dict[str, GuestOutcome]:
+    """Fold per-phase guest reports into one outcome per node id."""
+    by_id: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        by_id.setdefault(str(r["nodeid"]), []).append(r)
+    out: dict[str, GuestOutcome] = {}
+    for nodeid, reps in by_id.items():
+        o = GuestOutcome("passed")
+        o.duration = sum(float(r.get("duration") or 0) for r in reps)
+        # Every phase's report carries the item's properties so far.
+        o.props = [(str(k), str(v)) for k, v in reps[-1].get("props") or []]
+        failed = [r for r in reps if r["outcome"] == "failed"]
+        skipped = [r for r in reps if r["outcome"] == "skipped"]
+        call = next((r for r in reps if r["when"] == "call"), None)
+        if failed:
+            first = failed[0]
+            o.outcome = "failed" if first["when"] == "call" else "error"
+            o.text = "\n".join(
+                (f"[in guest, {r['when']}]\n" if r["when"] != "call" else "") + str(r["text"])
+                for r in failed
+            )
+        elif skipped:
+            s = skipped[0]
+            if s.get("wasxfail") is not None:
+                o.outcome, o.text = "xfailed", str(s["wasxfail"])
+            else:
+                o.outcome, o.text = "skipped", str(s.get("reason") or "skipped in the guest")
+        elif call is not None and call.get("wasxfail") is not None:
+            o.outcome = "xpassed"
+        elif call is None:
+            o.outcome, o.text = "error", "the guest reported no call phase for this test"
+        out[nodeid] = o
+    return out
+
+
+class VmSession:
+    """The session's one guest: booted on first use, stopped at session end."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.vm: Any = None  # hotplug.testvm.vm.GuestVM
+        self.skip_reason: str | None = None
+        self.boot_error: str | None = None
+        self.results: dict[str, GuestOutcome] | None = None
+        self.run_error: str | None = None
+        self.guest_rc: int | None = None
+        self.suite_seconds: float | None = None
+        self.console_log: Path | None = None
+        self.boot_info = ""
+        self.ran = 0
+        # A private copy of the terminal: pytest's fd capture cannot swallow
+        # what the VM threads print, whenever they print it.
+        self._term: IO[str] | None = None
+        capman = config.pluginmanager.getplugin("capturemanager")
+        suspended = capman.global_and_fixture_disabled() if capman else contextlib.nullcontext()
+        with suspended, contextlib.suppress(OSError, ValueError):
+            # fd 1 is the real stdout only while capture is suspended.
+            self._term = os.fdopen(os.dup(1), "w", buffering=1)
+
+    def write(self, line: str) -> None:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+        if self._term is not None:
+            self._term.write(line + "\n")
+        else:  # pragma: no cover
+            sys.__stderr__.write(line + "\n")  # type: ignore[union-attr]
+
+    def get_vm(self) -> Any:
+        """The booted GuestVM; skips (or fails) the calling test if impossible."""
+        if self.vm is not None:
+            return self.vm
+        if self.skip_reason:
+            pytest.skip(self.skip_reason)
+        if self.boot_error:
+            pytest.fail(self.boot_error, pytrace=False)
+        if os.environ.get("USBIP_VM") == "0":
+            self.skip_reason = "USBIP_VM=0: the real-kernel VM tests are disabled"
+            pytest.skip(self.skip_reason)
+        from hotplug.testvm.vm import GuestVM, MissingDependency, VMError, cache_dir
+
+        logs = cache_dir() / "logs"
+        old_logs = sorted(logs.glob("console-*.log"), key=lambda p: p.stat().st_mtime)
+        for stale in old_logs[:-9]:  # keep the last few sessions' logs
+            stale.unlink(missing_ok=True)
+        self.console_log = logs / f"console-{os.getpid()}.log"
+        vm = GuestVM(
+            output=self.write,
+            prefix="[vm] ",
+            cwd=self.config.rootpath,
+            boot_timeout=BOOT_TIMEOUT,
+            console_log=self.console_log,
+        )
+        self.write("")
+        try:
+            vm.start()
+        except MissingDependency as e:
+            reason = f"real-kernel VM unavailable: {e}"
+            if os.environ.get("USBIP_VM_REQUIRED") == "1":
+                self.boot_error = f"USBIP_VM_REQUIRED=1 and {reason}"
+                pytest.fail(self.boot_error, pytrace=False)
+            self.skip_reason = reason
+            self.write(f"[vm] SKIPPING VM tests: {e}")
+            pytest.skip(self.skip_reason)
+        except VMError as e:
+            vm.close()
+            self.boot_error = f"the test VM did not boot: {e}\n(console log: {self.console_log})"
+            pytest.fail(self.boot_error, pytrace=False)
+        self.vm = vm
+        how = "KVM" if vm.accel == "kvm" else "emulation (TCG)"
+        self.boot_info = (
+            f"kernel {vm.kernel.release if vm.kernel else '?'} under {how}:"
+            f" booted in {vm.boot_seconds:.1f}s" + "".join(f"\n  note: {n}" for n in vm.notes)
+        )
+        return vm
+
+    def guest_results(self, items: list[pytest.Item]) -> dict[str, GuestOutcome]:
+        """Run every selected guest test in one in-guest pytest session (once)."""
+        if self.results is not None:
+            return self.results
+        if self.run_error:
+            pytest.fail(self.run_error, pytrace=False)
+        vm = self.get_vm()
+        from hotplug.testvm.vm import VMError
+
+        # The session's final items: after -m / -k / --deselect.
+        nodeids = [i.nodeid for i in items if isinstance(i, GuestTestProxy)]
+        self.ran = len(nodeids)
+        opt = self.config.option
+        cmd = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "no:cacheprovider",
+            *(a for name in GUEST_PYTEST_DISABLE for a in ("-p", f"no:{name}")),
+            "-v",
+            "--color=no",
+            f"--rootdir={self.config.rootpath}",
+            f"--timeout={GUEST_TEST_TIMEOUT:.0f}",
+        ]
+        if self.config.inipath is not None:
+            cmd += ["-c", str(self.config.inipath)]
+        if getattr(opt, "capture", "fd") == "no":
+            cmd.append("-s")
+        if getattr(opt, "tbstyle", "auto") not in ("auto", None):
+            cmd.append(f"--tb={opt.tbstyle}")
+        cmd += shlex.split(os.environ.get("USBIP_VM_GUEST_PYTEST_ARGS", ""))
+        cmd += nodeids
+        self.write(f"[vm] running {len(nodeids)} test(s) in the guest: {shlex.join(cmd[:3])} ...")
+        t0 = time.monotonic()
+        try:
+            vm.run(["rm", "-f", GUEST_RESULTS], timeout=30, echo=False)
+            res = vm.run(
+                cmd,
+                timeout=SUITE_TIMEOUT,
+                env={
+                    "USBIP_VM_RESULTS": GUEST_RESULTS,
+                    # the checkout is read-only in the guest (if hypothesis is used)
+                    "HYPOTHESIS_STORAGE_DIRECTORY": "/tmp/hypothesis",
+                },
+                prefix="[guest] ",
+            )
+            self.guest_rc = res.returncode
+            self.suite_seconds = time.monotonic() - t0
+            raw = vm.read_file(GUEST_RESULTS).decode("utf-8", "replace")
+        except VMError as e:
+            self.run_error = f"the guest test session broke down: {e}\n{vm.console_tail(20)}"
+            pytest.fail(self.run_error, pytrace=False)
+        records = [json.loads(ln) for ln in raw.splitlines() if ln.strip()]
+        self.results = aggregate(records)
+        if res.timed_out:
+            self.run_error = (
+                f"the guest test session hit USBIP_VM_SUITE_TIMEOUT={SUITE_TIMEOUT:.0f}s"
+            )
+        self.write(
+            f"[vm] guest session done in {self.suite_seconds:.1f}s (pytest exit"
+            f" {res.returncode}{', TIMED OUT' if res.timed_out else ''})"
+        )
+        return self.results
+
+    def close(self) -> None:
+        if self.vm is not None:
+            self.vm.close()
+            self.vm = None
+        if self._term is not None:
+            with contextlib.suppress(OSError):
+                self._term.close()
+            self._term = None
+
+
+def _vm_session(config: pytest.Config) -> VmSession:
+    key = "_usbip_vm_session"
+    state: VmSession | None = getattr(config, key, None)
+    if state is None:
+        state = VmSession(config)
+        setattr(config, key, state)
+    return state
+
+
+class GuestTestProxy(pytest.Item):
+    """Host stand-in for one in-guest test; reports the guest's outcome."""
+
+    @classmethod
+    def from_original(cls, session: pytest.Session, item: pytest.Item) -> GuestTestProxy:
+        # Parent is the session, not the guest module: no guest fixtures,
+        # module marks (skipif on USBIP_IN_VM...) or setup run on the host.
+        proxy: GuestTestProxy = cls.from_parent(
+            session, name=item.name, nodeid=item.nodeid, path=item.path
+        )
+        for mark in item.iter_markers():
+            if mark.name not in _GUEST_ONLY_MARKS:
+                proxy.own_markers.append(mark)
+                proxy.keywords[mark.name] = mark
+        # One proxy runs the whole guest session: give it that much time.
+        budget = BOOT_TIMEOUT + SUITE_TIMEOUT + 120
+        proxy.add_marker(pytest.mark.timeout(budget), append=False)
+        # -k matches on module/class names too.
+        for node in item.listchain():
+            if not isinstance(node, pytest.Session):
+                proxy.extra_keyword_matches.add(node.name)
+        proxy.extra_keyword_matches.update(item.listextrakeywords())
+        proxy._location = item.location
+        return proxy
+
+    _location: tuple[str, int | None, str]
+
+    def reportinfo(self) -> tuple[Any, int | None, str]:
+        _path, lineno, name = self._location
+        return self.path, lineno, name
+
+    _outcome: GuestOutcome | None = None
+
+    def setup(self) -> None:
+        # The first proxy to get here runs the whole guest session.
+        state = _vm_session(self.config)
+        results = state.guest_results(self.session.items)
+        outcome = results.get(self.nodeid)
+        if outcome is None:
+            why = state.run_error or (
+                f"guest pytest exited {state.guest_rc} without a report for this test"
+            )
+            pytest.fail(f"{why}; see the [guest] output above", pytrace=False)
+        self.user_properties.extend(outcome.props)
+        self.user_properties.append(("guest_seconds", f"{outcome.duration:.2f}"))
+        self._outcome = outcome
+        if outcome.outcome == "error":  # failed in guest setup/teardown: ERROR here too
+            pytest.fail(f"in-guest test errored:\n{outcome.text}", pytrace=False)
+
+    def runtest(self) -> None:
+        outcome = self._outcome
+        assert outcome is not None
+        if outcome.outcome in ("passed", "xpassed"):
+            return
+        if outcome.outcome == "skipped":
+            reason = outcome.text.removeprefix("Skipped: ")
+            try:  # report the skip at the guest test's location, as pytest does for marks
+                exc = pytest.skip.Exception(f"[in guest] {reason}", _use_item_location=True)
+            except TypeError:  # pragma: no cover - older/newer pytest
+                exc = pytest.skip.Exception(f"[in guest] {reason}")
+            raise exc
+        if outcome.outcome == "xfailed":
+            pytest.xfail(f"[in guest] {outcome.text}")
+        pytest.fail(f"in-guest test failed:\n{outcome.text}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def guest_vm(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """The session's booted GuestVM, for host-side tests that drive it directly."""
+    if IN_VM:
+        pytest.skip("already inside the test VM")
+    yield _vm_session(request.config).get_vm()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    state: VmSession | None = getattr(session.config, "_usbip_vm_session", None)
+    if state is not None:
+        state.close()
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    state: VmSession | None = getattr(config, "_usbip_vm_session", None)
+    if state is None or (state.results is None and state.vm is None and not state.boot_error):
+        return
+    tr = terminalreporter
+    tr.section("usbip-hotplug test VM")
+    if state.skip_reason:
+        tr.write_line(f"skipped: {state.skip_reason}")
+        return
+    if state.boot_info:
+        tr.write_line(state.boot_info)
+    if state.boot_error:
+        tr.write_line(state.boot_error)
+    if state.suite_seconds is not None:
+        tr.write_line(f"guest pytest session: {state.suite_seconds:.1f}s for {state.ran} test(s)")
+    for nodeid, o in (state.results or {}).items():
+        props = ", ".join(f"{k}={v}" for k, v in o.props)
+        tr.write_line(
+            f"  {o.outcome:8} {o.duration:7.1f}s  {nodeid}" + (f"  [{props}]" if props else "")
+        )
+    if state.console_log is not None:
+        tr.write_line(f"guest console log: {state.console_log}")

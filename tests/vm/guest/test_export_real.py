@@ -1,0 +1,337 @@
+"""The export core on the real kernel: `usbip-hotplug connect/disconnect` to `usbipa`
+over loopback inside the guest, judged by sysfs and by the data on the disk.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from hotplug.testvm import gadget as gd
+from tests.helpers import NotifySocket
+
+MiB = 1 << 20
+SYS = Path("/sys")
+USBIPA_PORT = 3250  # not 3240: the classic usbipd fixture owns that one
+
+
+def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, USBIP_HOTPLUG_STATE_DIR="/run/usbip-hotplug-test")
+    return subprocess.run(
+        [sys.executable, "-m", "hotplug.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+def attr(busid: str, name: str) -> str | None:
+    try:
+        return (SYS / "bus/usb/devices" / busid / name).read_text().strip()
+    except OSError:
+        return None
+
+
+def used_ports() -> list[gd.VhciPort]:
+    return [p for p in gd.vhci_ports() if not p.free]
+
+
+class Usbipa:
+    def __init__(self, proc: subprocess.Popen[str], port: int, state: Path) -> None:
+        self.proc = proc
+        self.port = port
+        self.state = state
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+def start_usbipa(tmp: Path, allow: str = "127.0.0.0/8", port: int = USBIPA_PORT) -> Usbipa:
+    notify = NotifySocket(tmp)
+    state = tmp / "usbipa-state"
+    env = dict(os.environ, NOTIFY_SOCKET=str(notify.path))
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "hotplug.appd_cli",
+            "--listen",
+            "127.0.0.1",
+            "-t",
+            str(port),
+            "--allow",
+            allow,
+            "--state-dir",
+            str(state),
+        ],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        notify.wait("READY", timeout=60, proc=proc)
+    finally:
+        notify.close()
+    return Usbipa(proc, port, state)
+
+
+def stop(proc: subprocess.Popen[str]) -> str:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.stderr.read() if proc.stderr else ""
+
+
+@pytest.fixture
+def usbipa(usbip_modules: None, tmp_path: Path) -> Iterator[Usbipa]:
+    daemon = start_usbipa(tmp_path)
+    try:
+        yield daemon
+    finally:
+        log = stop(daemon.proc)
+        print("usbipa log:\n" + log)
+        for port in used_ports():  # never leave a port behind for the next test
+            gd.run(["usbip", "detach", "-p", str(port.port)])
+
+
+def odirect_write_read(dev: str, offset: int, data: bytes) -> bytes:
+    buf = mmap.mmap(-1, len(data))  # page aligned, as O_DIRECT wants
+    buf[:] = data
+    fd = os.open(dev, os.O_RDWR | os.O_DIRECT | os.O_SYNC)
+    try:
+        assert os.pwrite(fd, buf, offset) == len(data)
+        os.fsync(fd)
+        back = mmap.mmap(-1, len(data))
+        assert os.preadv(fd, [back], offset) == len(data)
+        return bytes(back)
+    finally:
+        os.close(fd)
+
+
+def assert_back_home(g: gd.MassStorageGadget, busid: str) -> None:
+    """Released: usual driver, interfaces on usb-storage, its disk back, no port used."""
+    gd.wait_until(lambda: gd.busid_driver(busid) == "usb", what=f"{busid} back on usb")
+    gd.wait_until(
+        lambda: set(gd.interface_drivers(busid).values()) == {"usb-storage"},
+        what=f"{busid} interfaces back on usb-storage",
+    )
+    assert attr(busid, "usbip_status") is None
+    assert busid not in (SYS / "bus/usb/drivers/usbip-host/match_busid").read_text().split()
+    gd.wait_until(lambda: not used_ports(), what="every vhci port free")
+    g.wait_block_device()
+
+
+def test_connect_moves_data_intact_and_disconnect_frees_everything(
+    plugged_gadget: gd.MassStorageGadget,
+    usbipa: Usbipa,
+    record_property: Callable[[str, object], None],
+) -> None:
+    g = plugged_gadget
+    busid = g.wait_busid()
+    t0 = time.monotonic()
+    result = cli("connect", "-r", usbipa.address, "-b", busid)
+    assert result.returncode == 0, result.stderr
+    t_connect = time.monotonic() - t0
+    assert attr(busid, "usbip_status") == "2"
+    assert gd.busid_driver(busid) == "usbip-host"
+    # Right after attach the port reads "not assigned" (5) until the hub resets it.
+    port = gd.wait_until(
+        lambda: next((p for p in gd.vhci_ports() if p.status == 6), None),
+        what="the vhci port to be used (status 6)",
+    )
+    devid = (int(attr(busid, "busnum") or 0) << 16) | int(attr(busid, "devnum") or 0)
+    assert port.devid == devid and port.hub == "hs"
+    record = Path(f"/var/run/vhci_hcd/port{port.port}").read_text().split()
+    assert record[0] == "127.0.0.1" and record[2] == busid
+
+    remote = gd.wait_until(g.vhci_devices, timeout=60, what="the disk behind vhci_hcd")[0]
+    assert remote.serial == g.serial
+    disk = gd.wait_block_device(remote.busid, timeout=60)
+    t_disk = time.monotonic() - t0
+    data = os.urandom(MiB)
+    assert odirect_write_read(disk.dev, MiB, data) == data
+    assert g.read_backing(MiB, MiB) == data, "the gadget's backing file differs"
+
+    listing = json.loads(cli("list", "-l", "--json").stdout)
+    mine = {row["busid"]: row for row in listing}
+    assert mine[busid]["exported_to"] == usbipa.address
+    assert mine[busid]["usbip_status"] == "used"
+
+    status = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hotplug.appd_cli",
+            "status",
+            "--json",
+            "--state-dir",
+            str(usbipa.state),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    (session,) = json.loads(status.stdout)
+    assert session["busid"] == busid and session["port"] == port.port
+    assert session["state"] == "attached" and session["local_busid"] == remote.busid
+
+    t1 = time.monotonic()
+    result = cli("disconnect", "-b", busid)
+    assert result.returncode == 0, result.stderr
+    assert_back_home(g, busid)
+    gd.wait_until(lambda: not g.vhci_devices(), what="the vhci copy to disappear")
+    assert not Path(f"/var/run/vhci_hcd/port{port.port}").exists()
+    record_property("s_connect", f"{t_connect:.2f}")
+    record_property("s_connect_to_disk", f"{t_disk:.2f}")
+    record_property("s_disconnect_to_home", f"{time.monotonic() - t1:.2f}")
+
+
+def test_debian_usbip_port_and_list_agree_with_us(
+    plugged_gadget: gd.MassStorageGadget, usbipa: Usbipa
+) -> None:
+    g = plugged_gadget
+    busid = g.wait_busid()
+    ours = {row["busid"]: row["vid_pid"] for row in json.loads(cli("list", "-l", "--json").stdout)}
+    theirs = gd.run(["usbip", "list", "-l"]).stdout
+    for line in theirs.splitlines():
+        line = line.strip()
+        if line.startswith("- busid"):
+            their_busid = line.split()[2]
+            their_ids = line.split("(")[1].rstrip(")")
+            assert ours.get(their_busid) == their_ids, (their_busid, ours)
+    assert busid in ours
+
+    assert cli("connect", "-r", usbipa.address, "-b", busid).returncode == 0
+    gd.wait_until(g.vhci_devices, timeout=60, what="the device behind vhci_hcd")
+    port_output = gd.run(["usbip", "port"]).stdout
+    assert "usbip://127.0.0.1:" in port_output and f"/{busid}" in port_output, port_output
+    assert "unknown host" not in port_output
+    assert cli("disconnect", "-b", busid).returncode == 0
+    assert_back_home(g, busid)
+
+
+class HalfReplyPeer:
+    """An application side that reads the request, sends 4 of 8 reply bytes, hangs up."""
+
+    def __init__(self) -> None:
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(1)
+        self.port = self.listener.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        self.listener.settimeout(60)
+        conn, _ = self.listener.accept()
+        with conn:
+            got = b""
+            while len(got) < 320:
+                chunk = conn.recv(320 - len(got))
+                if not chunk:
+                    break
+                got += chunk
+            conn.sendall(b"\x01\x11\x00\x06")
+
+
+@pytest.mark.parametrize("failure", ["not allowed", "refused", "half reply"])
+def test_failed_connect_leaves_nothing_bound_or_attached(
+    plugged_gadget: gd.MassStorageGadget, usbip_modules: None, tmp_path: Path, failure: str
+) -> None:
+    g = plugged_gadget
+    busid = g.wait_busid()
+    daemon: Usbipa | None = None
+    if failure == "not allowed":
+        daemon = start_usbipa(tmp_path, allow="192.0.2.0/24")
+        address, expected = daemon.address, "could not attach the device"
+    elif failure == "refused":
+        address, expected = "127.0.0.1:9", "Connection refused"
+    else:
+        peer = HalfReplyPeer()
+        address, expected = f"127.0.0.1:{peer.port}", "connection closed after 4 of 8 bytes"
+    try:
+        result = cli("connect", "-r", address, "-b", busid, "--timeout", "10")
+        assert result.returncode == 1
+        assert expected in result.stderr
+        assert_back_home(g, busid)
+    finally:
+        if daemon is not None:
+            stop(daemon.proc)
+
+
+def test_classic_import_and_our_export_side_by_side(
+    make_gadget: Callable[..., gd.MassStorageGadget], usbipd: int, usbipa: Usbipa
+) -> None:
+    classic, ours = make_gadget(size=2 * MiB), make_gadget(size=2 * MiB)
+    classic.plug()
+    ours.plug()
+    a, b = classic.wait_busid(), ours.wait_busid()
+    classic.wait_block_device()
+    ours.wait_block_device()
+    gd.run(["usbip", "bind", "-b", a])
+    try:
+        # The device usbipd serves is not ours to take: refused, and left alone.
+        refused = cli("connect", "-r", usbipa.address, "-b", a)
+        assert refused.returncode == 1
+        assert "already bound to usbip-host by another tool" in refused.stderr
+        assert gd.busid_driver(a) == "usbip-host" and attr(a, "usbip_status") == "1"
+
+        gd.run(["usbip", "attach", "-r", "127.0.0.1", "-b", a])
+        assert cli("connect", "-r", usbipa.address, "-b", b).returncode == 0
+        disks = {}
+        for g in (classic, ours):
+            remote = gd.wait_until(g.vhci_devices, timeout=60, what=f"{g.serial} via vhci")[0]
+            disks[g.serial] = gd.wait_block_device(remote.busid, timeout=60)
+        for g in (classic, ours):
+            data = os.urandom(64 * 1024)
+            assert odirect_write_read(disks[g.serial].dev, 0, data) == data
+            assert g.read_backing(0, len(data)) == data
+
+        # Once attached, it is "in use": still refused, still undisturbed.
+        again = cli("connect", "-r", usbipa.address, "-b", a)
+        assert again.returncode == 1 and "already in use by usbip-host" in again.stderr
+        assert attr(a, "usbip_status") == "2"
+    finally:
+        for port in used_ports():
+            if port.devid == (int(attr(a, "busnum") or 0) << 16) | int(attr(a, "devnum") or 0):
+                gd.run(["usbip", "detach", "-p", str(port.port)])
+        cli("disconnect", "-b", b)
+        gd.run(["usbip", "unbind", "-b", a])
+
+
+def test_vudc_device_mode(make_gadget: Callable[..., gd.MassStorageGadget], usbipa: Usbipa) -> None:
+    gd.load_vudc()
+    g = make_gadget(size=MiB, id_vendor=0x1D6B, id_product=0x0104)
+    udc = g.plug_vudc(0)
+    listed = json.loads(cli("list", "--device", "--json").stdout)
+    assert {
+        "busid": udc,
+        "gadget": True,
+        "vid_pid": "1d6b:0104",
+        "usbip_status": "available",
+    } in listed
+    result = cli("connect", "--device", "-r", usbipa.address, "-b", udc)
+    assert result.returncode == 0, result.stderr
+    assert (SYS / "devices/platform" / udc / "usbip_status").read_text().strip() == "2"
+    remote = gd.wait_until(g.vhci_devices, timeout=90, what="the gadget enumerating via vhci")[0]
+    assert remote.serial == g.serial
+    result = cli("disconnect", "--device", "-r", usbipa.address, "-b", udc)
+    assert result.returncode == 0, result.stderr
+    gd.wait_until(lambda: not used_ports(), what="the vhci port free")
+    gd.wait_until(lambda: not g.vhci_devices(), what="the vhci copy gone")
