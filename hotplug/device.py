@@ -80,5 +80,14 @@ class Device:
         return self.device_class == HUB_CLASS
 
     @property
+    def on_vhci(self) -> bool:
+        """Attached through vhci_hcd: imported from another machine, not plugged in here.
+
+        Exporting it again would send it back where it came from, and on a
+        machine that is both sides it loops (seen in the demo VM).
+        """
+        return "/vhci_hcd." in self.path
+
+    @property
     def vid_pid(self) -> str:
         return f"{self.vendor:04x}:{self.product:04x}"

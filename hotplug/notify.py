@@ -17,6 +17,10 @@ class Notifier:
     def __init__(self) -> None:
         self.enabled = bool(os.environ.get("NOTIFY_SOCKET"))
         self._notifier = sdnotify.SystemdNotifier() if self.enabled else None
+        if self._notifier is not None and self._notifier.socket is not None:
+            # A full notify queue (systemd busy, or a test not reading) must
+            # cost a lost message, never a blocked event loop.
+            self._notifier.socket.setblocking(False)
         self.last_status = ""
 
     def _send(self, text: str) -> None:

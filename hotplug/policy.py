@@ -353,6 +353,10 @@ class Policy:
         """First matching rule wins; hubs are never exported."""
         if device.is_hub:
             return Decision("ignore", None, None, "hub: never exported")
+        if device.on_vhci:
+            return Decision(
+                "ignore", None, None, "attached through vhci_hcd (imported): never exported again"
+            )
         for rule in self.rules:
             if rule.matches(device):
                 return Decision(rule.action, rule.name, rule.target, rule.explain(device))

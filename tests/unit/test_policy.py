@@ -1203,3 +1203,34 @@ def test_fuzz_addresses(text: str) -> None:
     else:
         assert scheme in ("tcp", "tls", "wss") and host and 1 <= port <= 65535
         assert (path is not None) == (scheme == "wss")
+
+
+def test_device_attached_through_vhci_is_never_exported() -> None:
+    """A device imported via vhci_hcd matches the same rules as the original; exporting
+    it again would loop back (seen when both sides run on one machine)."""
+    import dataclasses
+
+    policy = parse_policy(
+        [
+            (
+                "p.yaml",
+                "version: 1\ntargets: {t: {address: h}}\nrules:\n"
+                "  - {match: {vendor: '1d6b'}, export: t}\n",
+            )
+        ]
+    )
+    here = Device(
+        busid="17-1",
+        path="/sys/devices/platform/dummy_hcd.0/usb17/17-1",
+        busnum=17,
+        devnum=2,
+        speed=Speed.HIGH,
+        vendor=0x1D6B,
+        product=0x0104,
+    )
+    assert policy.decide(here).action == "export"
+    imported = dataclasses.replace(
+        here, busid="1-1", path="/sys/devices/platform/vhci_hcd.0/usb1/1-1"
+    )
+    decision = policy.decide(imported)
+    assert decision.action == "ignore" and "vhci_hcd" in decision.reason

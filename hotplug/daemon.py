@@ -1,0 +1,846 @@
+"""The hotplug daemon's run loop: events, timers, signals, the control socket.
+
+It wires the edges (udev or a test event source, the stub driver, the records
+under /run, systemd) to the pure core (`policy`, `reconcile`). One loop step:
+look at the kernel, ask the policy, let `reconcile` decide, start what it
+says. Blocking work (export, unexport, release) runs in one thread per
+operation, at most one per device, each bounded by its target's timeouts, so
+a slow or dead target only ever delays its own device. Threads and not the
+default executor: a few black-hole targets must not use up a small pool and
+make everyone else queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from hotplug import log, usbids
+from hotplug.control import ControlError, bind_control_socket, serve, socket_path
+from hotplug.device import Device
+from hotplug.events import DeviceEvent, EventSource
+from hotplug.export import ExportError, Timeouts, export, unexport
+from hotplug.kernel.stub import STUB_DRIVER, StubStatus, UsbipHost
+from hotplug.kernel.sysfs import KernelError, busid_sort_key
+from hotplug.notify import Notifier
+from hotplug.policy import Policy, PolicyError, Target, TlsOptions, load_policy, parse_address
+from hotplug.reconcile import (
+    Abort,
+    Action,
+    Export,
+    Observed,
+    Release,
+    Slot,
+    Unexport,
+    Wanted,
+    desire,
+    export_failed,
+    export_succeeded,
+    reconcile,
+    release_finished,
+    retry_now,
+    status_line,
+    unexport_finished,
+)
+from hotplug.state import RecordDir, StateError
+from hotplug.transport import remote_for_target
+from hotplug.watch import PolicyWatcher
+
+logger = log.get("hotplug.daemon")
+
+T = TypeVar("T")
+OnStop = Literal["unexport", "keep"]
+
+# Sysfs writes (to the real kernel, or to the fake one over a socket) get this
+# much on top of a target's own connect and handshake timeouts.
+KERNEL_SLACK = 10.0
+STOP_GRACE = 20.0  # within systemd's TimeoutStopSec (30 s in our unit)
+RECORD_BY = "daemon"
+
+
+@dataclass(frozen=True)
+class Options:
+    policy_path: Path | None = None
+    state_dir: Path = Path("/run/usbip-hotplug")
+    on_stop: OnStop | None = None  # None: the policy's settings.on_stop
+    poll_interval: float = 1.0  # how often usbip_status is read (link loss)
+    watch_interval: float = 2.0  # how often the policy files are stat()ed
+    # How long a device without a driver may take to get one before we decide
+    # anyway (see _device_present).
+    settle_time: float = 2.0
+
+
+class Canceller:
+    """Lets the loop cut short a handshake that runs in a thread.
+
+    The export thread registers its socket as soon as it is connected;
+    `fire()` shuts the socket down, which wakes the thread's blocked recv,
+    and the export rolls back as on any failure.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self.fired = False
+
+    def watch(self, sock: socket.socket) -> None:
+        with self._lock:
+            if self.fired:
+                raise ExportError("cancelled before the handshake")
+            self._sock = sock
+
+    def fire(self) -> None:
+        with self._lock:
+            self.fired = True
+            if self._sock is not None:
+                with contextlib.suppress(OSError):  # EBADF: export closed it already
+                    self._sock.shutdown(socket.SHUT_RDWR)
+
+    def forget(self) -> None:
+        """The export is over; from now on the socket (if any) is the kernel's."""
+        with self._lock:
+            self._sock = None
+
+
+def address_of(target: Target) -> str:
+    """host:port for plain TCP (as usbip shows it), the URL for tls:// and wss://."""
+    return target.display if target.scheme == "tcp" else target.url
+
+
+def timeouts_of(target: Target) -> Timeouts:
+    return Timeouts(connect=target.connect_timeout, handshake=target.handshake_timeout)
+
+
+class Daemon:
+    def __init__(
+        self,
+        options: Options,
+        policy: Policy,
+        stub: UsbipHost,
+        source: Callable[[], EventSource],
+        records: RecordDir,
+        notifier: Notifier | None = None,
+    ) -> None:
+        self.options = options
+        self.policy = policy
+        self.policy_error: str | None = None
+        self.stub = stub
+        self.make_source = source
+        self.records = records
+        self.notifier = notifier or Notifier()
+        self.watcher = PolicyWatcher(options.policy_path)
+        self.devices: dict[str, Device] = {}
+        self.held_back: set[str] = set()  # present at start while settings.coldplug is false
+        self.settling: dict[str, float] = {}  # busid -> when we stop waiting for its driver
+        self.slots: dict[str, Slot] = {}
+        self.observed: dict[str, Observed] = {}
+        self.ops: dict[str, asyncio.Task[None]] = {}
+        self.cancellers: dict[str, Canceller] = {}
+        self.wake_at: float | None = None
+        self.watchdog_interval = Notifier.watchdog_interval()
+        self.last_ping = 0.0
+        self._wake: asyncio.Event | None = None
+        self._stop: asyncio.Event | None = None
+
+    # ------------------------------------------------------------------ life cycle
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._stop = asyncio.Event()
+        control_path = socket_path(self.options.state_dir)
+        server = await serve(bind_control_socket(control_path), self.handle_request)
+        source = self.make_source()  # the monitor listens before we enumerate
+        try:
+            loop.add_reader(source.fileno(), self._on_events, source)
+            self._coldplug(source.coldplug())
+            self._adopt()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.stop)
+            loop.add_signal_handler(signal.SIGHUP, self.reload, "SIGHUP")
+            self._step()
+            self.notifier.ready(self.status_text())
+            log.event(
+                logger,
+                logging.INFO,
+                f"started: {len(self.devices)} devices present; policy from "
+                f"{', '.join(self.policy.sources) or 'nowhere (exports nothing)'}",
+                event="started",
+            )
+            watch = asyncio.create_task(self._watch_loop())
+            try:
+                await self._main_loop()
+            finally:
+                watch.cancel()
+                loop.remove_reader(source.fileno())
+            await self._shutdown()
+        finally:
+            source.close()
+            server.close()
+            control_path.unlink(missing_ok=True)
+        return 0
+
+    def stop(self) -> None:
+        assert self._stop is not None
+        self._stop.set()
+        self.kick()
+
+    def kick(self) -> None:
+        """Run a loop step soon (coalesced: many kicks, one step)."""
+        if self._wake is not None:
+            self._wake.set()
+
+    async def _main_loop(self) -> None:
+        assert self._wake is not None and self._stop is not None
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._timeout()):
+                    await self._wake.wait()
+            self._wake.clear()
+            if self._stop.is_set():
+                break
+            self._step()
+
+    def _timeout(self) -> float:
+        waits = [
+            self.options.poll_interval,
+            *(t - time.monotonic() for t in self.settling.values()),
+        ]
+        if self.wake_at is not None:
+            waits.append(self.wake_at - time.monotonic())
+        if self.watchdog_interval is not None:
+            waits.append(self.watchdog_interval)
+        return max(0.0, min(waits))
+
+    async def _watch_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.options.watch_interval)
+            if self.watcher.changed():
+                self.reload("the policy files changed")
+
+    async def _shutdown(self) -> None:
+        mode: OnStop = self.options.on_stop or self.policy.settings.on_stop
+        self.notifier.stopping()
+        log.event(
+            logger,
+            logging.INFO,
+            f"stopping ({'unexporting' if mode == 'unexport' else 'keeping'} exported devices)",
+            event="stopping",
+        )
+        if mode == "unexport":
+            for canceller in self.cancellers.values():
+                canceller.fire()
+        await self._drain(STOP_GRACE)
+        if mode == "unexport":
+            for busid, slot in sorted(self.slots.items()):
+                if busid in self.ops:
+                    continue
+                if slot.exported_to is not None:
+                    self._start(Unexport(busid, slot.exported_to, release=True))
+                elif slot.owned:
+                    self._start(Release(busid))
+            await self._drain(STOP_GRACE)
+
+    async def _drain(self, timeout: float) -> None:
+        pending = list(self.ops.values())
+        if pending:
+            _, late = await asyncio.wait(pending, timeout=timeout)
+            for task in late:
+                logger.warning("stopping without waiting for %s", task.get_name())
+
+    # ------------------------------------------------------------------ one step
+
+    def _step(self) -> None:
+        now = time.monotonic()
+        for busid, deadline in list(self.settling.items()):
+            if now >= deadline:
+                del self.settling[busid]
+                if busid in self.devices:
+                    self._log_decision(self.devices[busid], "no driver took it; deciding anyway: ")
+        self._observe()
+        wanted = {busid: self._wanted(device) for busid, device in self.devices.items()}
+        plan = reconcile(wanted, self.observed, self.slots, now)
+        self.slots = plan.slots
+        self.wake_at = plan.wake_at
+        for note in plan.notes:
+            level = logging.WARNING if note.level == "warning" else logging.INFO
+            log.event(
+                logger,
+                level,
+                note.message,
+                busid=note.busid,
+                target=note.target,
+                event=note.event,
+                rule=note.rule,
+            )
+        for action in plan.actions:
+            self._start(action)
+        self.notifier.status(self.status_text())
+        self._watchdog(now)
+
+    def _watchdog(self, now: float) -> None:
+        # Pinged from the loop step, so a wedged loop stops the pings and systemd restarts us.
+        if self.watchdog_interval is not None and now - self.last_ping >= self.watchdog_interval:
+            self.notifier.watchdog()
+            self.last_ping = now
+
+    def _observe(self) -> None:
+        """Read what usbip-host says about every device we know: a few small sysfs reads."""
+        observed = {}
+        for busid in set(self.devices) | set(self.slots):
+            if not self.stub.paths.device_dir(busid).exists():
+                if self.devices.pop(busid, None) is not None:  # the kernel wins over a late event
+                    self._log_unplugged(busid)
+                self.held_back.discard(busid)
+                self.settling.pop(busid, None)
+                observed[busid] = Observed()
+                continue
+            bound = self._bound(busid)
+            used = bound and self.stub.status(busid) == StubStatus.USED
+            observed[busid] = Observed(bound=bound, used=used)
+        self.observed = observed
+
+    def _bound(self, busid: str) -> bool:
+        try:
+            link = os.readlink(self.stub.paths.device_dir(busid) / "driver")
+        except OSError:
+            return False
+        return os.path.basename(link) == STUB_DRIVER
+
+    def _wanted(self, device: Device) -> Wanted:
+        if device.busid in self.settling:
+            return Wanted("none", None, "waiting for the kernel to configure it")
+        owned = self.slots.get(device.busid, Slot()).owned
+        held = device.busid in self.held_back and not self.policy.settings.coldplug and not owned
+        return desire(self.policy, device, held_back=held)
+
+    # ------------------------------------------------------------------ devices
+
+    def _on_events(self, source: EventSource) -> None:
+        try:
+            events = source.read_events()
+        except Exception as exc:  # a bad event must not stop the daemon
+            log.event(logger, logging.ERROR, f"reading device events failed: {exc!r}")
+            return
+        for event in events:
+            self._apply_event(event, source)
+        if events:
+            self.kick()
+
+    def _apply_event(self, event: DeviceEvent, source: EventSource) -> None:
+        if event.action == "rescan":
+            self._coldplug(source.coldplug(), at_start=False)
+        elif event.action == "remove":
+            self.held_back.discard(event.busid)
+            self.settling.pop(event.busid, None)
+            if self.devices.pop(event.busid, None) is not None:
+                self._log_unplugged(event.busid)
+        elif event.device is not None:
+            self._device_present(event.device)
+
+    def _coldplug(self, devices: list[Device], at_start: bool = True) -> None:
+        present = {d.busid for d in devices}
+        for busid in set(self.devices) - present:
+            del self.devices[busid]
+            self.held_back.discard(busid)
+            self.settling.pop(busid, None)
+            self._log_unplugged(busid)
+        for device in devices:
+            self._device_present(device, coldplug=at_start)
+
+    def _device_present(self, device: Device, coldplug: bool = False) -> None:
+        old = self.devices.get(device.busid)
+        if old is not None and device.driver == STUB_DRIVER:
+            # Our own binding is no news: the policy keeps seeing the device as it
+            # was plugged in, or a `driver:` rule would flap once we bind it.
+            device = replace(device, driver=old.driver)
+        self.devices[device.busid] = device
+        if coldplug and old is None:
+            self.held_back.add(device.busid)
+        prefix = "present at start: " if coldplug else "plugged in: "
+        if device.driver is None and old is None:
+            # udev can report the device before its usual driver chose a
+            # configuration, so before its interfaces exist: deciding now could
+            # export a keyboard that an `interface_class: hid` rule keeps here.
+            # Wait for the "bind" event (or settle_time) before deciding.
+            self.settling[device.busid] = time.monotonic() + self.options.settle_time
+            log.event(
+                logger,
+                logging.INFO,
+                f"{prefix}{device.busid}: waiting for the kernel to configure it",
+                busid=device.busid,
+                event="settling",
+            )
+        elif device.busid in self.settling and device.driver is not None:
+            del self.settling[device.busid]
+            self._log_decision(device, prefix)
+        elif old is None:
+            self._log_decision(device, prefix)
+
+    def _log_decision(self, device: Device, prefix: str) -> None:
+        wanted = self._wanted(device)
+        names = usbids.names(
+            device.vendor, device.product, device.manufacturer, device.product_name
+        )
+        what = f"{device.busid} ({device.vid_pid} {names})"
+        if wanted.exports:
+            message = f"{what}: export to {wanted.chain[0].name}: {wanted.reason}"
+        else:
+            message = f"{what}: not exporting: {wanted.reason}"
+        log.event(
+            logger,
+            logging.INFO,
+            prefix + message,
+            busid=device.busid,
+            event="decided",
+            rule=wanted.rule,
+            target=wanted.chain[0].name if wanted.exports else None,
+        )
+
+    def _log_unplugged(self, busid: str) -> None:
+        log.event(logger, logging.INFO, f"{busid} unplugged", busid=busid, event="unplugged")
+
+    # ------------------------------------------------------------------ re-adoption
+
+    def _adopt(self) -> None:
+        """Take back what a previous run exported, as the kernel and our records say.
+
+        Nothing is exported again: a device whose stub is still "used" stays
+        exported as it is. Records of other tools (`connect`) are not ours.
+        """
+        now = time.monotonic()
+        for busid, record in list(self.records.items()):
+            if record.get("by") != RECORD_BY:
+                continue
+            present = busid in self.devices
+            if not present or not self._bound(busid):
+                why = "it is gone" if not present else "it is no longer bound to usbip-host"
+                if not present:
+                    with contextlib.suppress(KernelError):
+                        self.stub.release(busid)  # forget its match_busid entry
+                self._forget_record(busid)
+                log.event(
+                    logger,
+                    logging.INFO,
+                    f"dropping the record of {busid}: {why}",
+                    busid=busid,
+                    event="record-dropped",
+                )
+                continue
+            target = self._target_from_record(record)
+            if target is None:
+                self._forget_record(busid)
+                continue
+            used = self.stub.status(busid) == StubStatus.USED
+            try:
+                age = max(0.0, time.time() - float(record.get("since") or time.time()))
+            except (TypeError, ValueError):
+                age = 0.0
+            since = now - age
+            self.held_back.discard(busid)
+            if used:
+                self.slots[busid] = Slot(
+                    phase="exported", owned=True, target=target, exported_to=target, since=since
+                )
+                message = f"adopted {busid}: still exported to {target.name} ({address_of(target)})"
+            else:
+                # Only an export that had succeeded may have left a port over there.
+                was_exported = record.get("state") in ("exported", "moving")
+                self.slots[busid] = Slot(
+                    phase="idle",
+                    owned=True,
+                    target=target,
+                    exported_to=target if was_exported else None,
+                    since=now,
+                    last_error="link lost while the daemon was not running"
+                    if was_exported
+                    else None,
+                )
+                message = f"adopted {busid}: bound by us but not exported; exporting again"
+            log.event(
+                logger,
+                logging.INFO,
+                message,
+                busid=busid,
+                target=target.name,
+                event="adopted",
+                rule=record.get("rule"),
+            )
+
+    def _target_from_record(self, record: dict[str, Any]) -> Target | None:
+        where = str(record.get("target", ""))
+        try:
+            scheme, host, port, path = parse_address(where)
+        except ValueError:
+            return None
+        name = str(record.get("target_name") or where)
+        current = self.policy.targets.get(name)
+        if current is not None and (current.scheme, current.host, current.port, current.path) == (
+            scheme,
+            host,
+            port,
+            path,
+        ):
+            return current
+        # The policy changed while we were down: the far end is still where the
+        # record says, and so are the certificate files to reach it.
+        tls = record.get("tls")
+        return Target(
+            name=name,
+            host=host,
+            port=port,
+            scheme=scheme,
+            path=path,
+            tls=TlsOptions(**tls) if isinstance(tls, dict) else None,
+        )
+
+    def _forget_record(self, busid: str) -> None:
+        try:
+            self.records.remove(busid)
+        except OSError as exc:
+            log.event(
+                logger, logging.ERROR, f"cannot remove the record of {busid}: {exc}", busid=busid
+            )
+
+    def _record(self, busid: str, target: Target, state: str, since: float | None = None) -> None:
+        device = self.devices.get(busid)
+        old = self.records.get(busid) or {}
+        tls = target.tls
+        data = {
+            "by": RECORD_BY,
+            # As `connect` records it, so `disconnect -b` and `list` read it too.
+            "target": str(remote_for_target(target)),
+            "tls": {"cert": tls.cert, "key": tls.key, "ca": tls.ca} if tls else None,
+            "target_name": target.name,
+            "state": state,
+            "since": since if since is not None else old.get("since", time.time()),
+            "vid_pid": device.vid_pid if device is not None else old.get("vid_pid"),
+            "rule": self._rule_of(busid) or old.get("rule"),
+        }
+        try:
+            self.records.put(busid, data)
+        except StateError as exc:
+            log.event(logger, logging.ERROR, str(exc), busid=busid, event="state-error")
+
+    def _rule_of(self, busid: str) -> str | None:
+        device = self.devices.get(busid)
+        return self._wanted(device).rule if device is not None else None
+
+    # ------------------------------------------------------------------ operations
+
+    def _start(self, action: Action) -> None:
+        if isinstance(action, Abort):
+            canceller = self.cancellers.get(action.busid)
+            if canceller is not None:
+                canceller.fire()
+            return
+        if action.busid in self.ops:  # reconcile never does this; belt and braces
+            logger.error("%s: an operation is already running", action.busid)
+            return
+        if isinstance(action, Export):
+            coro = self._export(action)
+        elif isinstance(action, Unexport):
+            coro = self._unexport(action)
+        else:
+            coro = self._release(action)
+        task = asyncio.create_task(coro, name=f"{type(action).__name__.lower()} {action.busid}")
+        self.ops[action.busid] = task
+
+    def _finish(self, busid: str) -> None:
+        self.ops.pop(busid, None)
+        self.kick()
+
+    async def _blocking(
+        self, name: str, fn: Callable[[], T], limit: float, canceller: Canceller | None = None
+    ) -> T:
+        """Run `fn` in a thread of its own; wait for it without blocking the loop."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+
+        def settle(result: T | None, error: BaseException | None) -> None:
+            if future.done():
+                return
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)  # type: ignore[arg-type]
+
+        def runner() -> None:
+            result: T | None = None
+            error: BaseException | None = None
+            try:
+                result = fn()
+            except BaseException as exc:
+                error = exc
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                loop.call_soon_threadsafe(settle, result, error)
+
+        threading.Thread(target=runner, name=name, daemon=True).start()
+        done, _ = await asyncio.wait({future}, timeout=limit)
+        if not done:
+            logger.warning("%s: still running after %.0f s; cutting it short", name, limit)
+            if canceller is not None:
+                canceller.fire()
+        return await future  # the kernel layer and socket timeouts bound the rest
+
+    async def _export(self, action: Export) -> None:
+        busid, target = action.busid, action.target
+        canceller = Canceller()
+        self.cancellers[busid] = canceller
+        self._record(busid, target, "exporting")
+        log.event(
+            logger,
+            logging.INFO,
+            f"exporting {busid} to {target.name} ({address_of(target)})",
+            busid=busid,
+            target=target.name,
+            event="exporting",
+            rule=self._rule_of(busid),
+        )
+        error: str | None = None
+        try:
+            remote, timeouts = remote_for_target(target), timeouts_of(target)
+            await self._blocking(
+                f"export {busid}",
+                lambda: export(
+                    self.stub,
+                    busid,
+                    remote,
+                    timeouts,
+                    adopt_bound=action.adopt,
+                    on_connect=canceller.watch,
+                ),
+                target.connect_timeout + target.handshake_timeout + KERNEL_SLACK,
+                canceller,
+            )
+        except (ExportError, KernelError, OSError) as exc:
+            error = str(exc)
+        except Exception as exc:
+            logger.exception("export of %s failed unexpectedly", busid)
+            error = f"internal error: {exc!r}"
+        finally:
+            canceller.forget()
+            self.cancellers.pop(busid, None)
+        try:
+            self._export_done(busid, target, error, canceller.fired)
+        finally:
+            self._finish(busid)
+
+    def _export_done(self, busid: str, target: Target, error: str | None, cut: bool) -> None:
+        now = time.monotonic()
+        slot = self.slots.get(busid, Slot())
+        rule = self._rule_of(busid)
+        if error is None:
+            self.slots[busid] = export_succeeded(slot, target, now)
+            self._record(busid, target, "exported", since=time.time())
+            return
+        device = self.devices.get(busid)
+        wanted = self._wanted(device) if device is not None else None
+        chain = wanted.chain if wanted is not None and wanted.exports else ()
+        bound = self._bound(busid)
+        new = export_failed(slot, chain, error, bound, now, random.random())
+        self.slots[busid] = new
+        if bound:
+            self._record(busid, target, "retrying")
+        else:
+            self._forget_record(busid)
+        if cut or not chain:
+            message = f"export of {busid} to {target.name} stopped: {error}"
+        elif new.phase == "backoff" and new.next_at is not None:
+            message = (
+                f"export of {busid} to {target.name} failed: {error}; "
+                f"next round in {new.next_at - now:.1f} s"
+            )
+        else:
+            message = (
+                f"export of {busid} to {target.name} failed: {error}; "
+                f"trying fallback {chain[new.position].name}"
+            )
+        log.event(
+            logger,
+            logging.WARNING,
+            message,
+            busid=busid,
+            target=target.name,
+            event="export-failed",
+            rule=rule,
+        )
+
+    async def _unexport(self, action: Unexport) -> None:
+        busid, target = action.busid, action.target
+        error: str | None = None
+        try:
+            await self._blocking(
+                f"unexport {busid}",
+                lambda: self._withdraw(busid, target, action.release),
+                target.connect_timeout + target.handshake_timeout + KERNEL_SLACK,
+            )
+        except (ExportError, KernelError, OSError) as exc:
+            error = str(exc)  # unexport() released the device anyway; its kernel drops the link
+        except Exception as exc:
+            logger.exception("unexport of %s failed unexpectedly", busid)
+            error = f"internal error: {exc!r}"
+        try:
+            bound = self._bound(busid)
+            slot = self.slots.get(busid, Slot())
+            self.slots[busid] = unexport_finished(slot, bound, error, time.monotonic())
+            if not bound:
+                self._forget_record(busid)
+            else:
+                self._record(busid, target, "moving")
+        finally:
+            self._finish(busid)
+
+    def _withdraw(self, busid: str, target: Target, release: bool) -> None:
+        """OP_UNEXPORT, then give the device back (or keep it bound to export elsewhere)."""
+        try:
+            remote = remote_for_target(target)
+            unexport(self.stub, busid, remote, timeouts_of(target), release=release)
+        finally:
+            if not self.stub.paths.device_dir(busid).exists():
+                # Unplugged: usbip-host keeps the busid in match_busid, and would
+                # grab whatever is plugged into that port next. Forget it.
+                with contextlib.suppress(KernelError):
+                    self.stub.release(busid)
+            elif not release:
+                # Staying bound to move elsewhere: stop our end of the old link now
+                # instead of waiting for the kernel to notice the far end closed.
+                with contextlib.suppress(KernelError):
+                    self.stub.stop(busid)
+
+    async def _release(self, action: Release) -> None:
+        busid = action.busid
+        error: str | None = None
+        try:
+            await self._blocking(f"release {busid}", lambda: self.stub.release(busid), KERNEL_SLACK)
+        except (KernelError, OSError) as exc:
+            error = str(exc)
+        try:
+            bound = self._bound(busid)
+            slot = self.slots.get(busid, Slot())
+            self.slots[busid] = release_finished(slot, bound, error, time.monotonic())
+            if not bound:
+                self._forget_record(busid)
+            log.event(
+                logger,
+                logging.INFO if error is None else logging.WARNING,
+                f"released {busid}" + (f": {error}" if error else ""),
+                busid=busid,
+                event="released",
+            )
+        finally:
+            self._finish(busid)
+
+    # ------------------------------------------------------------------ policy
+
+    def reload(self, why: str) -> None:
+        if self._stop is not None and self._stop.is_set():
+            return  # stopping: a new policy would only start work we are about to undo
+        self.notifier.reloading()
+        try:
+            policy = load_policy(self.options.policy_path)
+        except PolicyError as exc:
+            self.policy_error = str(exc)
+            log.event(
+                logger,
+                logging.ERROR,
+                f"policy not reloaded ({why}), the previous one stays in force: {exc}",
+                event="policy-error",
+            )
+        else:
+            self.policy = policy
+            self.policy_error = None
+            self.slots = retry_now(self.slots, time.monotonic())
+            log.event(
+                logger,
+                logging.INFO,
+                f"policy reloaded ({why}): {len(policy.rules)} rules, "
+                f"{len(policy.targets)} targets",
+                event="policy-reloaded",
+            )
+        self.watcher.mark()
+        self._step()
+        self.notifier.ready(self.status_text())  # READY=1 after RELOADING=1: reload done
+
+    # ------------------------------------------------------------------ status
+
+    def status_text(self) -> str:
+        text = status_line(self.slots)
+        if self.policy_error is not None:
+            text += "; policy error, previous policy in force"
+        return text
+
+    def handle_request(self, request: dict[str, Any]) -> dict[str, Any]:
+        if request.get("command") != "status":
+            raise ControlError(f"unknown command {request.get('command')!r} (expected status)")
+        return self.status_report()
+
+    def status_report(self) -> dict[str, Any]:
+        mono, wall = time.monotonic(), time.time()
+
+        def to_wall(t: float | None) -> float | None:
+            return None if t is None else wall - (mono - t)
+
+        rows = []
+        db = usbids.system_database()
+        for busid in sorted(set(self.devices) | set(self.slots), key=busid_sort_key):
+            device = self.devices.get(busid)
+            slot = self.slots.get(busid, Slot(since=mono))
+            wanted = self._wanted(device) if device is not None else None
+            target = slot.target
+            if target is None and slot.phase == "idle" and wanted is not None and wanted.exports:
+                target = wanted.chain[0]
+            rows.append(
+                {
+                    "busid": busid,
+                    "vid_pid": device.vid_pid if device is not None else None,
+                    "vendor": (db.vendor(device.vendor) or device.manufacturer)
+                    if device is not None
+                    else None,
+                    "product": (db.product(device.vendor, device.product) or device.product_name)
+                    if device is not None
+                    else None,
+                    "serial": device.serial if device is not None else None,
+                    "rule": wanted.rule if wanted is not None else None,
+                    "reason": wanted.reason if wanted is not None else "unplugged",
+                    "state": "settling" if busid in self.settling else display_state(slot, wanted),
+                    "target": target.name if target is not None else None,
+                    "address": address_of(target) if target is not None else None,
+                    "since": to_wall(slot.since),
+                    "last_error": slot.last_error,
+                    "next_retry": to_wall(slot.next_at) if slot.phase == "backoff" else None,
+                }
+            )
+        return {
+            "daemon": {
+                "pid": os.getpid(),
+                "status": self.status_text(),
+                "policy": list(self.policy.sources),
+                "policy_error": self.policy_error,
+                "on_stop": self.options.on_stop or self.policy.settings.on_stop,
+            },
+            "devices": rows,
+        }
+
+
+def display_state(slot: Slot, wanted: Wanted | None) -> str:
+    if slot.phase == "backoff":
+        return "retrying"
+    if slot.phase != "idle":
+        return slot.phase
+    if wanted is None:
+        return "unplugged"
+    if wanted.exports:
+        return "pending"
+    return "ignored" if wanted.action == "ignore" else "not matched"

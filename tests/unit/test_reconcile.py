@@ -1,0 +1,410 @@
+"""The reconciler as a table: (wanted, observed, slot) -> (actions, slot), plus backoff."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from hotplug.device import Device, Interface, Speed
+from hotplug.policy import RetryPolicy, Target, parse_policy
+from hotplug.reconcile import (
+    Abort,
+    Action,
+    Export,
+    Observed,
+    Release,
+    Slot,
+    Unexport,
+    Wanted,
+    desire,
+    export_failed,
+    export_succeeded,
+    reconcile,
+    release_finished,
+    retry_now,
+    same_place,
+    status_line,
+    unexport_finished,
+)
+
+LAB = Target(
+    name="lab",
+    host="10.0.0.1",
+    port=3240,
+    fallback=("backup",),
+    retry=RetryPolicy(initial=1.0, max=8.0, factor=2.0, jitter=0.5),
+)
+BACKUP = Target(name="backup", host="10.0.0.2", port=3240)
+OTHER = Target(name="other", host="10.0.0.3", port=3240)
+
+EXPORT = Wanted("export", "r", "rule 'r' matched vendor 1d6b", (LAB, BACKUP))
+TO_OTHER = Wanted("export", "r2", "rule 'r2' matched", (OTHER,))
+IGNORE = Wanted("ignore", "keep-hid", "rule 'keep-hid' matched interface_class 03 (hid)")
+NONE = Wanted("none", None, "no rule matched")
+
+FREE = Observed()
+BOUND = Observed(bound=True)
+USED = Observed(bound=True, used=True)
+
+EXPORTED = Slot(phase="exported", owned=True, target=LAB, exported_to=LAB, since=1.0)
+
+NOW = 5.0
+B = "1-1"
+
+# id, wanted (None = unplugged), observed, slot (None = new), actions, phase (None = forgotten)
+TABLE: list[tuple[str, Wanted | None, Observed, Slot | None, list[Action], str | None]] = [
+    ("plugged in, wanted", EXPORT, FREE, None, [Export(B, LAB, adopt=False)], "exporting"),
+    ("plugged in, no rule", NONE, FREE, None, [], "idle"),
+    ("plugged in, ignored", IGNORE, FREE, None, [], "idle"),
+    ("bound by another tool", EXPORT, BOUND, None, [], "foreign"),
+    ("in use by another tool", EXPORT, USED, None, [], "foreign"),
+    (
+        "another tool let go",
+        EXPORT,
+        FREE,
+        Slot(phase="foreign"),
+        [Export(B, LAB, False)],
+        "exporting",
+    ),
+    ("exported, link up", EXPORT, USED, EXPORTED, [], "exported"),
+    ("link lost, still bound", EXPORT, BOUND, EXPORTED, [Export(B, LAB, adopt=True)], "exporting"),
+    ("link lost, unbound by hand", EXPORT, FREE, EXPORTED, [Export(B, LAB, False)], "exporting"),
+    ("unplugged while exported", None, FREE, EXPORTED, [Unexport(B, LAB, True)], "unexporting"),
+    ("unplugged, nothing of ours", None, FREE, Slot(), [], None),
+    (
+        "unplugged while bound by us in backoff",
+        None,
+        BOUND,
+        Slot(phase="backoff", owned=True, target=LAB, next_at=99.0),
+        [Release(B)],
+        "releasing",
+    ),
+    (
+        "unplugged mid-handshake",
+        None,
+        FREE,
+        Slot(phase="exporting", owned=True, target=LAB),
+        [Abort(B)],
+        "exporting",
+    ),
+    (
+        "abort is sent once",
+        None,
+        FREE,
+        Slot(phase="exporting", target=LAB, aborting=True),
+        [],
+        "exporting",
+    ),
+    (
+        "policy moved away mid-handshake",
+        TO_OTHER,
+        BOUND,
+        Slot(phase="exporting", owned=True, target=LAB),
+        [Abort(B)],
+        "exporting",
+    ),
+    (
+        "busy unexporting",
+        EXPORT,
+        USED,
+        Slot(phase="unexporting", owned=True, exported_to=LAB),
+        [],
+        "unexporting",
+    ),
+    ("no longer matched", NONE, USED, EXPORTED, [Unexport(B, LAB, release=True)], "unexporting"),
+    ("now ignored", IGNORE, USED, EXPORTED, [Unexport(B, LAB, release=True)], "unexporting"),
+    ("moved to another target", TO_OTHER, USED, EXPORTED, [Unexport(B, LAB, False)], "unexporting"),
+    (
+        "stays on a working fallback",
+        EXPORT,
+        USED,
+        replace(EXPORTED, target=BACKUP, exported_to=BACKUP),
+        [],
+        "exported",
+    ),
+    (
+        "backoff not due",
+        EXPORT,
+        FREE,
+        Slot(phase="backoff", target=LAB, round=1, next_at=10.0),
+        [],
+        "backoff",
+    ),
+    (
+        "backoff due: a new round from the top",
+        EXPORT,
+        FREE,
+        Slot(phase="backoff", target=BACKUP, round=1, position=1, next_at=NOW),
+        [Export(B, LAB, False)],
+        "exporting",
+    ),
+    (
+        "primary failed: the fallback next",
+        EXPORT,
+        FREE,
+        Slot(phase="idle", target=LAB, position=1),
+        [Export(B, BACKUP, False)],
+        "exporting",
+    ),
+    (
+        "chain shrank under the position",
+        TO_OTHER,
+        FREE,
+        Slot(phase="idle", position=3),
+        [Export(B, OTHER, False)],
+        "exporting",
+    ),
+    (
+        "ours, still in use while the old link winds down",
+        EXPORT,
+        USED,
+        Slot(phase="idle", owned=True),
+        [],
+        "idle",
+    ),
+    (
+        "owned but released by someone: nothing to give back",
+        NONE,
+        FREE,
+        Slot(phase="idle", owned=True),
+        [],
+        "idle",
+    ),
+    (
+        "owned, bound, unwanted: give it back",
+        NONE,
+        BOUND,
+        Slot(owned=True),
+        [Release(B)],
+        "releasing",
+    ),
+    (
+        "link lost, then policy dropped it: tell the far side",
+        NONE,
+        BOUND,
+        EXPORTED,
+        [Unexport(B, LAB, True)],
+        "unexporting",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("wanted", "observed", "slot", "actions", "phase"),
+    [row[1:] for row in TABLE],
+    ids=[row[0] for row in TABLE],
+)
+def test_reconcile_table(
+    wanted: Wanted | None,
+    observed: Observed,
+    slot: Slot | None,
+    actions: list[Action],
+    phase: str | None,
+) -> None:
+    plan = reconcile(
+        {B: wanted} if wanted is not None else {},
+        {B: observed},
+        {B: slot} if slot is not None else {},
+        NOW,
+    )
+    assert plan.actions == actions
+    if phase is None:
+        assert B not in plan.slots
+    else:
+        assert plan.slots[B].phase == phase
+
+
+def test_link_loss_is_logged_but_unplugging_is_not_link_loss() -> None:
+    lost = reconcile({B: EXPORT}, {B: BOUND}, {B: EXPORTED}, NOW)
+    assert [n.event for n in lost.notes] == ["link-lost"]
+    assert lost.slots[B].last_error == "link to lab lost"
+    unplugged = reconcile({}, {B: FREE}, {B: EXPORTED}, NOW)
+    assert [n.event for n in unplugged.notes] == ["unexport"]
+
+
+def test_foreign_device_is_reported_once() -> None:
+    first = reconcile({B: EXPORT}, {B: BOUND}, {}, NOW)
+    assert [n.event for n in first.notes] == ["foreign"]
+    again = reconcile({B: EXPORT}, {B: BOUND}, first.slots, NOW + 1)
+    assert again.notes == [] and again.actions == []
+
+
+def test_devices_are_independent() -> None:
+    """One device's backoff or busy op does not hold back another's export."""
+    slots = {
+        "1-1": Slot(phase="exporting", target=LAB),
+        "1-2": Slot(phase="backoff", target=LAB, next_at=50.0),
+    }
+    wanted = {"1-1": EXPORT, "1-2": EXPORT, "1-3": EXPORT}
+    plan = reconcile(wanted, {}, slots, NOW)
+    assert plan.actions == [Export("1-3", LAB, adopt=False)]
+    assert plan.wake_at == 50.0
+
+
+def test_wake_at_is_the_earliest_backoff() -> None:
+    slots = {
+        "1-1": Slot(phase="backoff", next_at=30.0),
+        "1-2": Slot(phase="backoff", next_at=20.0),
+    }
+    plan = reconcile({"1-1": EXPORT, "1-2": EXPORT}, {}, slots, NOW)
+    assert plan.wake_at == 20.0
+    assert reconcile({"1-1": EXPORT}, {"1-1": USED}, {"1-1": EXPORTED}, NOW).wake_at is None
+
+
+# --------------------------------------------------------------------------- results, backoff
+
+
+def test_failed_primary_goes_to_fallback_at_once() -> None:
+    trying = Slot(phase="exporting", target=LAB, position=0)
+    slot = export_failed(trying, EXPORT.chain, "refused", still_bound=False, now=NOW, rand=0.3)
+    assert (slot.phase, slot.position, slot.next_at, slot.round) == ("idle", 1, None, 0)
+    assert slot.last_error == "refused" and slot.owned is False
+
+
+def test_failed_round_backs_off_with_the_primary_retry_policy() -> None:
+    trying = Slot(phase="exporting", target=BACKUP, position=1)
+    slow = export_failed(trying, EXPORT.chain, "refused", still_bound=False, now=NOW, rand=0.0)
+    assert (slow.phase, slow.round, slow.position) == ("backoff", 1, 0)
+    assert slow.next_at == pytest.approx(NOW + 1.0)  # initial, no jitter
+    fast = export_failed(trying, EXPORT.chain, "refused", still_bound=False, now=NOW, rand=1.0)
+    assert fast.next_at == pytest.approx(NOW + 0.5)  # jitter 0.5 shortens by half
+
+
+def test_backoff_grows_exponentially_up_to_max() -> None:
+    slot = Slot(phase="exporting", target=BACKUP, position=1)
+    delays = []
+    for _ in range(6):
+        slot = export_failed(slot, EXPORT.chain, "down", still_bound=False, now=0.0, rand=0.0)
+        assert slot.next_at is not None
+        delays.append(slot.next_at)
+        slot = replace(slot, phase="exporting", position=1)
+    assert delays == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
+
+
+def test_failure_with_device_left_bound_keeps_it_ours() -> None:
+    slot = export_failed(Slot(phase="exporting"), (LAB,), "refused", True, NOW, 0.0)
+    assert slot.owned is True
+
+
+def test_failure_of_an_unwanted_device_just_idles() -> None:
+    slot = export_failed(Slot(phase="exporting", round=3), (), "cut", False, NOW, 0.0)
+    assert slot.phase == "idle" and slot.next_at is None
+
+
+def test_success_resets_the_backoff() -> None:
+    failing = Slot(phase="exporting", round=4, position=1, last_error="x", aborting=True)
+    slot = export_succeeded(failing, BACKUP, NOW)
+    assert slot == Slot(phase="exported", owned=True, target=BACKUP, exported_to=BACKUP, since=NOW)
+
+
+def test_unexport_and_release_results() -> None:
+    slot = unexport_finished(replace(EXPORTED, phase="unexporting"), False, None, NOW)
+    assert (slot.phase, slot.owned, slot.exported_to) == ("idle", False, None)
+    moving = unexport_finished(replace(EXPORTED, phase="unexporting"), True, "timeout", NOW)
+    assert moving.owned is True and moving.last_error == "timeout"
+    released = release_finished(Slot(phase="releasing", owned=True), False, None, NOW)
+    assert (released.phase, released.owned) == ("idle", False)
+
+
+def test_retry_now_after_reload() -> None:
+    slots = {"1-1": Slot(phase="backoff", round=3, next_at=99.0), "1-2": EXPORTED}
+    fresh = retry_now(slots, NOW)
+    assert (fresh["1-1"].next_at, fresh["1-1"].round) == (NOW, 0)
+    assert fresh["1-2"] is EXPORTED
+
+
+def test_target_down_then_fallback_then_up_as_a_sequence() -> None:
+    """A whole story through reconcile and the result functions."""
+    slots: dict[str, Slot] = {}
+    now = 0.0
+    plan = reconcile({B: EXPORT}, {}, slots, now)
+    assert plan.actions == [Export(B, LAB, False)]
+    slots = {B: export_failed(plan.slots[B], EXPORT.chain, "refused", False, now, 0.0)}
+    plan = reconcile({B: EXPORT}, {}, slots, now)
+    assert plan.actions == [Export(B, BACKUP, False)]
+    slots = {B: export_failed(plan.slots[B], EXPORT.chain, "refused", False, now, 0.0)}
+    plan = reconcile({B: EXPORT}, {}, slots, now)
+    assert plan.actions == [] and plan.wake_at == 1.0
+    plan = reconcile({B: EXPORT}, {}, plan.slots, 1.0)
+    assert plan.actions == [Export(B, LAB, False)]
+    slots = {B: export_succeeded(plan.slots[B], LAB, 1.0)}
+    plan = reconcile({B: EXPORT}, {B: USED}, slots, 2.0)
+    assert plan.actions == [] and plan.slots[B].phase == "exported"
+
+
+# --------------------------------------------------------------------------- policy -> wanted
+
+POLICY = parse_policy(
+    [
+        (
+            "policy.yaml",
+            """
+version: 1
+targets:
+  lab: {address: "10.0.0.1", fallback: [backup]}
+  backup: {address: "10.0.0.2:3300"}
+rules:
+  - name: keep-hid
+    match: {interface_class: hid}
+    action: ignore
+  - name: gadgets
+    match: {vendor: "1d6b"}
+    export: lab
+""",
+        )
+    ]
+)
+
+
+def _device(vendor: int = 0x1D6B, klass: int = 0, ifaces: tuple[int, ...] = (8,)) -> Device:
+    return Device(
+        busid="1-1",
+        path="/sys/devices/x/1-1",
+        busnum=1,
+        devnum=2,
+        speed=Speed.HIGH,
+        vendor=vendor,
+        product=0x0104,
+        device_class=klass,
+        interfaces=tuple(Interface(k, 0, 0) for k in ifaces),
+    )
+
+
+def test_desire_export_with_fallbacks() -> None:
+    wanted = desire(POLICY, _device())
+    assert wanted.exports and wanted.rule == "gadgets"
+    assert [t.name for t in wanted.chain] == ["lab", "backup"]
+    assert wanted.chain[1].port == 3300
+
+
+def test_desire_ignore_none_hub_and_held_back() -> None:
+    assert desire(POLICY, _device(ifaces=(3,))).action == "ignore"
+    assert desire(POLICY, _device(vendor=0x046D)).action == "none"
+    hub = desire(POLICY, _device(klass=9))
+    assert hub.action == "ignore" and not hub.exports
+    held = desire(POLICY, _device(), held_back=True)
+    assert held.action == "none" and "coldplug" in held.reason and held.rule == "gadgets"
+
+
+def test_same_place_ignores_timeouts() -> None:
+    assert same_place(LAB, replace(LAB, connect_timeout=1.0, retry=RetryPolicy()))
+    assert not same_place(LAB, replace(LAB, port=3241))
+    assert not same_place(LAB, None)
+
+
+# --------------------------------------------------------------------------- status line
+
+
+def test_status_line() -> None:
+    slots = {
+        "1-1": EXPORTED,
+        "1-2": EXPORTED,
+        "1-3": Slot(phase="backoff", target=LAB, last_error="10.0.0.1:3240: Connection refused"),
+        "1-4": Slot(phase="exporting", target=LAB),
+        "1-5": Slot(phase="foreign"),
+    }
+    assert status_line(slots) == (
+        "2 exported, 1 exporting, 1 retrying (lab: Connection refused), 1 bound by another tool"
+    )
+    assert status_line({}) == "0 exported"
