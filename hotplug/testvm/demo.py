@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -116,6 +117,17 @@ def guest_main() -> int:
         ),
         daemon("hotplug", [*me, "hotplug.cli", "run", "-c", str(DEMO_DIR / "policy.yaml")]),
     ):
+        gd.wait_until(lambda: _listening(DEMO_PORT), timeout=60, what="usbipa to listen")
+        gd.wait_until(
+            lambda: (
+                subprocess.run(
+                    [*me, "hotplug.cli", "status"], capture_output=True, timeout=30
+                ).returncode
+                == 0
+            ),
+            timeout=60,
+            what="the daemon's control socket",
+        )
         say("started usbipa (application side) and usbip-hotplug run (device side)")
         g = gd.MassStorageGadget(serial=DEMO_SERIAL, size=8 << 20, product="Demo Disk")
         try:
@@ -172,6 +184,12 @@ def guest_main() -> int:
             g.remove()
     say("stopped both daemons; demo complete" if landed else "demo FAILED: data mismatch")
     return 0 if landed else 1
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(1)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _status(busid: str) -> str | None:
