@@ -114,7 +114,7 @@ class Sessions:
         try:
             self.records.remove(str(port))
             self.vhci.remove_record(port)
-        except OSError as exc:
+        except (StateError, OSError) as exc:
             _state_warning(f"cannot remove the record of port {port}: {exc}", port)
         return session
 
@@ -123,12 +123,12 @@ class Sessions:
         live = {p.port: p for p in self.vhci.ports()}
         try:
             records = list(self.records.items())
-        except OSError as exc:
+        except (StateError, OSError) as exc:
             logger.error(
                 "cannot read session records in %s: %s; ports attached before this start "
                 "are not adopted",
                 self.records.directory,
-                exc.strerror or exc,
+                getattr(exc, "strerror", None) or exc,
             )
             return
         for key, data in records:

@@ -17,7 +17,7 @@ from hotplug.appd import Appd, Session, Sessions
 from hotplug.appd_config import AppdConfig, ConfigError, parse_config, with_cli
 from hotplug.kernel import KernelError, make_vhci
 from hotplug.notify import Notifier
-from hotplug.state import default_dir
+from hotplug.state import StateError, default_dir
 from hotplug.tlsconfig import CertError
 
 DEFAULT_CONFIG = "/etc/usbip-hotplug/usbipa.yaml"
@@ -165,7 +165,7 @@ def status(argv: list[str]) -> int:
     state_dir = Path(args.state_dir) if args.state_dir else default_dir("app")
     try:
         rows = session_rows(state_dir)
-    except KernelError as exc:
+    except (KernelError, StateError) as exc:
         print(f"usbipa: {exc}", file=sys.stderr)
         return 1
     if args.json:

@@ -138,7 +138,10 @@ def cmd_disconnect(args: argparse.Namespace) -> int:
     try:
         status = unexport(make_stub(), args.busid, endpoint, _timeouts(args))
     finally:
-        records.remove(args.busid)
+        try:
+            records.remove(args.busid)
+        except StateError as exc:  # the device is withdrawn all the same
+            print(f"usbip-hotplug: warning: {exc}", file=sys.stderr)
     note = " (it was not attached there)" if status == 3 else ""
     print(f"unexported {args.busid} from {endpoint}{note}")
     return 0

@@ -420,7 +420,17 @@ class Daemon:
         exported as it is. Records of other tools (`connect`) are not ours.
         """
         now = time.monotonic()
-        for busid, record in list(self.records.items()):
+        try:
+            records = list(self.records.items())
+        except StateError as exc:
+            log.event(
+                logger,
+                logging.ERROR,
+                f"{exc}; devices exported before this start are not adopted",
+                event="state-unreadable",
+            )
+            return
+        for busid, record in records:
             if record.get("by") != RECORD_BY:
                 continue
             present = busid in self.devices
@@ -508,7 +518,7 @@ class Daemon:
     def _forget_record(self, busid: str) -> None:
         try:
             self.records.remove(busid)
-        except OSError as exc:
+        except (StateError, OSError) as exc:
             log.event(
                 logger, logging.ERROR, f"cannot remove the record of {busid}: {exc}", busid=busid
             )

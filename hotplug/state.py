@@ -77,14 +77,22 @@ class RecordDir:
         return data if isinstance(data, dict) else None
 
     def remove(self, key: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
+        try:
             os.unlink(self._path(key))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise StateError(f"cannot remove state file {self._path(key)}: {exc.strerror}") from exc
 
     def items(self) -> Iterator[tuple[str, dict[str, Any]]]:
         try:
             names = sorted(os.listdir(self.directory))
         except FileNotFoundError:
             return
+        except OSError as exc:
+            raise StateError(
+                f"cannot read state directory {self.directory}: {exc.strerror}"
+            ) from exc
         for name in names:
             if name.endswith(".json") and not name.startswith("."):
                 data = read_json(self.directory / name)
