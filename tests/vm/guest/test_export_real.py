@@ -335,3 +335,66 @@ def test_vudc_device_mode(make_gadget: Callable[..., gd.MassStorageGadget], usbi
     assert result.returncode == 0, result.stderr
     gd.wait_until(lambda: not used_ports(), what="the vhci port free")
     gd.wait_until(lambda: not g.vhci_devices(), what="the vhci copy gone")
+
+
+def test_tls_export_moves_data_intact(
+    plugged_gadget: gd.MassStorageGadget,
+    usbip_modules: None,
+    tmp_path: Path,
+    record_property: Callable[[str, object], None],
+) -> None:
+    """The same data check over tls://: the kernels get a plain loopback socket each,
+    relayed through mutual-TLS by our relay processes."""
+    from tests.tlscerts import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    notify = NotifySocket(tmp_path)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "hotplug.appd_cli",
+            "--listen",
+            "127.0.0.1",
+            "-t",
+            "3251",
+            "--tls-cert",
+            str(pki.server.cert),
+            "--tls-key",
+            str(pki.server.key),
+            "--tls-client-ca",
+            str(pki.ca),
+            "--allow-client",
+            "CN=lab-1",
+            "--state-dir",
+            str(tmp_path / "usbipa-state"),
+        ],
+        env=dict(os.environ, NOTIFY_SOCKET=str(notify.path)),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    g = plugged_gadget
+    busid = g.wait_busid()
+    try:
+        notify.wait("READY", timeout=60, proc=proc)
+        flags = ["--cert", str(pki.client.cert), "--key", str(pki.client.key), "--ca", str(pki.ca)]
+        t0 = time.monotonic()
+        result = cli("connect", "-r", "tls://127.0.0.1:3251", "-b", busid, *flags)
+        assert result.returncode == 0, result.stderr
+        assert attr(busid, "usbip_status") == "2"
+        remote = gd.wait_until(g.vhci_devices, timeout=60, what="the disk behind vhci_hcd")[0]
+        disk = gd.wait_block_device(remote.busid, timeout=60)
+        record_property("s_tls_connect_to_disk", f"{time.monotonic() - t0:.2f}")
+        data = os.urandom(MiB)
+        t1 = time.monotonic()
+        assert odirect_write_read(disk.dev, 0, data) == data
+        record_property("s_tls_write_read_1MiB", f"{time.monotonic() - t1:.2f}")
+        assert g.read_backing(0, MiB) == data, "the gadget's backing file differs"
+        result = cli("disconnect", "-b", busid)
+        assert result.returncode == 0, result.stderr
+        assert_back_home(g, busid)
+    finally:
+        notify.close()
+        print("usbipa log:\n" + stop(proc))
+        for port in used_ports():
+            gd.run(["usbip", "detach", "-p", str(port.port)])
