@@ -134,3 +134,4 @@ def test_daemon_starts_with_its_state_dir_blocked(
     finally:
         daemon.stop()
         assert "Traceback" not in daemon.log()
+    assert "devices exported before this start are not adopted" in daemon.log()

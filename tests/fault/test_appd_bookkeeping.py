@@ -1,0 +1,108 @@
+"""usbipa's own books after hostile clients: no task, connection count or session
+left behind, and no exception that escaped a task.
+
+The subprocess tests see fds and ports from outside; tasks and counters are
+only visible inside, so here the same `Appd` runs on an event loop in a
+thread of the test process, on a fake vhci, and is asked from that loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.harness import FakeKernel
+from hotplug.address import Endpoint
+from hotplug.appd import Appd
+from hotplug.appd_config import AllowRule, AppdConfig, Limits, parse_network
+from hotplug.export import Timeouts, export, unexport
+from hotplug.protocol import DevlistRequest, encode
+from tests.fault.checks import check_reply, closed_by_server, dribble, talk
+from tests.helpers import wait_for
+
+
+class LoopThread:
+    """An Appd serving on its own event loop in a background thread."""
+
+    def __init__(self, appd: Appd) -> None:
+        self.appd = appd
+        self.loop = asyncio.new_event_loop()
+        self.unhandled: list[dict[str, Any]] = []
+        self.loop.set_exception_handler(lambda _loop, context: self.unhandled.append(context))
+        appd.open_listeners()
+        self.thread = threading.Thread(target=self.loop.run_until_complete, args=(appd.serve(),))
+        self.thread.start()
+
+    @property
+    def port(self) -> int:
+        return self.appd.bound_port
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return Endpoint("127.0.0.1", self.port)
+
+    def books(self) -> tuple[int, int, dict[str, int], int]:
+        async def read() -> tuple[int, int, dict[str, int], int]:
+            a = self.appd
+            return len(a.tasks), a.total_connections, dict(a.connections), len(a.sessions.by_port)
+
+        return asyncio.run_coroutine_threadsafe(read(), self.loop).result(5)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.appd.stop)
+        self.thread.join(timeout=10)
+        self.loop.close()
+
+
+@pytest.fixture(params=["state dir ok", "state dir blocked"])
+def served(app: FakeKernel, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[LoopThread]:
+    if request.param == "state dir blocked":
+        (tmp_path / "appd-state").mkdir()
+        (tmp_path / "appd-state" / "ports").write_text("a file in the way\n")
+    config = AppdConfig(
+        listen=("127.0.0.1",),
+        port=0,
+        allow=(AllowRule((parse_network("127.0.0.0/8", "test"),)),),
+        limits=Limits(control_timeout=0.5, per_peer_connections=4, max_connections=8),
+        state_dir=str(tmp_path / "appd-state"),
+    )
+    runner = LoopThread(Appd(config, app.vhci()))
+    try:
+        yield runner
+    finally:
+        runner.stop()
+
+
+def test_books_balance_after_hostile_clients(
+    served: LoopThread, device: FakeKernel, app: FakeKernel
+) -> None:
+    port = served.port
+    # Garbage, a cut-short request, a reply sent as a request.
+    for payload in (b"\xff" * 40, b"\x01\x11\x80\x06" + b"\0" * 50, b"\x01\x11\x00\x06\0\0\0\0"):
+        assert talk(port, payload) == b""
+    # A flood over the per-peer limit, held open by slow senders that time out.
+    held = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]
+    wait_for(lambda: served.books()[1] == 4, 5, "4 connections counted")
+    extra = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+    for sock in extra:
+        assert closed_by_server(sock, 5)
+        sock.close()
+    took = dribble({str(i): (sock, b"\x01\x11\x80") for i, sock in enumerate(held)}, 0.02, 5.0)
+    assert all(t is not None for t in took.values()), took
+    for sock in held:
+        sock.close()
+    # A real export and unexport in between.
+    device.plug("1-1")
+    export(device.stub(), "1-1", served.endpoint, Timeouts(2, 2))
+    assert served.books()[3] == 1 and len(app.used_ports()) == 1
+    unexport(device.stub(), "1-1", served.endpoint, Timeouts(2, 2))
+    check_reply(encode(DevlistRequest()), talk(port, encode(DevlistRequest())))
+    wait_for(lambda: served.books() == (0, 0, {}, 0), 5, "usbipa's books to balance")
+    assert not app.used_ports()
+    assert served.unhandled == [], served.unhandled
