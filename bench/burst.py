@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--per-peer",
         type=int,
-        help="usbipa's limits.per_peer_connections (default: usbipa's own default, 16)",
+        help="usbipa's limits.per_peer_connections (default: usbipa's own default, 64)",
     )
     add_dir_option(parser)
     args = parser.parse_args(argv)

@@ -12,7 +12,7 @@ Baseline in the same window: an idle `python -c "asyncio.run(asyncio.sleep())"`
 (the interpreter's own floor), so the ratios show what our code adds.
 
 Targets: < 0.1 % CPU and RSS < 40 MB for each daemon. The device-side daemon
-(`usbip-hotplug run`, default poll interval 1 s) exports the devices and is
+(`usbip-hotplug run`, default poll interval 2 s) exports the devices and is
 measured too; --no-daemon exports with export() and measures usbipa alone.
 """
 
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--poll-interval",
         type=float,
-        help="the daemon's --poll-interval (default: its own default, 1 s)",
+        help="the daemon's --poll-interval (default: its own default, 2 s)",
     )
     parser.add_argument(
         "--no-daemon",
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"machine: {at_start} (at start)")
     if not args.no_daemon:
-        print(f"daemon poll interval: {args.poll_interval or 'default (1 s)'}")
+        print(f"daemon poll interval: {args.poll_interval or 'default (2 s)'}")
     print(
         f"  {'process':<24} {'CPU s':>7} {'CPU %':>7} {'wakeups/s':>10} "
         f"{'RSS MB':>7} {'peak MB':>8} {'fds':>4}"

@@ -65,7 +65,9 @@ class AllowRule:
 @dataclass(frozen=True)
 class Limits:
     control_timeout: float = 10.0  # whole control phase of one connection
-    per_peer_connections: int = 16  # concurrent control connections per address
+    # Concurrent control connections per address: a device side that coldplugs
+    # a lab's worth of devices opens one per device at once (bench/burst.py).
+    per_peer_connections: int = 64
     max_connections: int = 1024
 
 

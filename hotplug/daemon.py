@@ -74,7 +74,7 @@ class Options:
     policy_path: Path | None = None
     state_dir: Path = Path("/run/usbip-hotplug")
     on_stop: OnStop | None = None  # None: the policy's settings.on_stop
-    poll_interval: float = 1.0  # how often usbip_status is read (link loss)
+    poll_interval: float = 2.0  # how often usbip_status is read (link loss)
     watch_interval: float = 2.0  # how often the policy files are stat()ed
     # How long a device without a driver may take to get one before we decide
     # anyway (see _device_present).

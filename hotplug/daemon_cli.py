@@ -64,9 +64,9 @@ def _configure_run(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--poll-interval",
         type=_seconds,
-        default=1.0,
+        default=2.0,
         metavar="SECONDS",
-        help="how often to read usbip_status to notice a lost link (default 1)",
+        help="how often to read usbip_status to notice a lost link (default 2)",
     )
     p.add_argument(
         "--watch-interval",

@@ -9,6 +9,7 @@ Anything that fails rolls back what this transaction did.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import socket
 import time
@@ -244,9 +245,10 @@ def export(
             )
     fields = {"busid": busid, "target": str(endpoint)}
     bound_here = before.driver != STUB_DRIVER
-    stub.bind(busid)
+    stub.bind(busid, before)
     try:
-        device = read_device(stub.paths, busid)
+        # Binding changes the driver, not the ids or bus/dev numbers the record carries.
+        device = dataclasses.replace(before, driver=STUB_DRIVER)
         with handshake_export(device_record(device), endpoint, timeouts, on_connect) as sock:
             stub.hand_over(busid, sock)
         if stub.status(busid) != StubStatus.USED:

@@ -12,6 +12,7 @@ import contextlib
 import socket
 from enum import IntEnum
 
+from hotplug.device import Device
 from hotplug.kernel.sysfs import (
     DeviceNotFound,
     KernelError,
@@ -56,14 +57,16 @@ class UsbipHost(SysfsWriter):
         except ValueError:
             return StubStatus.ERROR
 
-    def bind(self, busid: str) -> None:
+    def bind(self, busid: str, device: Device | None = None) -> None:
         """Take the device from its driver and give it to usbip-host.
 
         Idempotent: a device already bound to usbip-host is left as it is.
+        `device` saves reading sysfs again when the caller just did.
         """
         validate_busid(busid)
         self.require_loaded()
-        device = read_device(self.paths, busid)
+        if device is None:
+            device = read_device(self.paths, busid)
         if device.is_hub:
             raise KernelError(f"{busid} is a USB hub; hubs cannot be exported")
         if device.driver == STUB_DRIVER:
