@@ -1,0 +1,773 @@
+"""The hotplug daemon (`usbip-hotplug run`) on the real kernel, inside the test VM.
+
+The device side and the application side are the same guest: configfs gadgets
+on dummy_hcd are the USB devices, `usbipa` on 127.0.0.1 attaches them to
+vhci_hcd. The daemon runs as systemd would start it, minus systemd: no
+`--events`, so plug and unplug reach it from udev through pyudev's netlink
+monitor. Every verdict comes from the kernel (usbip_status, driver links,
+match_busid, vhci_hcd's status files) and from the data on the disk behind
+vhci_hcd, not from the daemon's own books; logs are only used to tell apart
+things the kernel cannot (an OP_UNEXPORT sent, a port attached anew).
+
+One usbipa and one daemon serve the whole module (`rig`); each test states
+what it needs running (`rig.ensure`) and leaves its gadgets to `make_gadget`,
+whose clean-up unplugs them (the daemon then unexports).
+
+Not covered here: the sandboxing in systemd/usbip-hotplug.service. It needs
+systemd as PID 1, and virtme-ng boots without systemd; the daemon runs here
+as plain root.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import mmap
+import os
+import re
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hotplug.testvm import gadget as gd
+from tests.helpers import NotifySocket
+
+KiB = 1 << 10
+MiB = 1 << 20
+SYS = Path("/sys")
+MATCH_BUSID = SYS / "bus/usb/drivers/usbip-host/match_busid"
+USBIPA_PORT = 3252  # 3240: the classic usbipd fixture; 3250/3251: test_export_real
+TARGET = f"127.0.0.1:{USBIPA_PORT}"
+WORK = Path("/run/uhd")  # short: the daemon's control socket lives below it
+ENUM = 90.0  # enumeration-related waits (emulated guest, 2 busy host cores)
+SERIAL_PREFIX = "HPD"
+_serials = itertools.count(1)
+
+
+def new_serial() -> str:
+    return f"{SERIAL_PREFIX}{os.getpid()}x{next(_serials)}"
+
+
+def policy_text(serial_glob: str = f"{SERIAL_PREFIX}*", broken: bool = False) -> str:
+    text = (
+        "version: 1\n"
+        "targets:\n"
+        "  lab:\n"
+        f'    address: "{TARGET}"\n'
+        "    connect_timeout: 2\n"
+        "    handshake_timeout: 10\n"
+        "    retry: {initial: 0.5, max: 2}\n"
+        "rules:\n"
+        "  - name: test-disks\n"
+        "    match:\n"
+        '      vendor: "1d6b"\n'
+        f'      serial: "{serial_glob}"\n'
+        "    export: lab\n"
+    )
+    if broken:
+        text += '  - name: broken\n    match:\n      vendor: "zz"\n    export: lab\n'
+    return text
+
+
+# --------------------------------------------------------------------------- kernel facts
+
+
+def attr(busid: str, name: str) -> str | None:
+    try:
+        return (SYS / "bus/usb/devices" / busid / name).read_text().strip()
+    except OSError:
+        return None
+
+
+def devid_of(busid: str) -> int | None:
+    busnum, devnum = attr(busid, "busnum"), attr(busid, "devnum")
+    if not busnum or not devnum:
+        return None
+    return (int(busnum) << 16) | int(devnum)
+
+
+def used_ports() -> list[gd.VhciPort]:
+    return [p for p in gd.vhci_ports() if not p.free]
+
+
+def exported_port(busid: str) -> gd.VhciPort | None:
+    """The vhci port that holds `busid`, if the kernel says it is exported there."""
+    if attr(busid, "usbip_status") != "2" or gd.busid_driver(busid) != "usbip-host":
+        return None
+    devid = devid_of(busid)
+    return next((p for p in gd.vhci_ports() if p.status == 6 and p.devid == devid), None)
+
+
+def in_match_table(busid: str) -> bool:
+    return busid in MATCH_BUSID.read_text().split()
+
+
+def released(busid: str) -> bool:
+    """Given back: the usual drivers, not known to usbip-host, no vhci port holds it."""
+    devid = devid_of(busid)
+    return (
+        gd.busid_driver(busid) == "usb"
+        and set(gd.interface_drivers(busid).values()) == {"usb-storage"}
+        and attr(busid, "usbip_status") is None
+        and not in_match_table(busid)
+        and not any(p.devid == devid for p in used_ports())
+    )
+
+
+def odirect_write_read(dev: str, offset: int, data: bytes) -> bytes:
+    buf = mmap.mmap(-1, len(data))  # page aligned, as O_DIRECT wants
+    buf[:] = data
+    fd = os.open(dev, os.O_RDWR | os.O_DIRECT | os.O_SYNC)
+    try:
+        assert os.pwrite(fd, buf, offset) == len(data)
+        os.fsync(fd)
+        back = mmap.mmap(-1, len(data))
+        assert os.preadv(fd, [back], offset) == len(data)
+        return bytes(back)
+    finally:
+        os.close(fd)
+
+
+def vhci_disk(g: gd.MassStorageGadget) -> tuple[gd.UsbDevice, gd.BlockDevice]:
+    """The gadget's copy behind vhci_hcd and its disk, once both are there."""
+    remote = gd.wait_until(g.vhci_devices, timeout=ENUM, what=f"{g.serial} behind vhci_hcd")[0]
+    return remote, gd.wait_block_device(remote.busid, timeout=ENUM)
+
+
+def assert_disk_works(g: gd.MassStorageGadget, disk: gd.BlockDevice, offset: int) -> None:
+    """64 KiB through vhci_hcd -> usbip -> usbip-host -> the gadget's backing file."""
+    data = os.urandom(64 * KiB)
+    assert odirect_write_read(disk.dev, offset, data) == data
+    assert g.read_backing(offset, len(data)) == data, "the gadget's backing file differs"
+
+
+def detached_by_unexport(usbipa_log: str, busid: str, port: int) -> bool:
+    """usbipa detached `port` because the device side sent OP_UNEXPORT for `busid`."""
+    b = re.escape(busid)
+    pattern = rf"detached port {port}: {b} from \S+ \(unexported by the device side\)"
+    return re.search(pattern, usbipa_log) is not None
+
+
+def unexport_seen(usbipa_log: str, busid: str) -> bool:
+    """usbipa got an OP_UNEXPORT for `busid` (it detached the port, or the kernel had
+    freed it already because an unplug closed the link first)."""
+    b = re.escape(busid)
+    return bool(
+        re.search(rf"detached port \d+: {b} from \S+ \(unexported by the device side\)", usbipa_log)
+        or re.search(rf"unexport from \S+: {b} is not attached here", usbipa_log)
+    )
+
+
+# --------------------------------------------------------------------------- the rig
+
+
+def _alive(proc: subprocess.Popen[str] | None) -> bool:
+    return proc is not None and proc.poll() is None
+
+
+class Rig:
+    """usbipa and the daemon as child processes, each restartable; logs in files."""
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.state = work / "state"  # USBIP_HOTPLUG_STATE_DIR
+        self.policy = work / "policy.yaml"
+        self.usbipa_state = work / "usbipa-state"
+        self.usbipa: subprocess.Popen[str] | None = None
+        self.daemon: subprocess.Popen[str] | None = None
+        self.start_seconds = 0.0  # how long the last start took, to READY
+        self.usbipa_logs: list[Path] = []
+        self.daemon_logs: list[Path] = []
+        # Where the current test began in each list of logs: (log index, offset).
+        self._marks: dict[str, tuple[int, int]] = {"usbipa": (0, 0), "daemon": (0, 0)}
+        self.write_policy(policy_text())
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = dict(os.environ, USBIP_HOTPLUG_STATE_DIR=str(self.state), PYTHONUNBUFFERED="1")
+        env.pop("NOTIFY_SOCKET", None)
+        env.update(extra)
+        return env
+
+    def _start(self, name: str, argv: list[str], logs: list[Path]) -> subprocess.Popen[str]:
+        log = self.work / f"{name}-{len(logs) + 1}.log"
+        logs.append(log)
+        sock_dir = self.work / f"notify-{name}"
+        shutil.rmtree(sock_dir, ignore_errors=True)
+        sock_dir.mkdir()
+        notify = NotifySocket(sock_dir)
+        t0 = time.monotonic()
+        try:
+            with open(log, "w") as out:
+                proc = subprocess.Popen(
+                    argv,
+                    env=self.env(NOTIFY_SOCKET=str(notify.path)),
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                )
+            try:
+                notify.wait("READY", timeout=90, proc=proc)
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}\n{name} log:\n{log.read_text()}") from None
+        finally:
+            notify.close()  # later notifications are dropped (the sender does not block)
+        self.start_seconds = time.monotonic() - t0
+        return proc
+
+    # -- usbipa
+
+    def start_usbipa(self) -> None:
+        assert not _alive(self.usbipa)
+        argv = [sys.executable, "-m", "hotplug.appd_cli", "--listen", "127.0.0.1"]
+        argv += ["-t", str(USBIPA_PORT), "--allow", "127.0.0.0/8"]
+        argv += ["--state-dir", str(self.usbipa_state)]
+        self.usbipa = self._start("usbipa", argv, self.usbipa_logs)
+
+    def stop_usbipa(self, sig: int = signal.SIGTERM) -> None:
+        self._stop(self.usbipa, sig)
+
+    def usbipa_text(self) -> str:
+        """What usbipa logged since the test began (across restarts)."""
+        return self._since("usbipa", self.usbipa_logs)
+
+    def usbipa_status(self) -> list[dict[str, Any]]:
+        r = subprocess.run(
+            [
+                *(sys.executable, "-m", "hotplug.appd_cli", "status", "--json"),
+                *("--state-dir", str(self.usbipa_state)),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=self.env(),
+        )
+        assert r.returncode == 0, r.stderr
+        rows: list[dict[str, Any]] = json.loads(r.stdout)
+        return rows
+
+    # -- the daemon
+
+    def start_daemon(self) -> None:
+        assert not _alive(self.daemon)
+        argv = [sys.executable, "-m", "hotplug.cli", "run", "-c", str(self.policy)]
+        argv += ["--poll-interval", "0.5", "--watch-interval", "0.5"]
+        self.daemon = self._start("daemon", argv, self.daemon_logs)
+
+    def stop_daemon(self, sig: int = signal.SIGTERM) -> int | None:
+        return self._stop(self.daemon, sig)
+
+    def daemon_text(self) -> str:
+        """What the daemon logged since the test began (across restarts)."""
+        return self._since("daemon", self.daemon_logs)
+
+    def hotplug_status(self) -> dict[str, Any]:
+        r = subprocess.run(
+            [sys.executable, "-m", "hotplug.cli", "status", "--json"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=self.env(),
+        )
+        assert r.returncode == 0, r.stderr
+        data: dict[str, Any] = json.loads(r.stdout)
+        return data
+
+    def status_now(self) -> dict[str, Any]:
+        """The same report over the control socket, without starting a Python
+        process (`usbip-hotplug status` takes 5-15 s in the emulated guest)."""
+        from hotplug.control import request, socket_path
+
+        return request(socket_path(self.state), {"command": "status"}, timeout=30)
+
+    def record(self, busid: str) -> Path:
+        return self.state / "exports" / f"{busid}.json"
+
+    # -- both
+
+    @staticmethod
+    def _stop(proc: subprocess.Popen[str] | None, sig: int) -> int | None:
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.send_signal(sig)
+        try:
+            return proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=30)
+            raise AssertionError(
+                f"pid {proc.pid} did not stop within 60 s of signal {sig}"
+            ) from None
+
+    def ensure(self, *, usbipa: bool, daemon: bool = True) -> None:
+        """Bring up (or take down) what a test needs; usbipa first, as in production."""
+        if usbipa and not _alive(self.usbipa):
+            self.start_usbipa()
+        if not usbipa and _alive(self.usbipa):
+            self.stop_usbipa()
+        if daemon and not _alive(self.daemon):
+            self.start_daemon()
+
+    def write_policy(self, text: str) -> None:
+        tmp = self.policy.with_name(".policy.yaml.new")
+        tmp.write_text(text)
+        os.replace(tmp, self.policy)  # a new inode: the watcher cannot miss it
+
+    def set_policy(self, text: str) -> None:
+        """Install a valid policy; if the daemon runs, wait until it reloaded it."""
+        if self.policy.read_text() == text:
+            return
+        if not _alive(self.daemon):
+            self.write_policy(text)
+            return
+        before = self.daemon_text().count("policy reloaded")
+        self.write_policy(text)
+        gd.wait_until(
+            lambda: self.daemon_text().count("policy reloaded") > before,
+            timeout=30,
+            what="the daemon to reload the policy",
+        )
+
+    def settle(self) -> None:
+        """The previous test's gadgets are unplugged by now: wait for their ports.
+        Then the test begins: usbipa_text() and daemon_text() start here."""
+        gd.wait_until(lambda: not used_ports(), timeout=ENUM, what="every vhci port free")
+        for name, logs in (("usbipa", self.usbipa_logs), ("daemon", self.daemon_logs)):
+            self._marks[name] = (len(logs) - 1, len(logs[-1].read_text())) if logs else (0, 0)
+
+    def _since(self, name: str, logs: list[Path]) -> str:
+        index, offset = self._marks[name]
+        parts = []
+        for i, log in enumerate(logs[index:], start=index):
+            text = log.read_text()
+            parts.append(text[offset:] if i == index else text)
+        return "".join(parts)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.stop_daemon(signal.SIGTERM)  # on_stop unexport: gives devices back
+        with contextlib.suppress(Exception):
+            self.stop_usbipa(signal.SIGTERM)
+        for log in self.daemon_logs + self.usbipa_logs:
+            print(f"----- {log.name}\n{log.read_text()}")
+
+
+@pytest.fixture(scope="module")
+def rig(usbip_modules: None, gadget_modules: list[str]) -> Iterator[Rig]:
+    shutil.rmtree(WORK, ignore_errors=True)
+    WORK.mkdir(parents=True)
+    r = Rig(WORK)
+    try:
+        yield r
+    finally:
+        r.close()
+        for port in used_ports():  # never leave a port behind for other modules
+            with contextlib.suppress(Exception):
+                gd.run(["usbip", "detach", "-p", str(port.port)])
+        shutil.rmtree(WORK, ignore_errors=True)
+
+
+@pytest.fixture
+def show_logs(rig: Rig) -> Iterator[None]:
+    """The daemon's and usbipa's logs in the test's captured output (shown on failure)."""
+    marks = {log: len(log.read_text()) for log in rig.daemon_logs + rig.usbipa_logs}
+    yield
+    for log in rig.daemon_logs + rig.usbipa_logs:
+        text = log.read_text()[marks.get(log, 0) :]
+        if text:
+            print(f"----- {log.name} (this test)\n{text}")
+
+
+def plug_and_export(
+    g: gd.MassStorageGadget, udc: str | None = None
+) -> tuple[str, gd.VhciPort, float]:
+    """Plug the gadget; return its busid, the vhci port the kernel attached it on,
+    and the seconds from plug to exported."""
+    t0 = time.monotonic()
+    g.plug(udc)
+    busid = g.wait_busid(timeout=ENUM)
+    port = gd.wait_until(
+        lambda: exported_port(busid), timeout=ENUM, what=f"{busid} exported to a vhci port"
+    )
+    return busid, port, time.monotonic() - t0
+
+
+# --------------------------------------------------------------------------- cases
+
+
+@pytest.mark.usefixtures("show_logs")
+def test_daemon_real_target_down_at_plug_then_up(
+    rig: Rig,
+    make_gadget: Callable[..., gd.MassStorageGadget],
+    record_property: Callable[[str, object], None],
+) -> None:
+    """The daemon starts and a matching disk is plugged while usbipa is down;
+    once usbipa is up the disk is exported within the retry backoff (max 2 s)."""
+    rig.ensure(usbipa=False, daemon=False)
+    rig.set_policy(policy_text())
+    rig.settle()
+    if not _alive(rig.daemon):
+        rig.start_daemon()
+        record_property("s_daemon_start", f"{rig.start_seconds:.2f}")
+    g = make_gadget(size=2 * MiB, serial=new_serial())
+    g.plug()
+    busid = g.wait_busid(timeout=ENUM)
+    failed = re.compile(rf"export of {re.escape(busid)} to lab failed: .*Connection refused")
+    gd.wait_until(
+        lambda: len(failed.findall(rig.daemon_text())) >= 2,
+        timeout=ENUM,
+        what="two refused export attempts in the daemon's log",
+    )
+    # Each failed attempt is rolled back: nothing attached, the device its driver's again.
+    assert exported_port(busid) is None and not used_ports()
+    gd.wait_until(lambda: released(busid), timeout=30, what=f"{busid} given back between tries")
+    row = next(d for d in rig.status_now()["devices"] if d["busid"] == busid)
+    assert row["state"] in ("retrying", "exporting"), row
+    assert "Connection refused" in (row["last_error"] or ""), row
+
+    rig.start_usbipa()
+    record_property("s_usbipa_start", f"{rig.start_seconds:.2f}")
+    t0 = time.monotonic()
+    port = gd.wait_until(
+        lambda: exported_port(busid), timeout=ENUM, what=f"{busid} exported once usbipa is up"
+    )
+    took = time.monotonic() - t0
+    record_property("s_up_to_exported", f"{took:.2f}")
+    assert port.hub == "hs"
+    assert re.search(
+        rf"attached {re.escape(busid)} from 127\.0\.0\.1 on port {port.port}", rig.usbipa_text()
+    )
+    assert took < 30, f"exported {took:.1f} s after usbipa came up (backoff max is 2 s)"
+
+
+@pytest.mark.usefixtures("show_logs")
+def test_daemon_real_plug_exports_and_unplug_unexports(
+    rig: Rig,
+    make_gadget: Callable[..., gd.MassStorageGadget],
+    record_property: Callable[[str, object], None],
+) -> None:
+    """Vendor + serial glob match: plug -> exported, the disk works through vhci;
+    unplug -> OP_UNEXPORT to usbipa, port free, the daemon's record dropped."""
+    rig.ensure(usbipa=True)
+    rig.set_policy(policy_text())
+    rig.settle()
+    g = make_gadget(size=4 * MiB, serial=new_serial())
+    busid, port, t_export = plug_and_export(g)
+    record_property("s_plug_to_exported", f"{t_export:.2f}")
+    assert port.hub == "hs" and port.devid == devid_of(busid)
+    assert in_match_table(busid)
+    assert json.loads(rig.record(busid).read_text())["by"] == "daemon"
+
+    t0 = time.monotonic()
+    remote, disk = vhci_disk(g)
+    record_property("s_exported_to_vhci_disk", f"{time.monotonic() - t0:.2f}")
+    assert remote.serial == g.serial and remote.busid == port.local_busid
+    assert_disk_works(g, disk, 1 * MiB)
+    # The copy behind vhci_hcd matches the policy too, but is never exported back.
+    assert gd.busid_driver(remote.busid) == "usb" and attr(remote.busid, "usbip_status") is None
+    assert len(used_ports()) == 1
+
+    t1 = time.monotonic()
+    g.unplug(timeout=ENUM)
+    gd.wait_until(lambda: not used_ports(), timeout=ENUM, what=f"the port of {busid} freed")
+    gd.wait_until(
+        lambda: unexport_seen(rig.usbipa_text(), busid), timeout=30, what="OP_UNEXPORT at usbipa"
+    )
+    gd.wait_until(lambda: not g.vhci_devices(), timeout=ENUM, what="the vhci copy gone")
+    gd.wait_until(lambda: not rig.record(busid).exists(), timeout=30, what="the record dropped")
+    record_property("s_unplug_to_unexported", f"{time.monotonic() - t1:.2f}")
+    assert not any(s["busid"] == busid for s in rig.usbipa_status())
+    assert f"{busid} unplugged" in rig.daemon_text()
+
+
+@pytest.mark.usefixtures("show_logs")
+def test_daemon_real_replug_same_socket_then_another_udc(
+    rig: Rig,
+    make_gadget: Callable[..., gd.MassStorageGadget],
+    record_property: Callable[[str, object], None],
+) -> None:
+    """Unplugged while exported, then plugged back into the same socket (same busid):
+    exported again. Then moved to another socket (another dummy UDC, new busid):
+    exported again there."""
+    rig.ensure(usbipa=True)
+    rig.set_policy(policy_text())
+    rig.settle()
+    g = make_gadget(size=2 * MiB, serial=new_serial())
+    first_udc = gd.free_udcs()[0]
+    old, _, _ = plug_and_export(g, first_udc)
+    g.unplug(timeout=ENUM)
+    gd.wait_until(lambda: not used_ports(), timeout=ENUM, what=f"the port of {old} freed")
+
+    # The same socket again. usbip-host on 6.1 keeps a busid that was unplugged
+    # while bound in match_busid ("del" is a no-op once its device is gone); the
+    # device must still go to its usual driver first and then be exported again.
+    same, port, took = plug_and_export(g, first_udc)
+    record_property("s_replug_same_socket_to_exported", f"{took:.2f}")
+    assert same == old and port.devid == devid_of(same)
+    gd.wait_until(g.vhci_devices, timeout=ENUM, what="the re-plugged disk behind vhci")
+    g.unplug(timeout=ENUM)
+    gd.wait_until(lambda: not used_ports(), timeout=ENUM, what=f"the port of {old} freed")
+
+    other = next(u for u in gd.free_udcs() if u != first_udc)
+    new, port, took = plug_and_export(g, other)
+    record_property("s_replug_other_socket_to_exported", f"{took:.2f}")
+    assert new != old, f"{first_udc} and {other} gave the same busid {new}"
+    assert port.devid == devid_of(new)
+    remote = gd.wait_until(g.vhci_devices, timeout=ENUM, what="the moved disk behind vhci")[0]
+    assert remote.busid == port.local_busid
+    assert rig.usbipa_text().count(f"attached {old} from") == 2
+    assert rig.usbipa_text().count(f"attached {new} from") == 1
+
+
+@pytest.mark.usefixtures("show_logs")
+def test_daemon_real_usbipa_killed_export_survives_and_is_adopted(
+    rig: Rig,
+    make_gadget: Callable[..., gd.MassStorageGadget],
+    record_property: Callable[[str, object], None],
+) -> None:
+    """SIGKILL usbipa: the kernel keeps the link (the disk still works); a new usbipa
+    adopts the port from its records + vhci status without a new attach."""
+    rig.ensure(usbipa=True)
+    rig.set_policy(policy_text())
+    rig.settle()
+    g = make_gadget(size=2 * MiB, serial=new_serial())
+    busid, port, _ = plug_and_export(g)
+    remote, disk = vhci_disk(g)
+    assert_disk_works(g, disk, 0)
+
+    rig.stop_usbipa(signal.SIGKILL)
+    assert exported_port(busid) == port
+    assert_disk_works(g, disk, 256 * KiB)  # nobody in user space carries the data
+    assert exported_port(busid) == port
+
+    t0 = time.monotonic()
+    rig.start_usbipa()
+    record_property("s_usbipa_restart", f"{time.monotonic() - t0:.2f}")
+    log = rig.usbipa_logs[-1].read_text()  # the new usbipa's
+    assert f"adopted port {port.port}: {busid} from 127.0.0.1" in log, log
+    assert "attached " not in log, log
+    (session,) = [s for s in rig.usbipa_status() if s["busid"] == busid]
+    assert session["port"] == port.port and session["state"] == "attached"
+    assert session["local_busid"] == remote.busid
+    assert exported_port(busid) == port
+    assert_disk_works(g, disk, 512 * KiB)
+    assert rig.daemon_text().count(f"exporting {busid} to lab") == 1
+
+    # Adopted means managed: the unplug's OP_UNEXPORT is handled by the new usbipa.
+    g.unplug(timeout=ENUM)
+    gd.wait_until(lambda: not used_ports(), timeout=ENUM, what=f"the port of {busid} freed")
+    gd.wait_until(
+        lambda: unexport_seen(rig.usbipa_text(), busid), timeout=30, what="OP_UNEXPORT at usbipa"
+    )
+
+
+@pytest.mark.usefixtures("show_logs")
+def test_daemon_real_link_cut_on_the_application_side_reexports(
+    rig: Rig,
+    make_gadget: Callable[..., gd.MassStorageGadget],
+    record_property: Callable[[str, object], None],
+) -> None:
+    """`usbip detach` on the application side: usbip-host sees the link die, the daemon
+    notices within a poll and exports again; the disk comes back."""
+    rig.ensure(usbipa=True)
+    rig.set_policy(policy_text())
+    rig.settle()
+    g = make_gadget(size=2 * MiB, serial=new_serial())
+    busid, port, _ = plug_and_export(g)
+    vhci_disk(g)
+    attaches = f"attached {busid} from"
+    assert rig.usbipa_text().count(attaches) == 1
+
+    t0 = time.monotonic()
+    gd.run(["usbip", "detach", "-p", str(port.port)])
+    gd.wait_until(
+        lambda: rig.usbipa_text().count(attaches) == 2, timeout=60, what="a second attach"
+    )
+    again = gd.wait_until(
+        lambda: exported_port(busid), timeout=ENUM, what=f"{busid} exported again"
+    )
+    took = time.monotonic() - t0
+    record_property("s_detach_to_reexported", f"{took:.2f}")
+    assert f"{busid}: link to lab lost" in rig.daemon_text()
+    remote, disk = vhci_disk(g)
+    assert remote.busid == again.local_busid
+    assert_disk_works(g, disk, 0)
+    record_property("s_detach_to_disk_back", f"{time.monotonic() - t0:.2f}")
+    assert took < 30, f"re-exported {took:.1f} s after the detach (poll 0.5 s, backoff max 2 s)"
+
+
+@pytest.mark.usefixtures("show_logs")
+def test_daemon_real_daemon_restart_readopts_without_dropping_the_device(
+    rig: Rig,
+    make_gadget: Callable[..., gd.MassStorageGadget],
+    record_property: Callable[[str, object], None],
+) -> None:
+    """SIGKILL the daemon and start it again: it adopts the export as the kernel holds
+    it; the vhci port, its devid and the disk behind vhci never change."""
+    rig.ensure(usbipa=True)
+    rig.set_policy(policy_text())
+    rig.settle()
+    g = make_gadget(size=2 * MiB, serial=new_serial())
+    busid, port, _ = plug_and_export(g)
+    remote, disk = vhci_disk(g)
+    remote_devnum = attr(remote.busid, "devnum")
+    disk_dev = (disk.sysfs / "dev").read_text().strip()
+
+    with gd.UdevWatcher() as watcher:
+        rig.stop_daemon(signal.SIGKILL)
+        assert exported_port(busid) == port
+        t0 = time.monotonic()
+        rig.start_daemon()
+        record_property("s_daemon_restart", f"{time.monotonic() - t0:.2f}")
+        log = rig.daemon_logs[-1].read_text()  # the new daemon's
+        assert f"adopted {busid}: still exported to lab ({TARGET})" in log, log
+        # Watch the kernel while the new daemon polls it (every 0.5 s) a few times.
+        events: list[tuple[str, Any]] = []
+        window = time.monotonic() + 3.0
+        while time.monotonic() < window:
+            assert exported_port(busid) == port
+            events += watcher.events(0.1)
+        row = next(d for d in rig.status_now()["devices"] if d["busid"] == busid)
+        assert row["state"] == "exported" and row["target"] == "lab", row
+        assert_disk_works(g, disk, 128 * KiB)
+        events += watcher.events(0.1)
+        removed = [d.sys_name for action, d in events if action in ("remove", "unbind")]
+    assert exported_port(busid) == port  # same port, same devid, same local busid
+    assert attr(remote.busid, "devnum") == remote_devnum  # never enumerated again
+    assert (disk.sysfs / "dev").read_text().strip() == disk_dev
+    assert remote.busid not in removed and disk.name not in removed, removed
+    assert busid not in removed, removed
+    assert rig.usbipa_text().count(f"attached {busid} from") == 1
+    assert f"exporting {busid}" not in rig.daemon_logs[-1].read_text()
+
+
+@pytest.mark.usefixtures("show_logs")
+def test_daemon_real_invalid_policy_edit_keeps_old_policy_then_valid_edit_unexports(
+    rig: Rig,
+    make_gadget: Callable[..., gd.MassStorageGadget],
+    record_property: Callable[[str, object], None],
+) -> None:
+    rig.ensure(usbipa=True)
+    rig.set_policy(policy_text())
+    rig.settle()
+    try:
+        broken = policy_text(broken=True)
+        line = broken.splitlines().index('      vendor: "zz"') + 1
+        where = f"{rig.policy}:{line}: rules[1].match.vendor"
+        rig.write_policy(broken)
+        gd.wait_until(
+            lambda: where in rig.daemon_text(), timeout=30, what="the error logged with file:line"
+        )
+        assert "the previous one stays in force" in rig.daemon_text()
+        status = rig.hotplug_status()["daemon"]
+        assert (status["policy_error"] or "").startswith(f"{rig.policy}:{line}:"), status
+
+        # The old policy is the one in force: a newly plugged matching disk is exported.
+        g = make_gadget(size=2 * MiB, serial=new_serial())
+        busid, port, took = plug_and_export(g)
+        record_property("s_plug_to_exported_old_policy", f"{took:.2f}")
+        gd.wait_until(g.vhci_devices, timeout=ENUM, what=f"{g.serial} behind vhci_hcd")
+
+        # A valid edit that no longer matches it: unexported (usbipa is told), given back.
+        t0 = time.monotonic()
+        rig.set_policy(policy_text(serial_glob="NOMATCH*"))
+        gd.wait_until(lambda: released(busid), timeout=ENUM, what=f"{busid} given back")
+        gd.wait_until(lambda: not used_ports(), timeout=ENUM, what=f"the port of {busid} freed")
+        record_property("s_edit_to_unexported", f"{time.monotonic() - t0:.2f}")
+        log = rig.usbipa_text()
+        assert detached_by_unexport(log, busid, port.port), log
+        g.wait_block_device(timeout=ENUM)  # its disk is back on this side
+        assert not rig.record(busid).exists()
+    finally:
+        rig.set_policy(policy_text())
+
+
+@pytest.mark.usefixtures("show_logs")
+def test_daemon_real_sigterm_unexports_and_gives_back(
+    rig: Rig,
+    make_gadget: Callable[..., gd.MassStorageGadget],
+    record_property: Callable[[str, object], None],
+) -> None:
+    """Default on_stop (unexport): SIGTERM withdraws the device and hands it back."""
+    rig.ensure(usbipa=True)
+    rig.set_policy(policy_text())
+    rig.settle()
+    g = make_gadget(size=2 * MiB, serial=new_serial())
+    busid, port, _ = plug_and_export(g)
+    gd.wait_until(g.vhci_devices, timeout=ENUM, what=f"{g.serial} behind vhci_hcd")
+
+    t0 = time.monotonic()
+    assert rig.stop_daemon(signal.SIGTERM) == 0
+    record_property("s_sigterm_to_exit", f"{time.monotonic() - t0:.2f}")
+    # All of it done before the daemon exited: no waiting here.
+    assert released(busid), (gd.busid_driver(busid), gd.interface_drivers(busid), used_ports())
+    assert not used_ports()
+    assert not rig.record(busid).exists()
+    log = rig.usbipa_text()
+    assert detached_by_unexport(log, busid, port.port), log
+    assert "stopping (unexporting exported devices)" in rig.daemon_text()
+    g.wait_block_device(timeout=ENUM)
+    gd.wait_until(lambda: not g.vhci_devices(), timeout=ENUM, what="the vhci copy gone")
+
+
+def test_daemon_real_udev_source_on_a_real_plug(
+    make_gadget: Callable[..., gd.MassStorageGadget], usbip_modules: None
+) -> None:
+    """hotplug.udev's real UdevSource (pyudev netlink monitor + udev database) turns a
+    real plug and unplug into the `Device` the daemon decides on."""
+    from hotplug.kernel.sysfs import SysfsPaths
+    from hotplug.udev import UdevSource, enumerate_devices
+
+    source = UdevSource()
+    try:
+        # A serial no test policy matches: a daemon still running must leave it alone.
+        serial = f"UDV{os.getpid()}x{next(_serials)}"
+        g = make_gadget(size=MiB, serial=serial, id_product=0x0105, product="Udev Disk")
+        g.plug()
+        busid = g.wait_busid(timeout=ENUM)
+
+        def read(timeout: float) -> list[Any]:
+            ready, _, _ = select.select([source.fileno()], [], [], timeout)
+            return source.read_events() if ready else []
+
+        deadline = time.monotonic() + ENUM
+        seen = []
+        configured = None
+        while configured is None and time.monotonic() < deadline:
+            for ev in read(1.0):
+                seen.append((ev.action, ev.busid, ev.device.driver if ev.device else None))
+                dev = ev.device
+                if ev.action == "add" and ev.busid == busid and dev and dev.driver == "usb":
+                    configured = dev
+        assert configured is not None, f"no add/bind event for {busid} with driver usb: {seen}"
+        assert configured.serial == g.serial and configured.vid_pid == "1d6b:0105"
+        assert configured.product_name == "Udev Disk" and configured.manufacturer == "usbip-hotplug"
+        assert configured.path == str(g.find_device().path)  # type: ignore[union-attr]
+        assert configured.devid == devid_of(busid) and not configured.on_vhci
+        assert [i.klass for i in configured.interfaces] == [0x08]
+        assert configured.properties.get("ID_SERIAL_SHORT") == g.serial
+
+        listed = [d for d in source.coldplug() if d.busid == busid]
+        assert len(listed) == 1 and listed[0].serial == g.serial and listed[0].driver == "usb"
+        assert listed[0].properties.get("ID_VENDOR_ID") == "1d6b"
+        assert all(d.path.startswith("/sys/") for d in source.coldplug())
+        assert busid in {d.busid for d in enumerate_devices(SysfsPaths())}
+
+        g.unplug(timeout=ENUM)
+        deadline = time.monotonic() + ENUM
+        removed = False
+        while not removed and time.monotonic() < deadline:
+            removed = any(ev.action == "remove" and ev.busid == busid for ev in read(1.0))
+        assert removed, f"no remove event for {busid}"
+        assert busid not in {d.busid for d in source.coldplug()}
+    finally:
+        source.close()
