@@ -103,7 +103,7 @@ def unplug_all(numbers: list[int], dev: FakeKernel, daemon: HotplugDaemon) -> No
         dev.unplug(busid(n))
     daemon.events(*(("remove", busid(n)) for n in numbers))
     wait_for(lambda: not daemon.records(), 60, "the daemon to have unexported everything")
-    wait_for(lambda: not dev.match_table(), 60, "usbip-host to have forgotten every device")
+    wait_for(lambda: not dev.live_match_table(), 60, "usbip-host to have forgotten every device")
 
 
 def report(name: str, times: list[float], missed: int) -> None:

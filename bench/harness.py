@@ -315,6 +315,15 @@ class FakeKernel:
         path = self.tree.paths.stub_driver / "match_busid"
         return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
 
+    def live_match_table(self) -> list[str]:
+        """usbip-host's entries for devices still plugged in: the ones that can leak.
+
+        The kernel keeps the entry of a device unplugged while bound, whatever we
+        write (Debian's 6.1, seen in the VM; the fake does the same).
+        """
+        devices = self.tree.paths.usb_devices
+        return [busid for busid in self.match_table() if (devices / busid).exists()]
+
 
 # --------------------------------------------------------------------------- usbipa
 

@@ -357,7 +357,7 @@ def one_daemon_cycle(
     daemon.events(("remove", busid))
     watch.wait(lambda: not app.used_devids(), 10, "the port to be freed")
     wait_for(
-        lambda: busid not in daemon.records() and busid not in dev.match_table(),
+        lambda: busid not in daemon.records() and busid not in dev.live_match_table(),
         10,
         f"the daemon to be done with {busid}",
     )

@@ -163,8 +163,8 @@ class Rig:
         not_used = sorted(b for b in wanted if self.dev.stub_status(b) != "2")
         if not_used:
             problems.append(f"{len(not_used)} plugged devices not exported: {not_used[:5]}")
-        if set(self.dev.match_table()) != wanted:
-            problems.append(f"usbip-host's match_busid {len(self.dev.match_table())} entries")
+        if set(self.dev.live_match_table()) != wanted:
+            problems.append(f"usbip-host's match_busid {len(self.dev.live_match_table())} entries")
         if set(self.daemon.records()) != wanted:
             problems.append(f"the daemon keeps {len(self.daemon.records())} export records")
         return problems

@@ -163,8 +163,8 @@ class VhciStatus:
 
 
 def match_busids() -> list[str]:
-    text = read(STUB_DRIVER_DIR / "match_busid") or ""
-    return [line.split()[0] for line in text.splitlines() if line.strip()]
+    """usbip-host's match table: busids on one line, separated by spaces."""
+    return (read(STUB_DRIVER_DIR / "match_busid") or "").split()
 
 
 def stub_bound() -> list[str]:
@@ -350,7 +350,8 @@ class Meter:
         self.context = pyudev.Context()
         self.pyudev = pyudev
 
-    def plug_and_measure(self, gadget: Any, udc: str, busid: str) -> dict[str, float]:
+    def plug_and_measure(self, gadget: Any, udc: str, busid: str) -> tuple[float, dict[str, float]]:
+        """(t0, marks): t0 on CLOCK_MONOTONIC, marks in seconds after it."""
         monitor = self.pyudev.Monitor.from_netlink(self.context, source="udev")
         monitor.filter_by("usb", "usb_device")
         monitor.start()
@@ -387,7 +388,7 @@ class Meter:
                 if dev is not None and odirect_read_ok(dev):
                     marks["disk"] = t - t0
             time.sleep(max(0.0, self.interval - (now() - t)))
-        return marks
+        return t0, marks
 
 
 # --------------------------------------------------------------------------- the variants
@@ -403,6 +404,9 @@ rules:
     match: {{serial: "{prefix}*"}}
     export: apps
 """
+# Between its rounds the daemon's policy matches nothing: the reload withdraws
+# the export and gives the device back to its driver, as an operator would.
+OFF_PREFIX = "NO-SUCH-SERIAL-"
 
 ATTACH_LOOP = """\
 i=0
@@ -418,18 +422,54 @@ exit 1
 """
 
 
+def cpu_ticks(pid: int) -> int | None:
+    """utime + stime of a process (all its threads), or None if it is gone."""
+    stat = read(Path(f"/proc/{pid}/stat"))
+    if stat is None:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def wait_idle(pids: list[int], timeout: float = 30.0) -> None:
+    """Until none of `pids` used CPU for 0.5 s (a daemon done with its backlog)."""
+    deadline = now() + timeout
+    last = [cpu_ticks(p) for p in pids]
+    calm = 0
+    while calm < 2 and now() < deadline:
+        time.sleep(0.25)
+        cur = [cpu_ticks(p) for p in pids]
+        calm = calm + 1 if cur == last else 0
+        last = cur
+
+
 class Bench:
+    """The session: usbipa, the daemon, usbipd + the udev rule and the floor
+    exporter all start once and live through every round (as they would on a
+    real machine: "already running"). So that exactly one exporter sees each
+    plug, the daemon is frozen (SIGSTOP) outside its own rounds and thawed
+    (SIGCONT) a quiet moment before them; the floor process waits on its stdin
+    and usbipd in poll() (no CPU), and the udev rule matches only its own
+    gadget's serial."""
+
     def __init__(self, args: argparse.Namespace) -> None:
         from hotplug.testvm import gadget as gd
 
         self.gd = gd
         self.args = args
+        self.variants: list[str] = args.variants
         self.udc = "dummy_udc.0"
         self.busid = ""
         self.usbip = shutil.which("usbip") or "/usr/sbin/usbip"
         self.usbipd = shutil.which("usbipd") or "/usr/sbin/usbipd"
         self.gadgets: dict[str, Any] = {}
         self.usbipa: Child | None = None
+        self.daemon: Child | None = None
+        self.daemon_notify: Notify | None = None
+        self.daemon_paused = False
+        self.floor: Child | None = None
+        self.usbipd_pidfile = WORK / "usbipd.pid"
+        self.policy = WORK / "policy.yaml"
         self.meter: Meter | None = None
         self.info: dict[str, Any] = {}
 
@@ -441,10 +481,14 @@ class Bench:
         gd.load_usbip_modules()
         gd.load_gadget_modules(dummy_udcs=1)
         self.busid = dummy_busid(self.udc)
-        for variant in self.args.variants:
+        for variant in self.variants:
             serial = f"{SERIAL_PREFIX[variant]}{os.getpid():06d}"
             g = gd.MassStorageGadget(serial=serial, size=4 << 20, product="vm-compare disk")
             self.gadgets[variant] = g.create()
+        self.meter = Meter(self.args.interval, self.args.round_timeout)
+        self.check_or_clean("at start")
+        self.system_warmup()
+        t = now()
         notify = Notify(WORK / "usbipa.notify")
         try:
             self.usbipa = Child.start(
@@ -459,16 +503,99 @@ class Bench:
             notify.wait_ready(self.usbipa, START_TIMEOUT)
         finally:
             notify.close()
-        self.meter = Meter(self.args.interval, self.args.round_timeout)
-        self.info = {
-            "kernel": os.uname().release,
-            "guest_cpus": os.cpu_count(),
-            "busid": self.busid,
-            "usb_storage_delay_use": read(Path("/sys/module/usb_storage/parameters/delay_use")),
-        }
-        say(f"ready: gadget busid {self.busid}, usbipa on 127.0.0.1:{USBIPA_PORT}")
+        self.info["usbipa_start_s"] = round(now() - t, 2)
+        if "daemon" in self.variants:
+            self.start_daemon()
+        if "udev" in self.variants:
+            self.start_classic()
+        if "floor" in self.variants:
+            t = now()
+            self.floor = Child.start(
+                "floor",
+                [
+                    PY, "-m", "bench.vm_compare_guest", "--floor-exporter",
+                    "--target", f"127.0.0.1:{USBIPA_PORT}",
+                    "--serial-prefix", SERIAL_PREFIX["floor"],
+                ],
+                stdin=True,
+                merge=False,
+            )  # fmt: skip
+            self.floor.expect(lambda s: s == "ready", START_TIMEOUT, "ready")
+            self.info["floor_start_s"] = round(now() - t, 2)
+        self.info.update(
+            kernel=os.uname().release,
+            guest_cpus=os.cpu_count(),
+            busid=self.busid,
+            usb_storage_delay_use=read(Path("/sys/module/usb_storage/parameters/delay_use")),
+        )
+        say(f"ready: gadget busid {self.busid}, usbipa on 127.0.0.1:{USBIPA_PORT}, {self.info}")
+
+    def system_warmup(self) -> None:
+        """One plug with no exporter: the kernel loads usb-storage, sd_mod... now,
+        so that no variant's first round pays for it."""
+        gd = self.gd
+        g = gd.MassStorageGadget(serial=f"VMCZ{os.getpid():06d}", size=1 << 20)
+        t = now()
+        try:
+            g.create()
+            g.plug(self.udc)
+            g.wait_block_device(timeout=CLEAN_TIMEOUT)
+            g.unplug(timeout=CLEAN_TIMEOUT)
+        finally:
+            g.remove()
+        self.info["system_warmup_s"] = round(now() - t, 2)
+
+    def start_daemon(self) -> None:
+        state = WORK / "hotplug-state"
+        shutil.rmtree(state, ignore_errors=True)
+        self.write_policy(SERIAL_PREFIX["daemon"])
+        self.daemon_notify = Notify(WORK / "daemon.notify")
+        t = now()
+        self.daemon = Child.start(
+            "daemon",
+            [PY, "-m", "hotplug.cli", "run", "-c", str(self.policy)],
+            env={
+                "NOTIFY_SOCKET": str(self.daemon_notify.path),
+                "USBIP_HOTPLUG_STATE_DIR": str(state),
+                **dict(kv.split("=", 1) for kv in self.args.daemon_env),
+            },
+        )
+        self.daemon_notify.wait_ready(self.daemon, START_TIMEOUT)
+        self.info["daemon_start_s"] = round(now() - t, 2)
+        self.pause_daemon()
+
+    def start_classic(self) -> None:
+        self.usbipd_pidfile.unlink(missing_ok=True)
+        if listening(USBIPD_PORT):
+            raise BenchError(f"something already listens on {USBIPD_PORT}")
+        run([self.usbipd, "-D", f"--pid={self.usbipd_pidfile}", "--tcp-port", str(USBIPD_PORT)])
+        wait_until(lambda: listening(USBIPD_PORT), 30, f"usbipd on {USBIPD_PORT}")
+        serial = self.gadgets["udev"].serial
+        RULE_FILE.parent.mkdir(parents=True, exist_ok=True)
+        RULE_FILE.write_text(
+            'ACTION=="add", SUBSYSTEM=="usb", ENV{DEVTYPE}=="usb_device", '
+            f'ATTR{{serial}}=="{serial}", RUN+="{self.usbip} bind -b %k"\n'
+        )
+        run(["udevadm", "control", "--reload"])
+        self.info["udev_rule"] = RULE_FILE.read_text().strip()
 
     def teardown(self) -> None:
+        if self.floor is not None:
+            if self.floor.proc.stdin is not None:
+                with contextlib.suppress(OSError):
+                    self.floor.proc.stdin.close()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.floor.proc.wait(10)
+            self.floor.stop(5)
+        if self.daemon is not None:
+            self.resume_daemon()
+            self.daemon.stop(60)
+        if self.daemon_notify is not None:
+            self.daemon_notify.close()
+        if RULE_FILE.exists():
+            RULE_FILE.unlink()
+            run(["udevadm", "control", "--reload"], check=False)
+        self.stop_usbipd()
         if self.usbipa is not None:
             self.usbipa.stop()
         for g in self.gadgets.values():
@@ -476,144 +603,9 @@ class Bench:
                 g.remove()
         if self.meter is not None:
             self.meter.vhci.close()
-        RULE_FILE.unlink(missing_ok=True)
 
-    def quiet(self) -> None:
-        """Let udev finish what the last step queued, then a moment of calm."""
-        run(["udevadm", "settle", "--timeout=60"], timeout=90, check=False)
-        time.sleep(self.args.quiet)
-
-    def check_clean(self, when: str) -> None:
-        assert self.meter is not None
-        problems = []
-        if busy := self.meter.vhci.busy():
-            problems.append(f"vhci ports not free: {busy}")
-        if (SYS_USB / self.busid).exists():
-            problems.append(f"{self.busid} still present")
-        if self.busid in match_busids():
-            problems.append(f"{self.busid} still in usbip-host's match_busid")
-        if bound := stub_bound():
-            problems.append(f"bound to usbip-host: {bound}")
-        if problems:
-            raise BenchError(f"not clean {when}: " + "; ".join(problems))
-
-    def unplug(self, variant: str) -> None:
-        g = self.gadgets[variant]
-        g.unplug(timeout=CLEAN_TIMEOUT)
-
-    def wait_ports_free(self) -> None:
-        assert self.meter is not None
-        vhci = self.meter.vhci
-        wait_until(lambda: not vhci.busy(), CLEAN_TIMEOUT, "every vhci port free")
-
-    # -- one round per variant ------------------------------------------------------
-
-    def run_round(self, variant: str, index: int) -> Round:
-        rnd = Round(variant, index)
-        self.check_clean(f"before {variant} round {index}")
-        try:
-            getattr(self, f"round_{variant}")(rnd)
-        except BenchError as exc:
-            rnd.error = str(exc)
-            say(f"{variant} round {index}: ERROR {exc}")
-            self.force_clean()
-        self.check_clean(f"after {variant} round {index}")
-        return rnd
-
-    def _measure(self, variant: str) -> dict[str, float]:
-        assert self.meter is not None
-        return self.meter.plug_and_measure(self.gadgets[variant], self.udc, self.busid)
-
-    def round_daemon(self, rnd: Round) -> None:
-        state = WORK / "hotplug-state"
-        shutil.rmtree(state, ignore_errors=True)
-        policy = WORK / "policy.yaml"
-        policy.write_text(POLICY.format(port=USBIPA_PORT, prefix=SERIAL_PREFIX["daemon"]))
-        notify = Notify(WORK / "daemon.notify")
-        daemon = Child.start(
-            "daemon",
-            [PY, "-m", "hotplug.cli", "run", "-c", str(policy)],
-            env={"NOTIFY_SOCKET": str(notify.path), "USBIP_HOTPLUG_STATE_DIR": str(state)},
-        )
-        try:
-            t_start = now()
-            notify.wait_ready(daemon, START_TIMEOUT)
-            rnd.notes["start_s"] = round(now() - t_start, 2)
-            self.quiet()
-            t0 = now()
-            rnd.marks = self._measure("daemon")
-            for t, line in daemon.log:
-                if "plugged in:" in line and "decided" not in rnd.notes:
-                    rnd.notes["decided"] = round(t - t0, 4)
-                if "hotplug.export: exported " in line and "logged_exported" not in rnd.notes:
-                    rnd.notes["logged_exported"] = round(t - t0, 4)
-                if "waiting for the kernel to configure it" in line:
-                    rnd.notes["settling"] = True
-            # The daemon's own clean-up: unplug, it withdraws the export.
-            self.unplug("daemon")
-            self.wait_ports_free()
-            wait_until(
-                lambda: self.busid not in match_busids(),
-                CLEAN_TIMEOUT,
-                "the daemon to drop the busid from match_busid",
-            )
-        finally:
-            rc = daemon.stop()
-            notify.close()
-            if rc not in (0, -signal.SIGTERM):
-                rnd.notes["daemon_exit"] = rc
-        if rnd.error is None and self.args.verbose:
-            print(daemon.tail(40), flush=True)
-
-    def round_udev(self, rnd: Round) -> None:
-        pidfile = WORK / "usbipd.pid"
-        pidfile.unlink(missing_ok=True)
-        if listening(USBIPD_PORT):
-            raise BenchError(f"something already listens on {USBIPD_PORT}")
-        run([self.usbipd, "-D", f"--pid={pidfile}", "--tcp-port", str(USBIPD_PORT)])
-        serial = self.gadgets["udev"].serial
-        RULE_FILE.parent.mkdir(parents=True, exist_ok=True)
-        RULE_FILE.write_text(
-            'ACTION=="add", SUBSYSTEM=="usb", ENV{DEVTYPE}=="usb_device", '
-            f'ATTR{{serial}}=="{serial}", RUN+="{self.usbip} bind -b %k"\n'
-        )
-        loop: Child | None = None
-        try:
-            run(["udevadm", "control", "--reload"])
-            wait_until(lambda: listening(USBIPD_PORT), 30, f"usbipd on {USBIPD_PORT}")
-            self.quiet()
-            script = ATTACH_LOOP.format(
-                tries=int(self.args.round_timeout) + 5, usbip=self.usbip, busid=self.busid
-            )
-            loop = Child.start("attach-loop", ["/bin/sh", "-c", script])
-            # The loop runs from before the plug, at a phase the plug does not
-            # know: spread over the loop's second (stratified, not random, so
-            # few rounds still average over the phase).
-            t_fail, _ = loop.expect(lambda s: s.startswith("try 1 "), 30, "first attach try")
-            phase = ((max(rnd.index, 0) + 0.5) / self.args.rounds) % 1.0
-            time.sleep(max(0.0, t_fail + phase - now()))
-            rnd.notes["loop_phase_s"] = round(phase, 3)
-            rnd.marks = self._measure("udev")
-            _, line = loop.expect(lambda s: s.startswith("attached"), 30, "the loop's success")
-            rnd.notes["attach_tries"] = int(line.rsplit(" ", 1)[1])
-            rnd.notes["udev_rule_ran"] = driver_of(self.busid) == "usbip-host"
-            # Clean-up, as by hand: detach, unbind (device back on its driver), unplug.
-            port = self.meter.vhci.used() if self.meter else None
-            if port is not None:
-                run([self.usbip, "detach", "-p", str(port[0])])
-            self.wait_ports_free()
-            run([self.usbip, "unbind", "-b", self.busid])
-            wait_until(lambda: driver_of(self.busid) == "usb", CLEAN_TIMEOUT, "back on usb")
-            self.unplug("udev")
-        finally:
-            if loop is not None:
-                loop.stop(5)
-            RULE_FILE.unlink(missing_ok=True)
-            run(["udevadm", "control", "--reload"], check=False)
-            self._stop_usbipd(pidfile)
-
-    def _stop_usbipd(self, pidfile: Path) -> None:
-        text = read(pidfile)
+    def stop_usbipd(self) -> None:
+        text = read(self.usbipd_pidfile)
         if not text:
             return
         pid = int(text)
@@ -625,64 +617,210 @@ class Bench:
             return stat is None or stat.rsplit(")", 1)[1].split()[0] == "Z"
 
         wait_until(gone, 30, "usbipd to exit")
-        pidfile.unlink(missing_ok=True)
+        self.usbipd_pidfile.unlink(missing_ok=True)
+
+    # -- the daemon between its rounds --------------------------------------------
+
+    def write_policy(self, prefix: str) -> None:
+        self.policy.write_text(POLICY.format(port=USBIPA_PORT, prefix=prefix))
+
+    def reload_daemon(self, prefix: str) -> None:
+        assert self.daemon is not None and self.daemon_notify is not None
+        self.write_policy(prefix)
+        os.kill(self.daemon.proc.pid, signal.SIGHUP)
+        self.daemon_notify.wait_ready(self.daemon, 60)  # READY=1 again: reload done
+
+    def pause_daemon(self) -> None:
+        if self.daemon is not None and not self.daemon_paused:
+            os.kill(self.daemon.proc.pid, signal.SIGSTOP)
+            self.daemon_paused = True
+
+    def resume_daemon(self) -> None:
+        if self.daemon is not None and self.daemon_paused:
+            os.kill(self.daemon.proc.pid, signal.SIGCONT)
+            self.daemon_paused = False
+
+    # -- between rounds ---------------------------------------------------------------
+
+    def quiet(self) -> None:
+        """udev done with what the last step queued, our processes idle, a moment of calm."""
+        run(["udevadm", "settle", "--timeout=60"], timeout=90, check=False)
+        pids = [c.proc.pid for c in (self.usbipa, self.floor) if c is not None]
+        if self.daemon is not None and not self.daemon_paused:
+            pids.append(self.daemon.proc.pid)
+        wait_idle(pids)
+        time.sleep(self.args.quiet)
+
+    def problems(self) -> list[str]:
+        assert self.meter is not None
+        found = []
+        if busy := self.meter.vhci.busy():
+            found.append(f"vhci ports not free: {busy}")
+        if (SYS_USB / self.busid).exists():
+            found.append(f"{self.busid} still present")
+        if self.busid in match_busids():
+            found.append(f"{self.busid} still in usbip-host's match_busid")
+        if bound := stub_bound():
+            found.append(f"bound to usbip-host: {bound}")
+        return found
+
+    def check_clean(self, when: str) -> None:
+        if problems := self.problems():
+            raise BenchError(f"not clean {when}: " + "; ".join(problems))
+
+    def check_or_clean(self, when: str) -> None:
+        if self.problems():
+            self.force_clean()
+            self.check_clean(f"{when}, after cleaning up")
+
+    def wait_ports_free(self) -> None:
+        assert self.meter is not None
+        vhci = self.meter.vhci
+        wait_until(lambda: not vhci.busy(), CLEAN_TIMEOUT, "every vhci port free")
+
+    def wait_home(self) -> None:
+        """The device given back: usual driver, not in match_busid, no port used."""
+        self.wait_ports_free()
+        wait_until(lambda: driver_of(self.busid) == "usb", CLEAN_TIMEOUT, "back on usb")
+        wait_until(
+            lambda: self.busid not in match_busids(), CLEAN_TIMEOUT, "busid out of match_busid"
+        )
+
+    # -- one round ------------------------------------------------------------------------
+
+    def run_round(self, variant: str, index: int) -> Round:
+        rnd = Round(variant, index)
+        self.check_clean(f"before {variant} round {index}")
+        try:
+            getattr(self, f"round_{variant}")(rnd)
+        except BenchError as exc:
+            rnd.error = str(exc)
+            say(f"{variant} round {index}: ERROR {exc}")
+            self.force_clean()
+        finally:
+            self.pause_daemon()
+        self.check_clean(f"after {variant} round {index}")
+        return rnd
+
+    def _measure(self, variant: str) -> tuple[float, dict[str, float]]:
+        assert self.meter is not None
+        return self.meter.plug_and_measure(self.gadgets[variant], self.udc, self.busid)
+
+    def round_daemon(self, rnd: Round) -> None:
+        assert self.daemon is not None
+        self.resume_daemon()
+        self.quiet()
+        seen = len(self.daemon.log)
+        t0, rnd.marks = self._measure("daemon")
+        for t, line in self.daemon.log[seen:]:
+            if "plugged in: " + self.busid in line and "decided" not in rnd.notes:
+                rnd.notes["decided"] = round(t - t0, 4)
+            if "hotplug.export: exported " in line and "logged_exported" not in rnd.notes:
+                rnd.notes["logged_exported"] = round(t - t0, 4)
+            if "waiting for the kernel to configure it" in line:
+                rnd.notes["settling"] = True
+        # Clean-up: a policy that matches nothing, reloaded: the daemon withdraws
+        # the export and gives the device back to usb-storage; then unplug. Not
+        # "unplug while exported": on 6.1 usbip-host then keeps the busid in
+        # match_busid (`del` is a no-op once the device is gone), a state that
+        # could change how the next plug at that port is probed.
+        t = now()
+        self.reload_daemon(OFF_PREFIX)
+        self.wait_home()
+        rnd.notes["withdraw_s"] = round(now() - t, 2)
+        self.gadgets["daemon"].unplug(timeout=CLEAN_TIMEOUT)
+        self.reload_daemon(SERIAL_PREFIX["daemon"])
+        self.quiet()  # the daemon has seen the unplug before it is frozen
+
+    def round_udev(self, rnd: Round) -> None:
+        assert self.meter is not None
+        self.quiet()
+        script = ATTACH_LOOP.format(
+            tries=int(self.args.round_timeout) + 5, usbip=self.usbip, busid=self.busid
+        )
+        loop = Child.start("attach-loop", ["/bin/sh", "-c", script])
+        try:
+            # The loop runs from before the plug, at a phase the plug does not
+            # know: spread over the loop's second (stratified, not random, so
+            # that a few rounds already average over the phase).
+            t_fail, _ = loop.expect(lambda s: s.startswith("try 1 "), 30, "first attach try")
+            phase = ((max(rnd.index, 0) + 0.5) / self.args.rounds) % 1.0
+            time.sleep(max(0.0, t_fail + phase - now()))
+            rnd.notes["loop_phase_s"] = round(phase, 3)
+            _, rnd.marks = self._measure("udev")
+            _, line = loop.expect(lambda s: s.startswith("attached"), 30, "the loop's success")
+            rnd.notes["attach_tries"] = int(line.rsplit(" ", 1)[1])
+            # Clean-up, as by hand: detach, unbind (back on its driver), unplug.
+            port = self.meter.vhci.used()
+            if port is not None:
+                run([self.usbip, "detach", "-p", str(port[0])])
+            self.wait_ports_free()
+            run([self.usbip, "unbind", "-b", self.busid])
+            self.wait_home()
+            self.gadgets["udev"].unplug(timeout=CLEAN_TIMEOUT)
+        finally:
+            loop.stop(5)
 
     def round_floor(self, rnd: Round) -> None:
-        floor = Child.start(
-            "floor",
-            [
-                PY, "-m", "bench.vm_compare_guest", "--floor-exporter",
-                "--target", f"127.0.0.1:{USBIPA_PORT}",
-                "--serial-prefix", SERIAL_PREFIX["floor"],
-            ],
-            stdin=True,
-            merge=False,
-        )  # fmt: skip
-        try:
-            floor.expect(lambda s: s == "ready", START_TIMEOUT, "ready")
-            self.quiet()
-            floor.send("arm")
-            floor.expect(lambda s: s == "armed", 30, "armed")
-            t0 = now()
-            rnd.marks = self._measure("floor")
-            _, line = floor.expect(lambda s: s.startswith("{"), 30, "its export report")
-            report = json.loads(line)
-            if report.get("error"):
-                raise BenchError(f"floor exporter: {report['error']}")
-            rnd.notes["floor_seen"] = round(report["seen"] - t0, 4)
-            rnd.notes["floor_exported"] = round(report["exported"] - t0, 4)
-            rnd.notes["floor_tries"] = report["tries"]
-            if report["errors"]:
-                rnd.notes["floor_errors"] = report["errors"]
-            # Clean-up: withdraw (usbipa detaches, device back on usb), then unplug.
-            floor.send("release")
-            floor.expect(lambda s: s == "released", 60, "released")
-            self.wait_ports_free()
-            wait_until(lambda: driver_of(self.busid) == "usb", CLEAN_TIMEOUT, "back on usb")
-            self.unplug("floor")
-        finally:
-            if floor.proc.poll() is None and floor.proc.stdin is not None:
-                with contextlib.suppress(OSError):
-                    floor.proc.stdin.close()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    floor.proc.wait(10)
-            floor.stop(5)
+        floor = self.floor
+        assert floor is not None
+        self.quiet()
+        floor.send("arm")
+        floor.expect(lambda s: s == "armed", 30, "armed")
+        t0, rnd.marks = self._measure("floor")
+        _, line = floor.expect(lambda s: s.startswith("{"), 30, "its export report")
+        report = json.loads(line)
+        if report.get("error"):
+            raise BenchError(f"floor exporter: {report['error']}")
+        rnd.notes["floor_seen"] = round(report["seen"] - t0, 4)
+        rnd.notes["floor_exported"] = round(report["exported"] - t0, 4)
+        rnd.notes["floor_tries"] = report["tries"]
+        if report["errors"]:
+            rnd.notes["floor_errors"] = report["errors"]
+        # Clean-up: withdraw (usbipa detaches, the device goes back to usb), unplug.
+        floor.send("release")
+        floor.expect(lambda s: s == "released", 60, "released")
+        self.wait_home()
+        self.gadgets["floor"].unplug(timeout=CLEAN_TIMEOUT)
 
     def force_clean(self) -> None:
-        """After a failed round: undo whatever is left, by hand."""
+        """After a failed round (or a previous session): undo whatever is left."""
+        from hotplug.kernel.stub import UsbipHost
+
         assert self.meter is not None
+        stub = UsbipHost()
+        if self.daemon is not None:
+            self.resume_daemon()
+            with contextlib.suppress(BenchError):
+                self.reload_daemon(OFF_PREFIX)
         for port in self.meter.vhci.busy():
             run([self.usbip, "detach", "-p", str(port)], check=False)
         for busid in stub_bound():
-            run([self.usbip, "unbind", "-b", busid], check=False)
+            with contextlib.suppress(Exception):
+                stub.release(busid)
         for g in self.gadgets.values():
             with contextlib.suppress(Exception):
                 g.unplug(timeout=CLEAN_TIMEOUT)
-        for busid in match_busids():
-            with contextlib.suppress(OSError):
-                write(STUB_DRIVER_DIR / "match_busid", f"del {busid}")
+        if self.busid in match_busids():
+            # Left by an unplug while exported: `del` does not drop it once the
+            # device is gone. Plug a gadget there, bind it to usbip-host and
+            # release it: unbind + rebind drops the busid for real.
+            g = next(iter(self.gadgets.values()))
+            try:
+                g.plug(self.udc)
+                wait_until(lambda: driver_of(self.busid) == "usb", 60, f"{self.busid} on usb")
+                stub.bind(self.busid)
+                stub.release(self.busid)
+                wait_until(lambda: driver_of(self.busid) == "usb", 60, "back on usb")
+            except Exception as exc:
+                say(f"could not clear {self.busid} from match_busid: {exc}")
+            with contextlib.suppress(Exception):
+                g.unplug(timeout=CLEAN_TIMEOUT)
         with contextlib.suppress(BenchError):
             self.wait_ports_free()
+        if self.daemon is not None:
+            with contextlib.suppress(BenchError):
+                self.reload_daemon(SERIAL_PREFIX["daemon"])
 
 
 # --------------------------------------------------------------------------- main
@@ -824,7 +962,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--round-timeout", type=float, default=60.0, help="plug to disk, at most (60 s)")
     p.add_argument("--quiet", type=float, default=1.0, help="calm before each plug (1 s)")
     p.add_argument("--budget", type=float, default=780.0, help="start no round after this (s)")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument(
+        "--daemon-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra environment for the daemon (experiments)",
+    )
     p.add_argument("--floor-exporter", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--target", default=f"127.0.0.1:{USBIPA_PORT}", help=argparse.SUPPRESS)
     p.add_argument("--serial-prefix", default=SERIAL_PREFIX["floor"], help=argparse.SUPPRESS)

@@ -719,8 +719,9 @@ class Daemon:
             unexport(self.stub, busid, remote, timeouts_of(target), release=release)
         finally:
             if not self.stub.paths.device_dir(busid).exists():
-                # Unplugged: usbip-host keeps the busid in match_busid, and would
-                # grab whatever is plugged into that port next. Forget it.
+                # Unplugged: usbip-host keeps the busid in match_busid. Ask it to
+                # forget; Debian's 6.1 accepts that and keeps the entry anyway (a
+                # re-plugged device still goes to its usual driver, seen in the VM).
                 with contextlib.suppress(KernelError):
                     self.stub.release(busid)
             elif not release:

@@ -20,7 +20,7 @@ from hotplug import log
 from hotplug.address import Endpoint
 from hotplug.device import Device, Speed
 from hotplug.kernel.stub import STUB_DRIVER, StubStatus, UsbipHost
-from hotplug.kernel.sysfs import KernelError, read_device
+from hotplug.kernel.sysfs import DeviceNotFound, KernelError, read_device
 from hotplug.kernel.vudc import Vudc
 from hotplug.protocol import (
     HEADER_SIZE,
@@ -247,7 +247,10 @@ def export(
     bound_here = before.driver != STUB_DRIVER
     stub.bind(busid, before)
     try:
-        # Binding changes the driver, not the ids or bus/dev numbers the record carries.
+        # Binding changes the driver, not the ids or bus/dev numbers the record
+        # carries: a stat says the device is still there, without reading it all.
+        if not stub.paths.device_dir(busid).exists():
+            raise DeviceNotFound(busid)
         device = dataclasses.replace(before, driver=STUB_DRIVER)
         with handshake_export(device_record(device), endpoint, timeouts, on_connect) as sock:
             stub.hand_over(busid, sock)
@@ -320,8 +323,8 @@ def unexport(
         if release and device is not None:
             stub.release(busid)
         elif release:
-            # Unplugged: usbip-host keeps the busid in match_busid and would take
-            # the next device plugged into that port. Forget it.
+            # Unplugged: usbip-host keeps the busid in match_busid. Ask it to
+            # forget (Debian's 6.1 keeps the entry all the same, seen in the VM).
             with contextlib.suppress(KernelError):
                 stub.release(busid)
 

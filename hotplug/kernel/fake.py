@@ -444,7 +444,10 @@ class FakeKernelServer:
             elif op == "del":
                 if busid not in table:
                     raise _Fail(errno.ENODEV)
-                table.remove(busid)
+                # Debian's 6.1 accepts `del` for a busid whose device was
+                # unplugged while bound, and keeps the entry (seen in the VM).
+                if (p.usb_devices / busid).exists():
+                    table.remove(busid)
             else:
                 raise _Fail(errno.EINVAL)
             self._save_match_table(table)

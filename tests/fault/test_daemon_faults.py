@@ -90,7 +90,7 @@ def test_daemon_killed_with_exports_in_flight(
         for busid in BUSIDS:
             daemon.unplug(busid)
         wait_for(lambda: not daemon.records(), 10, "the daemon's records to go")
-        wait_for(lambda: not device.match_table(), 10, "usbip-host's table to empty")
+        wait_for(lambda: not device.live_match_table(), 10, "usbip-host's table to empty")
         assert_no_leaks(usbipa, base)
         assert "Traceback" not in daemon.log()
     finally:
@@ -117,7 +117,7 @@ def test_daemon_state_dir_blocked_while_running(
         wait_for(lambda: converged(device, app, usbipa, ["1-1"]), 10, "1-1 exported")
         daemon.unplug("1-1")
         wait_for(lambda: not app.used_ports(), 10, "1-1's port freed")
-        wait_for(lambda: not device.match_table(), 10, "usbip-host's table to empty")
+        wait_for(lambda: not device.live_match_table(), 10, "usbip-host's table to empty")
         wait_for(lambda: "cannot remove the record of 1-1" in daemon.log(), 10, "a log line")
         assert "cannot write state file" in daemon.log()
         assert daemon.alive() and "Traceback" not in daemon.log()

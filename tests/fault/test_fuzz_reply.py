@@ -224,7 +224,7 @@ def test_export_against_any_reply(kernel: FakeKernel, scripted_target: tuple[int
             script.conns.clear()
             kernel.unplug("1-1")  # the kernel drops the link; our books are checked below
             stub.release("1-1")
-        assert kernel.match_table() == []
+        assert kernel.live_match_table() == []
 
     one()
     assert outcomes["exported"] and outcomes["refused"], outcomes
@@ -245,6 +245,6 @@ def test_failed_export_leaves_the_device_as_it_was(
             export(stub, "1-1", Endpoint("127.0.0.1", port), FAST)
         assert kernel.driver("1-1") == "usb"
         assert kernel.stub_status("1-1") is None
-        assert kernel.match_table() == []
+        assert kernel.live_match_table() == []
 
     one()

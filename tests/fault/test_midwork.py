@@ -18,6 +18,7 @@ import pytest
 
 import hotplug.export as export_mod
 from bench.harness import FakeKernel, Usbipa
+from hotplug.device import Device
 from hotplug.export import ExportError, Timeouts, export, unexport
 from hotplug.kernel.sysfs import KernelError
 from hotplug.protocol import UnexportStatus
@@ -32,7 +33,7 @@ def assert_released(device: FakeKernel, busid: str = "1-1") -> None:
     if (device.tree.paths.usb_devices / busid).exists():
         assert device.driver(busid) == "usb"
         assert device.stub_status(busid) is None
-    assert busid not in device.match_table()
+    assert busid not in device.live_match_table()
 
 
 # --------------------------------------------------------------------------- target dies
@@ -115,8 +116,8 @@ def test_unplug_between_bind_and_export(device: FakeKernel, usbipa: Usbipa, capl
     stub = device.stub()
     real_bind = stub.bind
 
-    def bind_then_unplug(busid: str) -> None:
-        real_bind(busid)
+    def bind_then_unplug(busid: str, before: Device | None = None) -> None:
+        real_bind(busid, before)
         device.unplug(busid)
 
     stub.bind = bind_then_unplug  # type: ignore[method-assign]
@@ -193,4 +194,4 @@ def test_usbipa_restart_adopts_attached_ports(
         assert unexport(stub, busid, usbipa.endpoint, FAST) == UnexportStatus.DETACHED
     assert unexport(stub, "1-3", usbipa.endpoint, FAST) == UnexportStatus.NOT_FOUND
     assert_no_leaks(usbipa, usbipa.fds())
-    assert device.match_table() == []
+    assert device.live_match_table() == []

@@ -299,9 +299,8 @@ def test_coldplug_plug_and_unplug(tree: FakeTree, state: Path, daemons: Any) -> 
 
         daemon.unplug("1-2")
         wait_for(lambda: len(used_ports(tree)) == 1, 5, "port of 1-2 freed")
-        # The daemon cleaned up after the unplug: no stale match_busid entry that
-        # would grab the next device in that port, no record, no status row.
-        wait_for(lambda: "1-2" not in match_table(tree), 5, "1-2 forgotten by usbip-host")
+        # The daemon cleaned up after the unplug: no record, no status row. (Its
+        # match_busid entry stays: the kernel keeps it, whatever we write.)
         wait_for(lambda: daemon.device("1-2") is None, 5, "1-2 dropped from status")
         assert not (state / "device" / "exports" / "1-2.json").exists()
         assert exported(tree, "1-1") is not None
@@ -363,7 +362,6 @@ def test_unplug_mid_handshake_leaves_no_stray_port(
             assert proxy.closed.wait(8), "the daemon did not cut the handshake short"
             wait_for(lambda: not used_ports(tree), 8, "the far side's port freed")
             wait_for(lambda: daemon.device("1-1") is None, 3, "1-1 dropped")
-            assert "1-1" not in match_table(tree)
             assert not (state / "device" / "exports" / "1-1.json").exists()
         finally:
             proxy.close()
