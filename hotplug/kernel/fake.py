@@ -211,6 +211,10 @@ class FakeTree:
         if self.server_socket.exists():
             with contextlib.suppress(KernelError, OSError):
                 _send_write(self.server_socket, self.paths.usb_devices / busid / "remove", "", None)
+        # The kernel process may have been writing a status file in there while
+        # the tree went (a link dropping at that moment). It has answered the
+        # "remove" above, so it is done with this device: sweep what it left.
+        shutil.rmtree(real, ignore_errors=True)
 
     def start_server(self) -> subprocess.Popen[bytes]:
         """Run the fake kernel in its own process; returns once it accepts writes."""
@@ -327,8 +331,10 @@ class FakeKernelServer:
             self.selector.unregister(sock)
             sock.close()
         status = self.paths.usb_devices / busid / "usbip_status"
-        if status.exists():
-            _replace_text(status, "1\n")
+        # The device may be going at this very moment (unplug): nothing to update.
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            if status.exists():
+                _replace_text(status, "1\n")
 
     def _stub_sockfd(self, busid: str, text: str, sock: socket.socket | None) -> None:
         status_file = self.paths.usb_devices / busid / "usbip_status"
