@@ -169,6 +169,7 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
     vs = out["variants"]
     ratios: dict[str, float] = {}
     overhead: dict[str, float] = {}
+    spread: dict[str, list[float]] = {}
     for what in ("attached", "disk"):
         p50 = {v: vs[v][what]["p50"] for v in vs}
         if "daemon" in p50 and "floor" in p50:
@@ -180,10 +181,12 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
             ]
             if pairs:
                 overhead[f"daemon-floor {what} ms"] = statistics.median(pairs) * 1000
+                spread[f"daemon-floor {what} ms"] = [min(pairs) * 1000, max(pairs) * 1000]
         if "udev" in p50 and "daemon" in p50:
             ratios[f"udev/daemon {what}"] = p50["udev"] / p50["daemon"]
     out["ratios"] = ratios
     out["overhead_ms"] = overhead
+    out["overhead_spread_ms"] = spread
     if "daemon/floor attached" in ratios:
         out["target_daemon_within_10pct_of_floor"] = {
             w: ratios[f"daemon/floor {w}"] <= TARGET_DAEMON_OVER_FLOOR for w in ("attached", "disk")
@@ -220,19 +223,23 @@ def print_report(summary: dict[str, Any], meta: dict[str, Any]) -> None:
             f"code: HEAD {co.get('head')}" + (f" + uncommitted {', '.join(mods)}" if mods else "")
         )
     print()
-    print(f"{'seconds after plug':26} {'attached p50':>12} {'min':>6} {'max':>6}"
+    print(f"{'seconds after plug':26} {'n':>3} {'attached p50':>12} {'min':>6} {'max':>6}"
           f" {'disk p50':>9} {'min':>6} {'max':>6}")  # fmt: skip
     for v in VARIANTS:
         if v not in summary["variants"]:
             continue
         a, d = summary["variants"][v]["attached"], summary["variants"][v]["disk"]
-        print(f"{LABEL[v]:26} {a['p50']:12.3f} {a['min']:6.3f} {a['max']:6.3f}"
+        print(f"{LABEL[v]:26} {a['n']:3} {a['p50']:12.3f} {a['min']:6.3f} {a['max']:6.3f}"
               f" {d['p50']:9.3f} {d['min']:6.3f} {d['max']:6.3f}")  # fmt: skip
     print()
     for name, value in summary["ratios"].items():
         print(f"ratio {name:26} x{value:.2f}")
     for name, value in summary["overhead_ms"].items():
-        print(f"overhead {name:23} {value:+.0f} ms (median of per-round differences)")
+        low, high = summary["overhead_spread_ms"][name]
+        print(
+            f"overhead {name:23} {value:+.0f} ms (median of per-round differences;"
+            f" they range {low:+.0f} to {high:+.0f})"
+        )
     target = summary.get("target_daemon_within_10pct_of_floor")
     if target:
         verdict = ", ".join(f"{w} {'ok' if good else 'MISS'}" for w, good in target.items())

@@ -15,16 +15,20 @@ read. Variants, one round of each in turn (the order rotates every round):
           every 2 ms and calls hotplug.export.export() to the same usbipa the
           moment the device shows up: what no exporter can beat on this kernel
 
-Each variant's own processes (daemon / usbipd + rule + loop / floor process)
-are started before its round and stopped after it, so a round sees exactly
-one exporter; usbipa runs for the whole session (idle in `udev` rounds).
-After each round everything is undone and checked before the next: vhci
-ports free, the gadget unplugged and gone, its busid out of usbip-host's
+All of them are started once and stay up, as on a real machine ("already
+running"); each has its own gadget (serial prefix VMCA / VMCB / VMCC) that
+only it reacts to, and the daemon is frozen (SIGSTOP) outside its own rounds,
+so a plug is seen by exactly one exporter. First one plug with no exporter
+(the kernel loads usb-storage, sd_mod...), then one unmeasured warm-up round
+per variant (its first plug after start), then the measured rounds. After
+each round everything is undone and checked before the next: vhci ports
+free, the gadget unplugged and gone, its busid out of usbip-host's
 match_busid, nothing bound to usbip-host.
 
 Marks per round, seconds after t0 (each is when this process first saw it):
   visible   /sys/bus/usb/devices/BUSID exists (enumerated on dummy_hcd)
-  udev      udev's "add" for BUSID reached a libudev monitor (what the daemon hears)
+  udev      udev's "add" for BUSID reached a libudev monitor (what the daemon
+            hears; udev sends it after its RUN+= programs have run)
   bound     BUSID's driver is usbip-host
   exported  BUSID's usbip_status reads 2 (the stub has the socket)
   attached  a vhci port reads status 6 (used)
@@ -371,22 +375,22 @@ class Meter:
                 )
             while (ev := monitor.poll(timeout=0)) is not None:
                 if "udev" not in marks and ev.sys_name == busid and ev.action == "add":
-                    marks["udev"] = t - t0
+                    marks["udev"] = now() - t0
             if "visible" not in marks and dev_dir.exists():
-                marks["visible"] = t - t0
+                marks["visible"] = now() - t0
             if "bound" not in marks and driver_of(busid) == "usbip-host":
-                marks["bound"] = t - t0
+                marks["bound"] = now() - t0
             if "exported" not in marks and read(status_file) == "2":
-                marks["exported"] = t - t0
+                marks["exported"] = now() - t0
             if local is None:
                 used = self.vhci.used()
                 if used is not None:
-                    marks["attached"] = t - t0
+                    marks["attached"] = now() - t0
                     local = used[1]
             if local is not None:
                 dev = vhci_disk(local)
                 if dev is not None and odirect_read_ok(dev):
-                    marks["disk"] = t - t0
+                    marks["disk"] = now() - t0
             time.sleep(max(0.0, self.interval - (now() - t)))
         return t0, marks
 
