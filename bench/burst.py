@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     report("with the black hole", times, missed)
     print(f"  device side: {exported} of {len(live_only)} live devices exported (usbip_status 2)")
     print(f"  devices of the dead target exported: {dead_exported} (must be 0)")
-    limit = args.per_peer or "default (16)"
+    limit = args.per_peer or "default (64)"
     for what, count in refusals.items():
         print(f"  {what}: {count}, over both bursts (per_peer_connections {limit})")
     if times:
