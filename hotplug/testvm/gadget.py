@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import mmap
 import os
 import re
 import subprocess
@@ -688,3 +689,25 @@ def run(argv: Sequence[str], *, timeout: float = 60.0) -> subprocess.CompletedPr
             f"{' '.join(argv)} failed ({r.returncode}):\n{r.stdout.strip()}\n{r.stderr.strip()}"
         )
     return r
+
+
+def odirect_write_read(dev: str, offset: int, data: bytes) -> bytes:
+    """Write `data` at `offset` of block device `dev` with O_DIRECT and read it back.
+
+    O_DIRECT bypasses the page cache, so what comes back went through the
+    device (and, for a USB/IP disk, across the link). Raises OSError on a
+    short write or read.
+    """
+    buf = mmap.mmap(-1, len(data))  # page aligned, as O_DIRECT wants
+    buf[:] = data
+    fd = os.open(dev, os.O_RDWR | os.O_DIRECT | os.O_SYNC)
+    try:
+        if os.pwrite(fd, buf, offset) != len(data):
+            raise OSError(f"{dev}: short O_DIRECT write at {offset}")
+        os.fsync(fd)
+        back = mmap.mmap(-1, len(data))
+        if os.preadv(fd, [back], offset) != len(data):
+            raise OSError(f"{dev}: short O_DIRECT read at {offset}")
+        return bytes(back)
+    finally:
+        os.close(fd)

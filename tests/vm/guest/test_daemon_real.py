@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-import mmap
 import os
 import re
 import select
@@ -123,18 +122,6 @@ def released(busid: str) -> bool:
     )
 
 
-def odirect_write_read(dev: str, offset: int, data: bytes) -> bytes:
-    buf = mmap.mmap(-1, len(data))  # page aligned, as O_DIRECT wants
-    buf[:] = data
-    fd = os.open(dev, os.O_RDWR | os.O_DIRECT | os.O_SYNC)
-    try:
-        assert os.pwrite(fd, buf, offset) == len(data)
-        os.fsync(fd)
-        back = mmap.mmap(-1, len(data))
-        assert os.preadv(fd, [back], offset) == len(data)
-        return bytes(back)
-    finally:
-        os.close(fd)
 
 
 def vhci_disk(g: gd.MassStorageGadget) -> tuple[gd.UsbDevice, gd.BlockDevice]:
@@ -146,7 +133,7 @@ def vhci_disk(g: gd.MassStorageGadget) -> tuple[gd.UsbDevice, gd.BlockDevice]:
 def assert_disk_works(g: gd.MassStorageGadget, disk: gd.BlockDevice, offset: int) -> None:
     """64 KiB through vhci_hcd -> usbip -> usbip-host -> the gadget's backing file."""
     data = os.urandom(64 * KiB)
-    assert odirect_write_read(disk.dev, offset, data) == data
+    assert gd.odirect_write_read(disk.dev, offset, data) == data
     assert g.read_backing(offset, len(data)) == data, "the gadget's backing file differs"
 
 

@@ -5,7 +5,6 @@ over loopback inside the guest, judged by sysfs and by the data on the disk.
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import socket
 import subprocess
@@ -110,18 +109,6 @@ def usbipa(usbip_modules: None, tmp_path: Path) -> Iterator[Usbipa]:
             gd.run(["usbip", "detach", "-p", str(port.port)])
 
 
-def odirect_write_read(dev: str, offset: int, data: bytes) -> bytes:
-    buf = mmap.mmap(-1, len(data))  # page aligned, as O_DIRECT wants
-    buf[:] = data
-    fd = os.open(dev, os.O_RDWR | os.O_DIRECT | os.O_SYNC)
-    try:
-        assert os.pwrite(fd, buf, offset) == len(data)
-        os.fsync(fd)
-        back = mmap.mmap(-1, len(data))
-        assert os.preadv(fd, [back], offset) == len(data)
-        return bytes(back)
-    finally:
-        os.close(fd)
 
 
 def assert_back_home(g: gd.MassStorageGadget, busid: str) -> None:
@@ -165,7 +152,7 @@ def test_connect_moves_data_intact_and_disconnect_frees_everything(
     disk = gd.wait_block_device(remote.busid, timeout=60)
     t_disk = time.monotonic() - t0
     data = os.urandom(MiB)
-    assert odirect_write_read(disk.dev, MiB, data) == data
+    assert gd.odirect_write_read(disk.dev, MiB, data) == data
     assert g.read_backing(MiB, MiB) == data, "the gadget's backing file differs"
 
     listing = json.loads(cli("list", "-l", "--json").stdout)
@@ -300,7 +287,7 @@ def test_classic_import_and_our_export_side_by_side(
             disks[g.serial] = gd.wait_block_device(remote.busid, timeout=60)
         for g in (classic, ours):
             data = os.urandom(64 * 1024)
-            assert odirect_write_read(disks[g.serial].dev, 0, data) == data
+            assert gd.odirect_write_read(disks[g.serial].dev, 0, data) == data
             assert g.read_backing(0, len(data)) == data
 
         # Once attached, it is "in use": still refused, still undisturbed.
@@ -387,7 +374,7 @@ def test_tls_export_moves_data_intact(
         record_property("s_tls_connect_to_disk", f"{time.monotonic() - t0:.2f}")
         data = os.urandom(MiB)
         t1 = time.monotonic()
-        assert odirect_write_read(disk.dev, 0, data) == data
+        assert gd.odirect_write_read(disk.dev, 0, data) == data
         record_property("s_tls_write_read_1MiB", f"{time.monotonic() - t1:.2f}")
         assert g.read_backing(0, MiB) == data, "the gadget's backing file differs"
         result = cli("disconnect", "-b", busid)

@@ -8,7 +8,6 @@ move data intact through usbip-host + vhci-hcd on this kernel.
 
 from __future__ import annotations
 
-import mmap
 import os
 import re
 import time
@@ -136,19 +135,6 @@ def test_gadget_enumerates_with_udev_and_disk(
     record_property("s_unplug_to_remove", f"{t_remove:.2f}")
 
 
-def _odirect_write_read(dev: str, offset: int, data: bytes) -> bytes:
-    """Write `data` at `offset` with O_DIRECT, read it back the same way."""
-    buf = mmap.mmap(-1, len(data))  # page aligned, as O_DIRECT wants
-    buf[:] = data
-    fd = os.open(dev, os.O_RDWR | os.O_DIRECT | os.O_SYNC)
-    try:
-        assert os.pwrite(fd, buf, offset) == len(data)
-        os.fsync(fd)
-        back = mmap.mmap(-1, len(data))
-        assert os.preadv(fd, [back], offset) == len(data)
-        return bytes(back)
-    finally:
-        os.close(fd)
 
 
 def _port_of(local_busid: str) -> gd.VhciPort | None:
@@ -198,7 +184,7 @@ def test_classic_usbip_interop_moves_data_intact(
 
         data = os.urandom(MiB)
         t = time.monotonic()
-        back = _odirect_write_read(disk.dev, MiB, data)
+        back = gd.odirect_write_read(disk.dev, MiB, data)
         timings["write_read_1MiB"] = time.monotonic() - t
         assert back == data, "read back through vhci differs"
         assert g.read_backing(MiB, MiB) == data, "gadget's backing file differs"
