@@ -243,7 +243,7 @@ def export(
                 f"{busid} is already bound to usbip-host by another tool (usbip bind?); "
                 f"'usbip unbind -b {busid}' first, or pass --force to take it over"
             )
-    fields = {"busid": busid, "target": str(endpoint)}
+    fields = {"busid": busid, **log_where(endpoint)}
     bound_here = before.driver != STUB_DRIVER
     stub.bind(busid, before)
     try:
@@ -329,6 +329,13 @@ def unexport(
                 stub.release(busid)
 
 
+def log_where(endpoint: Endpoint | Remote) -> dict[str, str]:
+    """Journal fields for the far end: TARGET is the policy's name for it when there
+    is one (so `journalctl USBIP_TARGET=lab` shows the whole story), ADDRESS the address."""
+    name = endpoint.name if isinstance(endpoint, Remote) else None
+    return {"target": name or str(endpoint), "address": str(endpoint)}
+
+
 def bare_record(busid: str) -> DeviceRecord:
     """The record of a device that is gone: the far side finds it by busid alone."""
     return DeviceRecord(
@@ -353,7 +360,7 @@ def request_unexport(
     record: DeviceRecord, endpoint: Endpoint | Remote, timeouts: Timeouts
 ) -> UnexportStatus:
     """Send OP_REQ_UNEXPORT on a new connection; DETACHED or NOT_FOUND, else ExportError."""
-    fields = {"busid": record.busid, "target": str(endpoint)}
+    fields = {"busid": record.busid, **log_where(endpoint)}
     try:
         if isinstance(endpoint, Remote) and endpoint.secure:
             raw = _secure_exchange(endpoint, encode(UnexportRequest(record)), timeouts)
@@ -390,7 +397,7 @@ def export_gadget(
     if vudc.status(name) == 2:
         raise KernelError(f"{name} is already exported; disconnect it first")
     record = vudc.record(name)
-    fields = {"busid": name, "target": str(endpoint)}
+    fields = {"busid": name, **log_where(endpoint)}
     try:
         with handshake_export(record, endpoint, timeouts) as sock:
             vudc.hand_over(name, sock)

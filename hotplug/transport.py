@@ -31,7 +31,7 @@ import sys
 import time
 import urllib.parse
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
 from hotplug.address import AddressError, Endpoint, parse_endpoint
@@ -66,6 +66,8 @@ class Remote:
     path: str | None = None  # wss only
     tls: TlsOptions | None = None
     proxy: str | None = None  # http://HOST:PORT, already resolved (flag or environment)
+    # The policy target's name, for log fields; not part of where the remote is.
+    name: str | None = field(default=None, compare=False)
 
     def __str__(self) -> str:
         where = str(Endpoint(self.host, self.port))
@@ -129,7 +131,9 @@ def parse_remote(
 def remote_for_target(target: Target, env: Mapping[str, str] | None = None) -> Remote:
     """A policy target as `export()` takes it (the daemon exports through this)."""
     proxy = resolve_proxy(None, target.host, env) if target.scheme != "tcp" else None
-    return Remote(target.scheme, target.host, target.port, target.path, target.tls, proxy)
+    return Remote(
+        target.scheme, target.host, target.port, target.path, target.tls, proxy, name=target.name
+    )
 
 
 def parse_proxy(text: str) -> Proxy:

@@ -62,7 +62,7 @@ def parse(lines: Iterable[str]) -> UsbIds:
 @functools.lru_cache(maxsize=1)
 def system_database() -> UsbIds:
     override = os.environ.get("USBIP_HOTPLUG_USB_IDS")
-    for path in ((override,) if override else SEARCH_PATH):
+    for path in (override,) if override else SEARCH_PATH:
         try:
             with open(path, encoding="utf-8", errors="replace") as f:
                 return parse(f)

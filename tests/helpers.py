@@ -113,3 +113,18 @@ def running_usbipa(
             proc.wait()
         notify.close()
         notify.path.unlink(missing_ok=True)
+
+
+def disk_policy(
+    address: str, serial_glob: str, *, rule: str = "test-disks", broken: bool = False, **target: str
+) -> str:
+    """A policy exporting Linux Foundation gadgets (vendor 1d6b) whose serial matches
+    `serial_glob` to one target `lab` at `address`; `target` adds keys to it (YAML
+    text values). `broken` appends a rule with a bad vendor, for the error paths."""
+    lines = ["version: 1", "targets:", "  lab:", f'    address: "{address}"']
+    lines += [f"    {key}: {value}" for key, value in target.items()]
+    lines += ["rules:", f"  - name: {rule}", "    match:", '      vendor: "1d6b"']
+    lines += [f'      serial: "{serial_glob}"', "    export: lab"]
+    if broken:
+        lines += ["  - name: broken", "    match:", '      vendor: "zz"', "    export: lab"]
+    return "\n".join(lines) + "\n"

@@ -469,9 +469,19 @@ class MassStorageGadget:
         udc = self.udc
         if not udc:
             return
-        _write(self.path / "UDC", "\n")
-        if wait and udc.startswith("dummy_udc."):
+        if not (wait and udc.startswith("dummy_udc.")):
+            _write(self.path / "UDC", "\n")
+            return
+        # As a cable pull does: the host side loses the device while the gadget
+        # still runs, and only then is the gadget unbound. Unbinding first makes
+        # both sides tear down at once, and under load that once held bus 17's
+        # root hub lock for minutes in the test VM.
+        try:
+            with contextlib.suppress(OSError):  # no soft_connect: unbinding disconnects too
+                _write(UDC_CLASS / udc / "soft_connect", "disconnect")
             self.wait_gone(timeout=timeout)
+        finally:
+            _write(self.path / "UDC", "\n")
 
     # -- what the kernel made of it -------------------------------------------
 

@@ -27,6 +27,7 @@ import contextlib
 import json
 import os
 import shlex
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -99,7 +100,9 @@ if IN_VM:
             reason = str(report.longrepr[2])
         text = ""
         if report.failed:
-            text = report.longreprtext
+            # The short clues first: a CI summary that shows only the start of a
+            # failure still shows what the kernel and the daemons said last.
+            text = _clues(report) + report.longreprtext
             for title, content in report.sections:
                 text += f"\n{'-' * 20} {title} {'-' * 20}\n{content}"
         record = {
@@ -114,6 +117,39 @@ if IN_VM:
         }
         with open(out, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+        outcome = yield
+        report: pytest.TestReport = outcome.get_result()
+        if report.failed:
+            report.sections.append(("kernel log (last 80 lines)", _dmesg_tail(80)))
+
+    def _dmesg_tail(lines: int) -> str:
+        try:
+            out = subprocess.run(
+                ["dmesg", "--kernel", "--ctime"], capture_output=True, text=True, timeout=30
+            ).stdout
+        except (OSError, subprocess.SubprocessError) as exc:
+            return f"(dmesg failed: {exc})"
+        return "\n".join(out.splitlines()[-lines:])
+
+    def _clues(report: pytest.TestReport, lines: int = 12) -> str:
+        """The last lines of each captured log section, labelled, for the top of a failure."""
+        parts = []
+        for title, content in report.sections:
+            # show_logs prints one block per log file, each headed "----- name".
+            blocks = [(title, [])]
+            for ln in content.splitlines():
+                if ln.startswith("----- "):
+                    blocks.append((f"{title}: {ln[6:]}", []))
+                elif ln.strip():
+                    blocks[-1][1].append(ln)
+            for name, body in blocks:
+                if body:
+                    tail = body[-lines:]
+                    parts.append(f"--- {name}: last {len(tail)} lines\n" + "\n".join(tail))
+        return "\n".join(parts) + ("\n--- failure\n" if parts else "")
 
 
 # ---------------------------------------------------------------------------
@@ -209,9 +245,10 @@ class VmSession:
         from hotplug.testvm.vm import GuestVM, MissingDependency, VMError, cache_dir
 
         logs = cache_dir() / "logs"
-        old_logs = sorted(logs.glob("console-*.log"), key=lambda p: p.stat().st_mtime)
-        for stale in old_logs[:-9]:  # keep the last few sessions' logs
-            stale.unlink(missing_ok=True)
+        for pattern in ("console-*.log", "failures-*.log"):
+            old_logs = sorted(logs.glob(pattern), key=lambda p: p.stat().st_mtime)
+            for stale in old_logs[:-9]:  # keep the last few sessions' logs
+                stale.unlink(missing_ok=True)
         self.console_log = logs / f"console-{os.getpid()}.log"
         vm = GuestVM(
             output=self.write,
@@ -298,6 +335,7 @@ class VmSession:
             pytest.fail(self.run_error, pytrace=False)
         records = [json.loads(ln) for ln in raw.splitlines() if ln.strip()]
         self.results = aggregate(records)
+        self._keep_failures(vm)
         if res.timed_out:
             self.run_error = (
                 f"the guest test session hit USBIP_VM_SUITE_TIMEOUT={SUITE_TIMEOUT:.0f}s"
@@ -307,6 +345,20 @@ class VmSession:
             f" {res.returncode}{', TIMED OUT' if res.timed_out else ''})"
         )
         return self.results
+
+    def _keep_failures(self, vm: Any) -> None:
+        """Failed guest tests in full, and the guest's kernel log, next to the console
+        log: what a truncated CI summary leaves out is still on the machine."""
+        failed = {n: o for n, o in (self.results or {}).items() if o.outcome in ("failed", "error")}
+        if not failed or self.console_log is None:
+            return
+        path = self.console_log.with_name(f"failures-{os.getpid()}.log")
+        with contextlib.suppress(Exception), open(path, "w", encoding="utf-8") as f:
+            for nodeid, o in failed.items():
+                f.write(f"===== {o.outcome}: {nodeid}\n{o.text}\n\n")
+            dmesg = vm.run(["dmesg", "--ctime"], timeout=60, echo=False)
+            f.write(f"===== guest kernel log\n{dmesg.stdout}\n")
+            self.write(f"[vm] failed guest tests in full, and the guest's kernel log: {path}")
 
     def close(self) -> None:
         if self.vm is not None:

@@ -27,7 +27,10 @@ PY="${PYTHON:-python3}"
 # usbip            usbip + usbipd for the classic interop tests
 # mount            mount in the guest (9p, configfs)
 # apt, dpkg        apt-get download + dpkg-deb -x of the kernel package
-PACKAGES=(qemu-system-x86 busybox-static file kmod udev usbip mount apt dpkg)
+# systemd          PID 1 of a namespace in the guest, to run our units as shipped
+# python3          Debian's interpreter, which those units run the programs with
+# util-linux       unshare and nsenter for that namespace
+PACKAGES=(qemu-system-x86 busybox-static file kmod udev usbip mount apt dpkg systemd python3 util-linux)
 
 if [ "$(id -u)" -ne 0 ]; then
     echo "setup-host.sh: run me as root (apt-get install)" >&2

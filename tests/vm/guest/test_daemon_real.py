@@ -38,7 +38,7 @@ from typing import Any
 import pytest
 
 from hotplug.testvm import gadget as gd
-from tests.helpers import NotifySocket
+from tests.helpers import NotifySocket, disk_policy
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -57,24 +57,14 @@ def new_serial() -> str:
 
 
 def policy_text(serial_glob: str = f"{SERIAL_PREFIX}*", broken: bool = False) -> str:
-    text = (
-        "version: 1\n"
-        "targets:\n"
-        "  lab:\n"
-        f'    address: "{TARGET}"\n'
-        "    connect_timeout: 2\n"
-        "    handshake_timeout: 10\n"
-        "    retry: {initial: 0.5, max: 2}\n"
-        "rules:\n"
-        "  - name: test-disks\n"
-        "    match:\n"
-        '      vendor: "1d6b"\n'
-        f'      serial: "{serial_glob}"\n'
-        "    export: lab\n"
+    return disk_policy(
+        TARGET,
+        serial_glob,
+        broken=broken,
+        connect_timeout="2",
+        handshake_timeout="10",
+        retry="{initial: 0.5, max: 2}",
     )
-    if broken:
-        text += '  - name: broken\n    match:\n      vendor: "zz"\n    export: lab\n'
-    return text
 
 
 # --------------------------------------------------------------------------- kernel facts
@@ -120,8 +110,6 @@ def released(busid: str) -> bool:
         and not in_match_table(busid)
         and not any(p.devid == devid for p in used_ports())
     )
-
-
 
 
 def vhci_disk(g: gd.MassStorageGadget) -> tuple[gd.UsbDevice, gd.BlockDevice]:

@@ -109,8 +109,6 @@ def usbipa(usbip_modules: None, tmp_path: Path) -> Iterator[Usbipa]:
             gd.run(["usbip", "detach", "-p", str(port.port)])
 
 
-
-
 def assert_back_home(g: gd.MassStorageGadget, busid: str) -> None:
     """Released: usual driver, interfaces on usb-storage, its disk back, no port used."""
     gd.wait_until(lambda: gd.busid_driver(busid) == "usb", what=f"{busid} back on usb")

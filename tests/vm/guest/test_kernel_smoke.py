@@ -135,8 +135,6 @@ def test_gadget_enumerates_with_udev_and_disk(
     record_property("s_unplug_to_remove", f"{t_remove:.2f}")
 
 
-
-
 def _port_of(local_busid: str) -> gd.VhciPort | None:
     for p in gd.vhci_ports():
         if p.local_busid == local_busid and p.status == 6:
