@@ -74,10 +74,13 @@ class Systemd:
     def __init__(self, log: Path) -> None:
         self.log = log
         script = (
-            # A private /run that still shows udev's database.
+            # A private /run that still shows udev's database, and a private /tmp:
+            # systemd-tmpfiles empties /tmp at boot, and the guest's pytest keeps
+            # its results there.
             "mkdir -p /tmp/uh-udev && mount --bind /run/udev /tmp/uh-udev"
             " && mount -t tmpfs -o mode=755 tmpfs /run"
             " && mkdir /run/udev && mount --move /tmp/uh-udev /run/udev"
+            " && mount -t tmpfs -o mode=1777 tmpfs /tmp"
             f" && exec {SYSTEMD} --unit=usbip-test.target"
         )
         with open(log, "w") as out:
