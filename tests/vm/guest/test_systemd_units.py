@@ -45,7 +45,9 @@ PORT = 3262  # 3240 classic usbipd, 3250/3251 test_export_real, 3252 test_daemon
 SERIAL_PREFIX = "SYSD"
 ENUM = 90.0
 # udev runs in the guest already; a second one started by this systemd would fight it.
+# systemd-tmpfiles-setup empties /tmp at boot, where the guest's pytest keeps its results.
 MASKED = (
+    "systemd-tmpfiles-setup.service",
     "systemd-udevd.service",
     "systemd-udevd-control.socket",
     "systemd-udevd-kernel.socket",
@@ -74,13 +76,10 @@ class Systemd:
     def __init__(self, log: Path) -> None:
         self.log = log
         script = (
-            # A private /run that still shows udev's database, and a private /tmp:
-            # systemd-tmpfiles empties /tmp at boot, and the guest's pytest keeps
-            # its results there.
+            # A private /run that still shows udev's database.
             "mkdir -p /tmp/uh-udev && mount --bind /run/udev /tmp/uh-udev"
             " && mount -t tmpfs -o mode=755 tmpfs /run"
             " && mkdir /run/udev && mount --move /tmp/uh-udev /run/udev"
-            " && mount -t tmpfs -o mode=1777 tmpfs /tmp"
             f" && exec {SYSTEMD} --unit=usbip-test.target"
         )
         with open(log, "w") as out:
@@ -172,8 +171,15 @@ def _install_programs() -> None:
 @pytest.fixture(scope="module")
 def systemd(usbip_modules: None, gadget_modules: list[str]) -> Iterator[Systemd]:
     root = Path(__file__).resolve().parents[3]
-    if any(root.is_relative_to(p) for p in (Path("/root"), Path("/home"))):
-        pytest.skip(f"the checkout {root} is under /root or /home, which ProtectHome=yes hides")
+    hidden = {
+        "/root": "ProtectHome=yes",
+        "/home": "ProtectHome=yes",
+        "/tmp": "PrivateTmp=yes",
+        "/var/tmp": "PrivateTmp=yes",
+    }
+    for top, why in hidden.items():
+        if root.is_relative_to(top):
+            pytest.skip(f"the checkout {root} is under {top}, which {why} hides from the units")
     if not SYSTEMD.exists():
         pytest.fail(f"{SYSTEMD} is missing: install the Debian package systemd")
     _install_programs()
