@@ -85,6 +85,7 @@ class Sessions:
         self.vhci = vhci
         self.records = RecordDir(directory / "ports")
         self.by_port: dict[int, Session] = {}
+        self.enumerated: set[int] = set()  # ports whose device got through enumeration
 
     def find(self, peer: str, busid: str) -> Session | None:
         for session in self.by_port.values():
@@ -111,6 +112,7 @@ class Sessions:
 
     def drop(self, port: int) -> Session | None:
         session = self.by_port.pop(port, None)
+        self.enumerated.discard(port)
         try:
             self.records.remove(str(port))
             self.vhci.remove_record(port)
@@ -172,6 +174,24 @@ class Sessions:
                 self.drop(number)
                 gone.append(session)
         return gone
+
+    def never_enumerated(self, timeout: float, now: float) -> list[Session]:
+        """Sessions whose device is still not enumerated `timeout` s after attach.
+
+        vhci_hcd keeps such a port, and its link, for good: the device side sees
+        its stub "used" and believes the export works (seen on 6.1 in the VM).
+        """
+        live = {p.port: p for p in self.vhci.ports()}
+        stuck = []
+        for number, session in self.by_port.items():
+            port = live.get(number)
+            if port is None or number in self.enumerated:
+                continue
+            if self.vhci.enumerated(port):
+                self.enumerated.add(number)
+            elif now - session.since > timeout:
+                stuck.append(session)
+        return stuck
 
 
 class ControlError(Exception):
@@ -282,11 +302,17 @@ class Appd:
             self._reap()
 
     def _reap(self) -> None:
+        timeout = self.config.limits.enumeration_timeout
         try:
             gone = self.sessions.reap()
+            stuck = self.sessions.never_enumerated(timeout, time.time())
         except KernelError as exc:
             logger.error("cannot read vhci status: %s", exc)
             return
+        for session in stuck:
+            # Closing the link is what tells the device side: its stub leaves
+            # "used", and a hotplug daemon there exports the device again.
+            self._detach(session.port, f"never enumerated within {timeout:g} s")
         for session in gone:
             log.event(
                 logger,

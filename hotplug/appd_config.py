@@ -69,6 +69,8 @@ class Limits:
     # a lab's worth of devices opens one per device at once (bench/burst.py).
     per_peer_connections: int = 64
     max_connections: int = 1024
+    # A port whose device has not been enumerated this long after attach is detached.
+    enumeration_timeout: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -156,7 +158,12 @@ _TOP_KEYS = {"listen", "port", "allow", "limits", "state_dir", "tls", "wss"}
 _ALLOW_KEYS = {"from", "client", "san", "devices", "max_devices"}
 _TLS_KEYS = {"cert", "key", "client_ca"}
 _WSS_KEYS = {"port", "path"}
-_LIMIT_KEYS = {"control_timeout", "per_peer_connections", "max_connections"}
+_LIMIT_KEYS = {
+    "control_timeout",
+    "per_peer_connections",
+    "max_connections",
+    "enumeration_timeout",
+}
 
 
 def _check_keys(data: Mapping[str, Any], allowed: set[str], where: str) -> None:
@@ -251,6 +258,11 @@ def parse_config(text: str, filename: str) -> AppdConfig:
         ),
         max_connections=_positive(
             limits.get("max_connections", Limits.max_connections), "limits.max_connections"
+        ),
+        enumeration_timeout=_positive(
+            limits.get("enumeration_timeout", Limits.enumeration_timeout),
+            "limits.enumeration_timeout",
+            float,
         ),
     )
     if "state_dir" in data:

@@ -42,6 +42,7 @@ from hotplug.kernel.vhci import PortState, Vhci, parse_status
 STATUS_HEADER = "hub port sta spd dev      sockfd local_busid"
 RX_CAP = 1 << 20
 SERVER_SOCKET = ".fake-kernel.sock"
+MAX_BUSID = 16  # usbip-host's busid_table (stub_main.c)
 
 
 # --------------------------------------------------------------------------- client side
@@ -374,6 +375,7 @@ class FakeKernelServer:
                 if p.port == number:
                     busid = f"{3 if p.superspeed else 2}-{number + 1}" if state == 6 else "0-0"
                     lines.append(_status_line(p.hub, p.port, state, speed, devid, sockfd, busid))
+                    self._enumerate(path, p.local_busid, busid)
                 else:
                     lines.append(
                         _status_line(
@@ -383,6 +385,22 @@ class FakeKernelServer:
             _replace_text(path, "\n".join(lines) + "\n")
             return
         raise _Fail(errno.EINVAL)
+
+    def _enumerate(self, status: Path, old_busid: str, new_busid: str) -> None:
+        """The USB device behind a vhci port, below its controller's root hub: the
+        kernel registers it once the hub has enumerated it (here: at once), and
+        removes it with the port. Only the directory: the device side never sees
+        it, as it is not in /sys/bus/usb/devices."""
+        suffix = status.name.partition(".")[2]
+        controller = self.paths.platform / f"vhci_hcd.{suffix or 0}"
+        for busid, present in ((old_busid, False), (new_busid, True)):
+            if "-" not in busid or busid == "0-0":
+                continue
+            device = controller / f"usb{busid.split('-')[0]}" / busid
+            if present:
+                device.mkdir(parents=True, exist_ok=True)
+            else:
+                shutil.rmtree(device, ignore_errors=True)
 
     def _port(self, number: int) -> tuple[bool, int]:
         for path in self._status_files():
@@ -446,6 +464,8 @@ class FakeKernelServer:
             table = self._match_table()
             if op == "add":
                 if busid not in table:
+                    if len(table) >= MAX_BUSID:
+                        raise _Fail(errno.ENOMEM)  # add_match_busid found no free slot
                     table.append(busid)
             elif op == "del":
                 if busid not in table:

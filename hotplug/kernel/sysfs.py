@@ -111,6 +111,14 @@ def _explain_write_error(path: Path, text: str, exc: OSError) -> str:
         errno.ENOTSOCK: "not a socket",
     }
     reason = reasons.get(exc.errno or 0, os.strerror(exc.errno or 0))
+    if path.name == "match_busid" and exc.errno == errno.ENOMEM:
+        # Linux keeps the entry of a device unplugged while bound, and `del`
+        # does not free it: 16 such busids fill the table until the module reloads.
+        reason = (
+            "usbip-host's table of 16 busids is full (Linux keeps the busid of every "
+            "device unplugged while exported); when nothing is exported, free it with "
+            "'modprobe -r usbip-host && modprobe usbip-host'"
+        )
     return f"{what} failed: {reason}"
 
 

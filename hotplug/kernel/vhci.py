@@ -168,6 +168,20 @@ class Vhci(SysfsWriter):
                 return port
         return None
 
+    def enumerated(self, port: VhciPort) -> bool:
+        """Whether the device on `port` made it through enumeration.
+
+        Not the same as USED: vhci marks a port used when it answers the hub's
+        SET_ADDRESS itself, and a device whose descriptors then cannot be read
+        stays there, attached, with no USB device behind it (seen on 6.1 in the
+        VM tests). Only the device's sysfs directory below the controller's
+        root hub (vhci_hcd.N/usbB/B-P) shows it got through.
+        """
+        if port.state != PortState.USED or "-" not in port.local_busid:
+            return False
+        bus = port.local_busid.split("-", 1)[0]
+        return any((c / f"usb{bus}" / port.local_busid).is_dir() for c in self.controllers())
+
     def find_free_port(self, speed: Speed) -> VhciPort | None:
         return pick_free_port(self.ports(), speed)
 

@@ -256,3 +256,17 @@ def test_export_error_is_one_line(tree: FakeTree) -> None:
         export(tree.stub(), "1-1", Endpoint("127.0.0.1", 1), Timeouts(1, 1))
     assert "\n" not in str(info.value)
     assert_untouched(tree)
+
+
+def test_a_full_busid_table_is_explained(tree: FakeTree, state: Path) -> None:
+    """usbip-host holds 16 busids; Linux keeps the entry of a device unplugged while
+    exported and `del` does not free it. The 17th busid gets a reason and a way out."""
+    stub = tree.stub()
+    for n in range(16):
+        stub.write(tree.paths.stub_driver / "match_busid", f"add 9-{n + 1}")
+    tree.add_device(DISK)
+    result = run_cli(tree, state, "connect", "-r", "127.0.0.1:1", "-b", "1-1")
+    assert result.returncode == 1
+    assert "usbip-host's table of 16 busids is full" in result.stderr
+    assert "modprobe -r usbip-host && modprobe usbip-host" in result.stderr
+    assert_untouched(tree)

@@ -147,6 +147,11 @@ def test_connect_moves_data_intact_and_disconnect_frees_everything(
 
     remote = gd.wait_until(g.vhci_devices, timeout=60, what="the disk behind vhci_hcd")[0]
     assert remote.serial == g.serial
+    # What usbipa's enumeration watch looks for: the device below vhci's root hub.
+    from hotplug.kernel.vhci import Vhci
+
+    (seen,) = [p for p in Vhci().ports() if p.port == port.port]
+    assert Vhci().enumerated(seen), (seen, remote.path)
     disk = gd.wait_block_device(remote.busid, timeout=60)
     t_disk = time.monotonic() - t0
     data = os.urandom(MiB)
@@ -383,3 +388,124 @@ def test_tls_export_moves_data_intact(
         print("usbipa log:\n" + stop(proc))
         for port in used_ports():
             gd.run(["usbip", "detach", "-p", str(port.port)])
+
+
+class StallingDevice(threading.Thread):
+    """A device side that exports a made-up device, then stalls every URB.
+
+    After OP_EXPORT it answers each USBIP_CMD_SUBMIT with a RET_SUBMIT of status
+    -EPIPE and each CMD_UNLINK with a RET_UNLINK, so vhci_hcd never reads a
+    descriptor: the hub gives up on enumeration while the link stays up. URB
+    headers are 48 bytes, big-endian (usbip_common.h).
+    """
+
+    def __init__(self, address: tuple[str, int]) -> None:
+        super().__init__(daemon=True)
+        from hotplug.device import Speed
+        from hotplug.protocol import DeviceRecord, ExportRequest, encode
+
+        record = DeviceRecord(
+            path="/sys/devices/platform/stalling/usb99/99-1",
+            busid="99-1",
+            busnum=99,
+            devnum=2,
+            speed=Speed.HIGH,
+            id_vendor=0x1D6B,
+            id_product=0x0199,
+            bcd_device=0x0100,
+            device_class=0,
+            device_subclass=0,
+            device_protocol=0,
+            configuration_value=1,
+            num_configurations=1,
+            num_interfaces=1,
+        )
+        self.devid = record.devid
+        self.sock = socket.create_connection(address, timeout=30)
+        self.sock.sendall(encode(ExportRequest(record)))
+        reply = self._exactly(8)
+        assert reply == bytes.fromhex("0111000600000000"), reply.hex()
+        self.submits = 0
+        self.closed = threading.Event()
+
+    def _exactly(self, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = self.sock.recv(n - len(data))
+            if not chunk:
+                raise EOFError
+            data += chunk
+        return data
+
+    def run(self) -> None:
+        import struct
+
+        self.sock.settimeout(120)
+        try:
+            while True:
+                head = self._exactly(48)
+                command, seqnum, _devid, direction, ep = struct.unpack(">5I", head[:20])
+                if command == 1:  # CMD_SUBMIT
+                    length = struct.unpack(">i", head[24:28])[0]
+                    if direction == 0 and length > 0:
+                        self._exactly(length)  # OUT data follows the header
+                    self.submits += 1
+                    ret = struct.pack(">5I5i", 3, seqnum, 0, direction, ep, -32, 0, 0, 0, 0)
+                elif command == 2:  # CMD_UNLINK
+                    ret = struct.pack(">5Ii", 4, seqnum, 0, 0, 0, -104)
+                else:
+                    raise AssertionError(f"unexpected USB/IP command {command}")
+                self.sock.sendall(ret.ljust(48, b"\0"))
+        except (EOFError, OSError):
+            pass
+        finally:
+            self.closed.set()
+            self.sock.close()
+
+
+def test_usbipa_detaches_a_port_whose_device_never_enumerates(
+    usbip_modules: None, tmp_path: Path
+) -> None:
+    """vhci_hcd keeps a port whose device failed enumeration, USED and with its
+    link open; usbipa detaches it after limits.enumeration_timeout, which closes
+    the link so that the device side can tell."""
+    from hotplug.kernel.vhci import Vhci
+
+    config = tmp_path / "usbipa.yaml"
+    config.write_text(
+        f"listen: 127.0.0.1\nport: {USBIPA_PORT}\nallow:\n  - from: 127.0.0.0/8\n"
+        "limits:\n  enumeration_timeout: 8\n"
+    )
+    notify = NotifySocket(tmp_path)
+    state = str(tmp_path / "state")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hotplug.appd_cli", "-c", str(config), "--state-dir", state],
+        env=dict(os.environ, NOTIFY_SOCKET=str(notify.path)),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    log = ""
+    try:
+        notify.wait("READY", timeout=60, proc=proc)
+        notify.close()
+        device = StallingDevice(("127.0.0.1", USBIPA_PORT))
+        t0 = time.monotonic()
+        device.start()
+        # The kernel calls the port used once it has swallowed SET_ADDRESS, though
+        # no descriptor was ever read: USED with our devid, and no device.
+        port = gd.wait_until(
+            lambda: next((p for p in used_ports() if p.status == 6), None),
+            timeout=60,
+            what="the port marked used",
+        )
+        assert port.devid == device.devid and device.submits >= 1
+        (real,) = [p for p in Vhci().ports() if p.port == port.port]
+        assert not Vhci().enumerated(real)
+        assert device.closed.wait(90), "usbipa never closed the link"
+        took = time.monotonic() - t0
+        gd.wait_until(lambda: not used_ports(), timeout=30, what="the port freed")
+        assert 8 <= took < 60, f"detached {took:.1f} s after attach (timeout 8 s, poll 2 s)"
+    finally:
+        log = stop(proc)
+        print("usbipa log:\n" + log)
+    assert "(never enumerated within 8 s)" in log, log

@@ -1,0 +1,134 @@
+"""usbipa's watch on attached ports whose device never gets through enumeration.
+
+On the real kernel (tests/vm/guest/test_export_real.py) such a port goes
+NOTASSIGNED -> USED, with the devid and a local busid, as soon as vhci answers
+the hub's SET_ADDRESS, and stays so with its link open; only the USB device
+directory below vhci's root hub tells enumerated from stuck. The stand-in
+below answers `enumerated()` from a set, the way `Vhci.enumerated` answers from
+sysfs (and the fake kernel's tree agrees: last test).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from hotplug.appd import Appd, Session
+from hotplug.appd_config import AppdConfig, ConfigError, Limits, parse_config
+from hotplug.device import Speed
+from hotplug.kernel.fake import FakeTree
+from hotplug.kernel.vhci import PortRecord, PortState, VhciPort
+
+DEVID = (17 << 16) | 3
+
+
+class StandInVhci:
+    """vhci ports from a table: port -> (state, enumerated); records detaches."""
+
+    def __init__(self, table: dict[int, tuple[int, bool]]) -> None:
+        self.table = table
+        self.detached: list[int] = []
+
+    def ports(self) -> list[VhciPort]:
+        return [
+            VhciPort("hs", n, state, 3, DEVID if state == PortState.USED else 0, 5, f"1-{n + 1}")
+            for n, (state, _) in sorted(self.table.items())
+        ]
+
+    def enumerated(self, port: VhciPort) -> bool:
+        return self.table[port.port][1]
+
+    def detach(self, port: int) -> None:
+        self.detached.append(port)
+        self.table[port] = (PortState.NULL, False)
+
+    def write_record(self, port: int, record: PortRecord) -> None:
+        pass
+
+    def remove_record(self, port: int) -> None:
+        pass
+
+
+def session(port: int, since: float, busid: str) -> Session:
+    return Session(
+        port=port,
+        peer="127.0.0.1",
+        peer_port=40000 + port,
+        busid=busid,
+        devid=DEVID,
+        vendor=0x1D6B,
+        product=0x0104,
+        speed=3,
+        since=since,
+    )
+
+
+def test_a_port_whose_device_never_enumerates_is_detached_after_the_timeout(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    now = time.time()
+    vhci = StandInVhci(
+        {
+            0: (PortState.USED, False),  # attached 31 s ago, SET_ADDRESS seen, no device
+            1: (PortState.NOTASSIGNED, False),  # attached 31 s ago, not even reset
+            2: (PortState.USED, False),  # attached 5 s ago: still enumerating
+            3: (PortState.USED, True),  # enumerated
+        }
+    )
+    config = AppdConfig(state_dir=str(tmp_path), limits=replace(Limits(), enumeration_timeout=30))
+    appd = Appd(config, vhci)  # type: ignore[arg-type]
+    for port, age, busid in ((0, 31, "17-1"), (1, 31, "18-1"), (2, 5, "19-1"), (3, 300, "20-1")):
+        appd.sessions.add(session(port, now - age, busid))
+    with caplog.at_level(logging.INFO, logger="usbipa"):
+        appd._reap()
+    assert vhci.detached == [0, 1]
+    assert sorted(appd.sessions.by_port) == [2, 3]
+    assert "detached port 0: 17-1 from 127.0.0.1 (never enumerated within 30 s)" in caplog.text
+
+    # Once seen enumerated, a port is not judged again (its device may be reset later).
+    vhci.table[2] = (PortState.USED, True)
+    appd._reap()
+    vhci.table[2] = (PortState.USED, False)
+    appd.sessions.by_port[2] = replace(appd.sessions.by_port[2], since=now - 600)
+    appd._reap()
+    assert vhci.detached == [0, 1] and sorted(appd.sessions.by_port) == [2, 3]
+
+
+def test_the_timeout_is_configurable_and_checked() -> None:
+    config = parse_config("limits:\n  enumeration_timeout: 2.5\n", "usbipa.yaml")
+    assert config.limits.enumeration_timeout == 2.5
+    assert AppdConfig().limits.enumeration_timeout == 30.0
+    with pytest.raises(ConfigError, match=r"limits\.enumeration_timeout: expected a positive"):
+        parse_config("limits:\n  enumeration_timeout: 0\n", "usbipa.yaml")
+
+
+def test_the_fake_kernel_registers_the_device_below_the_root_hub_like_the_kernel(
+    tmp_path: Path,
+) -> None:
+    tree = FakeTree(tmp_path / "root", vhci_controllers=2).create()
+    server = tree.start_server()
+    vhci = tree.vhci()
+    a, b = socket.socketpair()
+    try:
+        port = vhci.find_free_port(Speed.HIGH)
+        assert port is not None and not vhci.enumerated(port)
+        vhci.attach(port.port, a, DEVID, Speed.HIGH)
+        attached = vhci.port(port.port)
+        assert attached is not None and vhci.enumerated(attached)
+        device = tree.paths.platform / "vhci_hcd.0" / "usb2" / attached.local_busid
+        assert device.is_dir()
+        assert not (tree.paths.usb_devices / attached.local_busid).exists()
+        vhci.detach(port.port)
+        freed = vhci.port(port.port)
+        assert freed is not None and freed.free and not vhci.enumerated(freed)
+        assert not device.exists()
+    finally:
+        a.close()
+        b.close()
+        server.terminate()
+        server.wait(timeout=10)
