@@ -465,7 +465,7 @@ class FakeKernelServer:
             if op == "add":
                 if busid not in table:
                     if len(table) >= MAX_BUSID:
-                        raise _Fail(errno.ENOMEM)  # add_match_busid found no free slot
+                        raise _Fail(errno.EIO)  # no free slot: EIO on Debian's 6.1 (VM)
                     table.append(busid)
             elif op == "del":
                 if busid not in table:

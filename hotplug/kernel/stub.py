@@ -72,13 +72,15 @@ class UsbipHost(SysfsWriter):
         if device.driver == STUB_DRIVER:
             return
         dev_dir = self.paths.device_dir(busid)
-        if device.driver is not None:
-            self.write(dev_dir / "driver/unbind", busid)
+        # The table entry first: if usbip-host has no room (16 busids), the device
+        # has not been taken from its driver yet.
         self.write(self.paths.stub_driver / "match_busid", f"add {busid}")
         try:
+            if device.driver is not None:
+                self.write(dev_dir / "driver/unbind", busid)
             self.write(self.paths.stub_driver / "bind", busid)
         except KernelError:
-            self._reprobe(busid)  # give it back to the driver we took it from
+            self._reprobe(busid)  # back to the driver we took it from; entry dropped
             raise
 
     def release(self, busid: str) -> None:

@@ -111,7 +111,7 @@ def _explain_write_error(path: Path, text: str, exc: OSError) -> str:
         errno.ENOTSOCK: "not a socket",
     }
     reason = reasons.get(exc.errno or 0, os.strerror(exc.errno or 0))
-    if path.name == "match_busid" and exc.errno == errno.ENOMEM:
+    if path.name == "match_busid" and exc.errno in (errno.EIO, errno.ENOMEM):
         # Linux keeps the entry of a device unplugged while bound, and `del`
         # does not free it: 16 such busids fill the table until the module reloads.
         reason = (
