@@ -7,7 +7,12 @@ them flapping (issue 7, soak).
 --devices fake devices; each is exported by the policy to one of three
 usbipa targets, each target a machine of its own (own fake kernel). A seeded
 random walk plugs and unplugs devices as fast as the rig goes (no waiting for
-the daemon), until --cycles devices have been unplugged again. Target C
+the daemon), until --cycles devices have been unplugged again. The machine has
+16 USB ports (busids 1-1 to 1-16): a device goes into a free one, so the same
+busid carries different devices over the walk, and a device a different busid
+each time. (16, because usbip-host's busid table has 16 slots and Linux keeps
+the slot of every busid unplugged while exported; a machine with more ports
+than that fills it for good: docs/PROTOCOL.md.) Target C
 flaps all along: its usbipa crashes (SIGKILL) and comes back, or its whole
 machine reboots (kernel links dropped, vhci and /run emptied) and comes back.
 
@@ -74,8 +79,11 @@ class SoakResult:
     problems: list[str] = field(default_factory=list)
 
 
-def busid(n: int) -> str:
-    return f"1-{n + 1}"
+PORTS = 16
+
+
+def busid(port: int) -> str:
+    return f"1-{port + 1}"
 
 
 def target_of(n: int) -> str:
@@ -110,6 +118,7 @@ class Rig:
         )
         self.daemon.start()
         self.plugged: set[int] = set()
+        self.port_of: dict[int, int] = {}  # plugged device -> its port
 
     def close(self) -> None:
         self.daemon.stop()
@@ -120,13 +129,19 @@ class Rig:
         for kernel in (*self.apps.values(), self.dev):
             kernel.stop()
 
-    def toggle(self, n: int) -> None:
+    def free_ports(self) -> list[int]:
+        return sorted(set(range(PORTS)) - set(self.port_of.values()))
+
+    def toggle(self, n: int, port: int | None = None) -> None:
+        """Unplug device `n`, or plug it into `port` (default: the first free one)."""
         if n in self.plugged:
             self.plugged.discard(n)
-            self.daemon.unplug(busid(n))
+            self.daemon.unplug(busid(self.port_of.pop(n)))
         else:
+            port = self.free_ports()[0] if port is None else port
             self.plugged.add(n)
-            self.daemon.plug(busid(n), product=PRODUCT[target_of(n)])
+            self.port_of[n] = port
+            self.daemon.plug(busid(port), product=PRODUCT[target_of(n)])
 
     # -------------------------------------------------------------- target C
 
@@ -146,7 +161,9 @@ class Rig:
     def convergence_problems(self) -> list[str]:
         problems = []
         for t in TARGETS:
-            want = {self.dev.devid(busid(n)) for n in self.plugged if target_of(n) == t}
+            want = {
+                self.dev.devid(busid(self.port_of[n])) for n in self.plugged if target_of(n) == t
+            }
             try:
                 have = self.apps[t].used_devids()
             except Exception as exc:  # a status file caught half-written
@@ -159,7 +176,7 @@ class Rig:
             records = len(self.usbipa[t].session_records())
             if records != len(want):
                 problems.append(f"target {t}: usbipa keeps {records} records for {len(want)}")
-        wanted = {busid(n) for n in self.plugged}
+        wanted = {busid(port) for port in self.port_of.values()}
         not_used = sorted(b for b in wanted if self.dev.stub_status(b) != "2")
         if not_used:
             problems.append(f"{len(not_used)} plugged devices not exported: {not_used[:5]}")
@@ -206,9 +223,13 @@ def run_soak(
         walk_start = time.monotonic()
         while result.cycles < cycles:
             n = rng.randrange(devices)
+            if n not in rig.plugged and not rig.free_ports():
+                n = rng.choice(sorted(rig.plugged))  # every port taken: pull one out
             if n in rig.plugged:
                 result.cycles += 1
-            rig.toggle(n)
+                rig.toggle(n)
+            else:
+                rig.toggle(n, rng.choice(rig.free_ports()))
             result.toggles += 1
             if result.toggles % period == 0 and not down and len(result.flaps) < flaps:
                 how = "crash" if len(result.flaps) % 2 == 0 else "reboot"
