@@ -30,6 +30,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -251,9 +252,15 @@ def _status_line(
 
 def _set_driver(paths: SysfsPaths, busid: str, driver: str | None) -> None:
     link = paths.usb_devices / busid / "driver"
-    link.unlink(missing_ok=True)
-    if driver is not None:
-        link.symlink_to(paths.usb_drivers / driver)
+    if driver is None:
+        link.unlink(missing_ok=True)
+        return
+    # Made aside and renamed over: the test process (plugging a device) and the
+    # kernel process (a bind for the busid's previous device) may both set it.
+    tmp = link.with_name(f".driver.{os.getpid()}.{threading.get_ident()}")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(paths.usb_drivers / driver)
+    os.replace(tmp, link)
 
 
 def _replace_text(path: Path, text: str) -> None:
