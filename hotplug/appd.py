@@ -300,11 +300,12 @@ class Appd:
             await asyncio.sleep(SESSION_POLL_INTERVAL)
             self.notifier.watchdog()
             self._reap()
+            self._detach_unenumerated()
 
-    def _reap(self) -> None:
+    def _detach_unenumerated(self) -> None:
+        # Only from the poll: an export pays for reap()'s status read, not this.
         timeout = self.config.limits.enumeration_timeout
         try:
-            gone = self.sessions.reap()
             stuck = self.sessions.never_enumerated(timeout, time.time())
         except KernelError as exc:
             logger.error("cannot read vhci status: %s", exc)
@@ -313,6 +314,13 @@ class Appd:
             # Closing the link is what tells the device side: its stub leaves
             # "used", and a hotplug daemon there exports the device again.
             self._detach(session.port, f"never enumerated within {timeout:g} s")
+
+    def _reap(self) -> None:
+        try:
+            gone = self.sessions.reap()
+        except KernelError as exc:
+            logger.error("cannot read vhci status: %s", exc)
+            return
         for session in gone:
             log.event(
                 logger,

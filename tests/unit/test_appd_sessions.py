@@ -85,17 +85,17 @@ def test_a_port_whose_device_never_enumerates_is_detached_after_the_timeout(
     for port, age, busid in ((0, 31, "17-1"), (1, 31, "18-1"), (2, 5, "19-1"), (3, 300, "20-1")):
         appd.sessions.add(session(port, now - age, busid))
     with caplog.at_level(logging.INFO, logger="usbipa"):
-        appd._reap()
+        appd._detach_unenumerated()
     assert vhci.detached == [0, 1]
     assert sorted(appd.sessions.by_port) == [2, 3]
     assert "detached port 0: 17-1 from 127.0.0.1 (never enumerated within 30 s)" in caplog.text
 
     # Once seen enumerated, a port is not judged again (its device may be reset later).
     vhci.table[2] = (PortState.USED, True)
-    appd._reap()
+    appd._detach_unenumerated()
     vhci.table[2] = (PortState.USED, False)
     appd.sessions.by_port[2] = replace(appd.sessions.by_port[2], since=now - 600)
-    appd._reap()
+    appd._detach_unenumerated()
     assert vhci.detached == [0, 1] and sorted(appd.sessions.by_port) == [2, 3]
 
 
