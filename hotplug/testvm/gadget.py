@@ -242,6 +242,31 @@ def usb_devices(*, serial: str | None = None) -> list[UsbDevice]:
     return sorted(out, key=lambda d: d.busid)
 
 
+def usb_attr(busid: str, name: str) -> str | None:
+    """An attribute of USB device `busid` in sysfs, stripped; None if unreadable."""
+    try:
+        return (USB_DEVICES / busid / name).read_text().strip()
+    except OSError:
+        return None
+
+
+def devid_of(busid: str) -> int | None:
+    """busnum << 16 | devnum, as USB/IP and vhci's status name the device."""
+    busnum, devnum = usb_attr(busid, "busnum"), usb_attr(busid, "devnum")
+    if not busnum or not devnum:
+        return None
+    return (int(busnum) << 16) | int(devnum)
+
+
+def exported_port(busid: str) -> VhciPort | None:
+    """The vhci port that holds `busid`, if the kernel says it is exported there:
+    usbip-host has it, its status is "used", and a used port carries its devid."""
+    if usb_attr(busid, "usbip_status") != "2" or busid_driver(busid) != "usbip-host":
+        return None
+    devid = devid_of(busid)
+    return next((p for p in vhci_ports() if p.status == 6 and p.devid == devid), None)
+
+
 def busid_driver(busid: str) -> str | None:
     """Name of the driver bound to a USB device (e.g. `usb`, `usbip-host`)."""
     link = USB_DEVICES / busid / "driver"

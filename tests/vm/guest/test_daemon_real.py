@@ -70,30 +70,8 @@ def policy_text(serial_glob: str = f"{SERIAL_PREFIX}*", broken: bool = False) ->
 # --------------------------------------------------------------------------- kernel facts
 
 
-def attr(busid: str, name: str) -> str | None:
-    try:
-        return (SYS / "bus/usb/devices" / busid / name).read_text().strip()
-    except OSError:
-        return None
-
-
-def devid_of(busid: str) -> int | None:
-    busnum, devnum = attr(busid, "busnum"), attr(busid, "devnum")
-    if not busnum or not devnum:
-        return None
-    return (int(busnum) << 16) | int(devnum)
-
-
 def used_ports() -> list[gd.VhciPort]:
     return [p for p in gd.vhci_ports() if not p.free]
-
-
-def exported_port(busid: str) -> gd.VhciPort | None:
-    """The vhci port that holds `busid`, if the kernel says it is exported there."""
-    if attr(busid, "usbip_status") != "2" or gd.busid_driver(busid) != "usbip-host":
-        return None
-    devid = devid_of(busid)
-    return next((p for p in gd.vhci_ports() if p.status == 6 and p.devid == devid), None)
 
 
 def in_match_table(busid: str) -> bool:
@@ -102,11 +80,11 @@ def in_match_table(busid: str) -> bool:
 
 def released(busid: str) -> bool:
     """Given back: the usual drivers, not known to usbip-host, no vhci port holds it."""
-    devid = devid_of(busid)
+    devid = gd.devid_of(busid)
     return (
         gd.busid_driver(busid) == "usb"
         and set(gd.interface_drivers(busid).values()) == {"usb-storage"}
-        and attr(busid, "usbip_status") is None
+        and gd.usb_attr(busid, "usbip_status") is None
         and not in_match_table(busid)
         and not any(p.devid == devid for p in used_ports())
     )
@@ -371,7 +349,7 @@ def plug_and_export(
     g.plug(udc)
     busid = g.wait_busid(timeout=ENUM)
     port = gd.wait_until(
-        lambda: exported_port(busid), timeout=ENUM, what=f"{busid} exported to a vhci port"
+        lambda: gd.exported_port(busid), timeout=ENUM, what=f"{busid} exported to a vhci port"
     )
     return busid, port, time.monotonic() - t0
 
@@ -403,7 +381,7 @@ def test_daemon_real_target_down_at_plug_then_up(
         what="two refused export attempts in the daemon's log",
     )
     # Each failed attempt is rolled back: nothing attached, the device its driver's again.
-    assert exported_port(busid) is None and not used_ports()
+    assert gd.exported_port(busid) is None and not used_ports()
     gd.wait_until(lambda: released(busid), timeout=30, what=f"{busid} given back between tries")
     row = next(d for d in rig.status_now()["devices"] if d["busid"] == busid)
     assert row["state"] in ("retrying", "exporting"), row
@@ -413,7 +391,7 @@ def test_daemon_real_target_down_at_plug_then_up(
     record_property("s_usbipa_start", f"{rig.start_seconds:.2f}")
     t0 = time.monotonic()
     port = gd.wait_until(
-        lambda: exported_port(busid), timeout=ENUM, what=f"{busid} exported once usbipa is up"
+        lambda: gd.exported_port(busid), timeout=ENUM, what=f"{busid} exported once usbipa is up"
     )
     took = time.monotonic() - t0
     record_property("s_up_to_exported", f"{took:.2f}")
@@ -438,7 +416,7 @@ def test_daemon_real_plug_exports_and_unplug_unexports(
     g = make_gadget(size=4 * MiB, serial=new_serial())
     busid, port, t_export = plug_and_export(g)
     record_property("s_plug_to_exported", f"{t_export:.2f}")
-    assert port.hub == "hs" and port.devid == devid_of(busid)
+    assert port.hub == "hs" and port.devid == gd.devid_of(busid)
     assert in_match_table(busid)
     assert json.loads(rig.record(busid).read_text())["by"] == "daemon"
 
@@ -448,7 +426,9 @@ def test_daemon_real_plug_exports_and_unplug_unexports(
     assert remote.serial == g.serial and remote.busid == port.local_busid
     assert_disk_works(g, disk, 1 * MiB)
     # The copy behind vhci_hcd matches the policy too, but is never exported back.
-    assert gd.busid_driver(remote.busid) == "usb" and attr(remote.busid, "usbip_status") is None
+    assert (
+        gd.busid_driver(remote.busid) == "usb" and gd.usb_attr(remote.busid, "usbip_status") is None
+    )
     assert len(used_ports()) == 1
 
     t1 = time.monotonic()
@@ -487,7 +467,7 @@ def test_daemon_real_replug_same_socket_then_another_udc(
     # device must still go to its usual driver first and then be exported again.
     same, port, took = plug_and_export(g, first_udc)
     record_property("s_replug_same_socket_to_exported", f"{took:.2f}")
-    assert same == old and port.devid == devid_of(same)
+    assert same == old and port.devid == gd.devid_of(same)
     gd.wait_until(g.vhci_devices, timeout=ENUM, what="the re-plugged disk behind vhci")
     g.unplug(timeout=ENUM)
     gd.wait_until(lambda: not used_ports(), timeout=ENUM, what=f"the port of {old} freed")
@@ -496,7 +476,7 @@ def test_daemon_real_replug_same_socket_then_another_udc(
     new, port, took = plug_and_export(g, other)
     record_property("s_replug_other_socket_to_exported", f"{took:.2f}")
     assert new != old, f"{first_udc} and {other} gave the same busid {new}"
-    assert port.devid == devid_of(new)
+    assert port.devid == gd.devid_of(new)
     remote = gd.wait_until(g.vhci_devices, timeout=ENUM, what="the moved disk behind vhci")[0]
     assert remote.busid == port.local_busid
     assert rig.usbipa_text().count(f"attached {old} from") == 2
@@ -520,9 +500,9 @@ def test_daemon_real_usbipa_killed_export_survives_and_is_adopted(
     assert_disk_works(g, disk, 0)
 
     rig.stop_usbipa(signal.SIGKILL)
-    assert exported_port(busid) == port
+    assert gd.exported_port(busid) == port
     assert_disk_works(g, disk, 256 * KiB)  # nobody in user space carries the data
-    assert exported_port(busid) == port
+    assert gd.exported_port(busid) == port
 
     t0 = time.monotonic()
     rig.start_usbipa()
@@ -533,7 +513,7 @@ def test_daemon_real_usbipa_killed_export_survives_and_is_adopted(
     (session,) = [s for s in rig.usbipa_status() if s["busid"] == busid]
     assert session["port"] == port.port and session["state"] == "attached"
     assert session["local_busid"] == remote.busid
-    assert exported_port(busid) == port
+    assert gd.exported_port(busid) == port
     assert_disk_works(g, disk, 512 * KiB)
     assert rig.daemon_text().count(f"exporting {busid} to lab") == 1
 
@@ -568,7 +548,7 @@ def test_daemon_real_link_cut_on_the_application_side_reexports(
         lambda: rig.usbipa_text().count(attaches) == 2, timeout=60, what="a second attach"
     )
     again = gd.wait_until(
-        lambda: exported_port(busid), timeout=ENUM, what=f"{busid} exported again"
+        lambda: gd.exported_port(busid), timeout=ENUM, what=f"{busid} exported again"
     )
     took = time.monotonic() - t0
     record_property("s_detach_to_reexported", f"{took:.2f}")
@@ -594,12 +574,12 @@ def test_daemon_real_daemon_restart_readopts_without_dropping_the_device(
     g = make_gadget(size=2 * MiB, serial=new_serial())
     busid, port, _ = plug_and_export(g)
     remote, disk = vhci_disk(g)
-    remote_devnum = attr(remote.busid, "devnum")
+    remote_devnum = gd.usb_attr(remote.busid, "devnum")
     disk_dev = (disk.sysfs / "dev").read_text().strip()
 
     with gd.UdevWatcher() as watcher:
         rig.stop_daemon(signal.SIGKILL)
-        assert exported_port(busid) == port
+        assert gd.exported_port(busid) == port
         t0 = time.monotonic()
         rig.start_daemon()
         record_property("s_daemon_restart", f"{time.monotonic() - t0:.2f}")
@@ -609,15 +589,15 @@ def test_daemon_real_daemon_restart_readopts_without_dropping_the_device(
         events: list[tuple[str, Any]] = []
         window = time.monotonic() + 3.0
         while time.monotonic() < window:
-            assert exported_port(busid) == port
+            assert gd.exported_port(busid) == port
             events += watcher.events(0.1)
         row = next(d for d in rig.status_now()["devices"] if d["busid"] == busid)
         assert row["state"] == "exported" and row["target"] == "lab", row
         assert_disk_works(g, disk, 128 * KiB)
         events += watcher.events(0.1)
         removed = [d.sys_name for action, d in events if action in ("remove", "unbind")]
-    assert exported_port(busid) == port  # same port, same devid, same local busid
-    assert attr(remote.busid, "devnum") == remote_devnum  # never enumerated again
+    assert gd.exported_port(busid) == port  # same port, same devid, same local busid
+    assert gd.usb_attr(remote.busid, "devnum") == remote_devnum  # never enumerated again
     assert (disk.sysfs / "dev").read_text().strip() == disk_dev
     assert remote.busid not in removed and disk.name not in removed, removed
     assert busid not in removed, removed
@@ -727,7 +707,7 @@ def test_daemon_real_udev_source_on_a_real_plug(
         assert configured.serial == g.serial and configured.vid_pid == "1d6b:0105"
         assert configured.product_name == "Udev Disk" and configured.manufacturer == "usbip-hotplug"
         assert configured.path == str(g.find_device().path)  # type: ignore[union-attr]
-        assert configured.devid == devid_of(busid) and not configured.on_vhci
+        assert configured.devid == gd.devid_of(busid) and not configured.on_vhci
         assert [i.klass for i in configured.interfaces] == [0x08]
         assert configured.properties.get("ID_SERIAL_SHORT") == g.serial
 

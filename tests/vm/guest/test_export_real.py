@@ -401,24 +401,20 @@ class StallingDevice(threading.Thread):
 
     def __init__(self, address: tuple[str, int]) -> None:
         super().__init__(daemon=True)
-        from hotplug.device import Speed
-        from hotplug.protocol import DeviceRecord, ExportRequest, encode
+        from hotplug.device import Device, Speed
+        from hotplug.export import device_record
+        from hotplug.protocol import ExportRequest, encode
 
-        record = DeviceRecord(
-            path="/sys/devices/platform/stalling/usb99/99-1",
-            busid="99-1",
-            busnum=99,
-            devnum=2,
-            speed=Speed.HIGH,
-            id_vendor=0x1D6B,
-            id_product=0x0199,
-            bcd_device=0x0100,
-            device_class=0,
-            device_subclass=0,
-            device_protocol=0,
-            configuration_value=1,
-            num_configurations=1,
-            num_interfaces=1,
+        record = device_record(
+            Device(
+                busid="99-1",
+                path="/sys/devices/platform/stalling/usb99/99-1",
+                busnum=99,
+                devnum=2,
+                speed=Speed.HIGH,
+                vendor=0x1D6B,
+                product=0x0199,
+            )
         )
         self.devid = record.devid
         self.sock = socket.create_connection(address, timeout=30)

@@ -218,21 +218,6 @@ def journal_on_failure(systemd: Systemd) -> Iterator[None]:
         print(f"----- journal of {unit}\n{text}")
 
 
-def _attr(busid: str, name: str) -> str | None:
-    with contextlib.suppress(OSError):
-        return (Path("/sys/bus/usb/devices") / busid / name).read_text().strip()
-    return None
-
-
-def exported_port(busid: str) -> gd.VhciPort | None:
-    """The vhci port holding `busid`, if usbip-host says it is in use (sysfs only)."""
-    busnum, devnum = _attr(busid, "busnum"), _attr(busid, "devnum")
-    if _attr(busid, "usbip_status") != "2" or not busnum or not devnum:
-        return None
-    devid = (int(busnum) << 16) | int(devnum)
-    return next((p for p in gd.vhci_ports() if p.status == 6 and p.devid == devid), None)
-
-
 def given_back(busid: str) -> bool:
     return gd.busid_driver(busid) == "usb" and not any(not p.free for p in gd.vhci_ports())
 
@@ -247,7 +232,7 @@ def plug_and_export(
     g = make_gadget(size=1 << 20, serial=f"{SERIAL_PREFIX}{next(_serials)}")
     g.plug()
     busid = g.wait_busid(timeout=ENUM)
-    port = gd.wait_until(lambda: exported_port(busid), timeout=ENUM, what=f"{busid} exported")
+    port = gd.wait_until(lambda: gd.exported_port(busid), timeout=ENUM, what=f"{busid} exported")
     return g, busid, port
 
 
@@ -316,7 +301,7 @@ def test_plug_exports_through_the_sandbox_and_the_journal_has_the_fields(
         timeout=ENUM,
         what="the daemon restarted by systemd",
     )
-    assert exported_port(busid) == port
+    assert gd.exported_port(busid) == port
     messages = [e.get("MESSAGE", "") for e in systemd.journal(HOTPLUG)]
     assert any(m.startswith(f"adopted {busid}: still exported to lab") for m in messages)
 
@@ -343,7 +328,7 @@ def test_reload_checks_the_policy_first_and_stop_gives_the_device_back(
         assert systemd.show(HOTPLUG, "MainPID") == pid
         text = systemd.run("journalctl", "-u", HOTPLUG, "--no-pager").stdout
         assert "/etc/usbip-hotplug/policy.yaml:" in text and "rules[1].match.vendor" in text
-        assert exported_port(busid) is not None
+        assert gd.exported_port(busid) is not None
     finally:
         (CONF / "policy.yaml").write_text(policy())
     systemd.run("systemctl", "reload", HOTPLUG)
