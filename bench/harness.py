@@ -312,8 +312,7 @@ class FakeKernel:
             return None
 
     def match_table(self) -> list[str]:
-        path = self.tree.paths.stub_driver / "match_busid"
-        return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+        return (self.tree.paths.stub_driver / "match_busid").read_text().split()
 
     def live_match_table(self) -> list[str]:
         """usbip-host's entries for devices still plugged in: the ones that can leak.

@@ -28,10 +28,12 @@ import selectors
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +45,8 @@ from hotplug.kernel.vhci import PortState, Vhci, parse_status
 STATUS_HEADER = "hub port sta spd dev      sockfd local_busid"
 RX_CAP = 1 << 20
 SERVER_SOCKET = ".fake-kernel.sock"
+TABLE_FILE = ".fake-kernel-busids.json"
+OOPS_FILE = ".fake-kernel-oops"
 MAX_BUSID = 16  # usbip-host's busid_table (stub_main.c)
 
 
@@ -163,6 +167,14 @@ class FakeTree:
 
     def unload_stub(self) -> None:
         shutil.rmtree(self.paths.stub_driver, ignore_errors=True)
+        (self.root / TABLE_FILE).unlink(missing_ok=True)  # a module reload empties the table
+
+    def kernel_faults(self) -> list[str]:
+        """What would have been an oops in the real kernel (see FakeKernelServer._oops)."""
+        try:
+            return (self.root / OOPS_FILE).read_text().splitlines()
+        except FileNotFoundError:
+            return []
 
     def add_device(self, dev: FakeUsbDevice, devnum: int | None = None) -> Path:
         busnum = int(dev.busid.split("-")[0])
@@ -195,7 +207,16 @@ class FakeTree:
             (iface / "bInterfaceClass").write_text(f"{klass:02x}\n")
             (iface / "bInterfaceSubClass").write_text(f"{subclass:02x}\n")
             (iface / "bInterfaceProtocol").write_text(f"{protocol:02x}\n")
+        node = self.paths.usbfs_node(busnum, int(attrs["devnum"]))
+        node.parent.mkdir(parents=True, exist_ok=True)
+        # Who this device is, for usbip-host's table (its `udev` pointer): a token
+        # in its usbfs file, readable through an open file even after unplug.
+        token = uuid.uuid4().hex
+        node.write_text(token + "\n")
+        (real / ".fake-udev").write_text(f"{token} {node}\n")
         (self.paths.usb_devices / dev.busid).symlink_to(real)
+        # Debian's 6.1 gives a new device to its usual driver even when
+        # usbip-host's table holds its busid (seen in the VM).
         _set_driver(self.paths, dev.busid, "usb")
         return real
 
@@ -208,6 +229,9 @@ class FakeTree:
         """
         link = self.paths.usb_devices / busid
         real = Path(os.path.realpath(link))
+        udev = _read_udev(real)
+        if udev is not None:
+            Path(udev[1]).unlink(missing_ok=True)
         link.unlink(missing_ok=True)
         shutil.rmtree(real, ignore_errors=True)
         if self.server_socket.exists():
@@ -271,6 +295,29 @@ def _replace_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _read_udev(dev_dir: Path) -> tuple[str, str] | None:
+    """(token, usbfs path) of the device in `dev_dir`, if it is (still) there."""
+    try:
+        token, node = (dev_dir / ".fake-udev").read_text().split()
+    except (OSError, ValueError):
+        return None
+    return token, node
+
+
+def _tokens_held_by(pid: int) -> set[str]:
+    """Tokens of the fake usbfs files process `pid` has open (unplugged ones too)."""
+    held: set[str] = set()
+    fd_dir = Path(f"/proc/{pid}/fd")
+    with contextlib.suppress(OSError):
+        for entry in fd_dir.iterdir():
+            with contextlib.suppress(OSError):
+                if "/dev/bus/usb/" not in os.readlink(entry):
+                    continue
+                with open(entry) as f:
+                    held.add(f.read().strip())
+    return held
+
+
 def _driver(paths: SysfsPaths, busid: str) -> str | None:
     try:
         return os.path.basename(os.readlink(paths.usb_devices / busid / "driver"))
@@ -297,31 +344,73 @@ class FakeKernelServer:
         self.vhci_socks: dict[int, socket.socket] = {}
         self.rx_dir = root / ".fake-kernel-rx"
         self.rx_dir.mkdir(exist_ok=True)
+        self.table_file = root / TABLE_FILE
+        self.oops_file = root / OOPS_FILE
 
     # -- stub
 
-    def _match_table(self) -> list[str]:
-        text = (self.paths.stub_driver / "match_busid").read_text()
-        return [line.split()[0] for line in text.splitlines() if line.strip()]
+    # usbip-host's busid_table (stub_main.c), slot for slot: a name, a status and
+    # `udev`, the device its probe last bound (a token, see FakeTree.add_device).
+    # Only `rebind` (or a module reload) frees a slot; `rebind` uses `udev`
+    # without a check, which is where the real kernel oopses.
 
-    def _save_match_table(self, busids: list[str]) -> None:
-        _replace_text(self.paths.stub_driver / "match_busid", "".join(f"{b:<32}\n" for b in busids))
+    def _slots(self) -> list[dict[str, str | None]]:
+        try:
+            data = json.loads(self.table_file.read_text())
+        except (OSError, ValueError):
+            data = None
+        if not isinstance(data, list) or len(data) != MAX_BUSID:
+            data = [{"name": "", "status": "other", "udev": None} for _ in range(MAX_BUSID)]
+        return data
+
+    def _save_slots(self, slots: list[dict[str, str | None]]) -> None:
+        _replace_text(self.table_file, json.dumps(slots))
+        names = " ".join(str(s["name"]) for s in slots if s["name"])
+        # As match_busid_show prints it: each name and a space, then a newline.
+        _replace_text(self.paths.stub_driver / "match_busid", (names + " " if names else "") + "\n")
+
+    @staticmethod
+    def _slot(slots: list[dict[str, str | None]], busid: str) -> dict[str, str | None] | None:
+        return next((s for s in slots if s["name"] == busid), None)
+
+    def _match_table(self) -> list[str]:
+        return [str(s["name"]) for s in self._slots() if s["name"]]
 
     def _require_device(self, busid: str) -> None:
         if not (self.paths.usb_devices / busid).exists():
             raise _Fail(errno.ENODEV)
 
+    def _oops(self, message: str) -> None:
+        """What the real kernel does here is crash: record it for the tests' judge."""
+        with open(self.oops_file, "a") as f:
+            f.write(message + "\n")
+        raise _Fail(errno.EFAULT)
+
     def _stub_bind(self, busid: str) -> None:
+        """The driver core's bind: usbip-host's probe takes the device if its busid's
+        entry is ADDED (or ALLOC), and records the device in the entry."""
         self._require_device(busid)
-        if busid not in self._match_table():
-            raise _Fail(errno.ENODEV)
         if _driver(self.paths, busid) is not None:
             raise _Fail(errno.EBUSY)
-        _set_driver(self.paths, busid, "usbip-host")
+        slots = self._slots()
+        slot = self._slot(slots, busid)
         dev_dir = self.paths.usb_devices / busid
+        udev = _read_udev(dev_dir)
+        if slot is None or slot["status"] in ("remov", "other") or udev is None:
+            raise _Fail(errno.ENODEV)
+        slot["udev"], slot["status"] = udev[0], "alloc"
+        self._save_slots(slots)
+        _set_driver(self.paths, busid, "usbip-host")
         _replace_text(dev_dir / "usbip_status", "1\n")
         (dev_dir / "usbip_sockfd").touch()
         (dev_dir / "usbip_debug").touch()
+
+    def _stub_disconnect(self, busid: str) -> None:
+        slots = self._slots()
+        slot = self._slot(slots, busid)
+        if slot is not None and slot["status"] == "alloc":
+            slot["status"] = "added"
+            self._save_slots(slots)
 
     def _stub_unbind(self, busid: str) -> None:
         self._require_device(busid)
@@ -332,6 +421,57 @@ class FakeKernelServer:
         for name in ("usbip_status", "usbip_sockfd", "usbip_debug"):
             (dev_dir / name).unlink(missing_ok=True)
         _set_driver(self.paths, busid, None)
+        self._stub_disconnect(busid)
+
+    def _match_busid(self, value: str) -> None:
+        op, _, busid = value.partition(" ")
+        slots = self._slots()
+        slot = self._slot(slots, busid)
+        if op == "add":
+            if slot is None:
+                free = next((s for s in slots if not s["name"]), None)
+                if free is None:
+                    raise _Fail(errno.EIO)  # no free slot: EIO on Debian's 6.1 (VM)
+                # The slot keeps its previous occupant's `udev`, as the kernel's does.
+                free["name"], free["status"] = busid, "added"
+        elif op == "del":
+            if slot is None:
+                raise _Fail(errno.ENODEV)
+            # del_match_busid: frees only an entry `rebind` left; marks a bound one
+            # for removal; leaves an ADDED one as it is (all seen on 6.1 in the VM).
+            if slot["status"] == "other":
+                slot["name"] = ""
+            elif slot["status"] != "added":
+                slot["status"] = "remov"
+        else:
+            raise _Fail(errno.EINVAL)
+        self._save_slots(slots)
+
+    def _rebind(self, busid: str, writer: int | None) -> None:
+        slots = self._slots()
+        slot = self._slot(slots, busid)
+        if slot is None:
+            raise _Fail(errno.ENODEV)
+        slot["status"] = "other"
+        self._save_slots(slots)
+        udev = slot["udev"]
+        if udev is None:
+            self._oops(
+                f"BUG: kernel NULL pointer dereference in do_rebind [usbip_host]: rebind {busid}:"
+                " no device was ever bound through this entry"
+            )
+        dev_dir = self.paths.usb_devices / busid
+        present = _read_udev(dev_dir)
+        if present is not None and present[0] == udev:
+            if _driver(self.paths, busid) is None:
+                _set_driver(self.paths, busid, "usb")
+        elif writer is None or udev not in _tokens_held_by(writer):
+            self._oops(
+                f"general protection fault in __mutex_lock, do_rebind [usbip_host]: rebind {busid}:"
+                " the entry's device was freed (unplugged, not held open by the writer)"
+            )
+        slot["name"] = ""
+        self._save_slots(slots)
 
     def _stub_drop(self, busid: str) -> None:
         sock = self.stub_socks.pop(busid, None)
@@ -459,7 +599,9 @@ class FakeKernelServer:
 
     # -- dispatch
 
-    def apply(self, path: Path, text: str, sock: socket.socket | None) -> None:
+    def apply(
+        self, path: Path, text: str, sock: socket.socket | None, writer: int | None = None
+    ) -> None:
         p = self.paths
         stub = p.stub_driver
         name = path.name
@@ -467,40 +609,19 @@ class FakeKernelServer:
         if path.parent == stub and not stub.exists():
             raise _Fail(errno.ENOENT)
         if path == stub / "match_busid":
-            op, _, busid = value.partition(" ")
-            table = self._match_table()
-            if op == "add":
-                if busid not in table:
-                    if len(table) >= MAX_BUSID:
-                        raise _Fail(errno.EIO)  # no free slot: EIO on Debian's 6.1 (VM)
-                    table.append(busid)
-            elif op == "del":
-                if busid not in table:
-                    raise _Fail(errno.ENODEV)
-                # Debian's 6.1 accepts `del` for a busid whose device was
-                # unplugged while bound, and keeps the entry (seen in the VM).
-                if (p.usb_devices / busid).exists():
-                    table.remove(busid)
-            else:
-                raise _Fail(errno.EINVAL)
-            self._save_match_table(table)
+            self._match_busid(value)
         elif path == stub / "bind":
             self._stub_bind(value)
         elif path == stub / "unbind":
             self._stub_unbind(value)
         elif path == stub / "rebind":
-            if value not in self._match_table():
-                raise _Fail(errno.ENODEV)
-            self._save_match_table([b for b in self._match_table() if b != value])
-            self._require_device(value)
-            _set_driver(p, value, "usb")
+            self._rebind(value, writer)
         elif path == p.sys / "bus/usb/drivers_probe":
             self._require_device(value)
             if _driver(p, value) is None:
-                if value in self._match_table() and stub.exists():
-                    self._stub_bind(value)
-                else:
-                    _set_driver(p, value, "usb")
+                # The generic driver: usbip-host does not get a device this way
+                # even when its busid is in the table (seen on 6.1 in the VM).
+                _set_driver(p, value, "usb")
         elif name == "unbind" and path.parent.name == "driver":
             busid = path.parent.parent.name
             self._require_device(busid)
@@ -515,6 +636,9 @@ class FakeKernelServer:
             busid = path.parent.name
             if busid in self.stub_socks:
                 self._stub_drop(busid)
+            # Unplugged while bound: stub_disconnect runs; the entry keeps its name
+            # and its `udev`, which now points at a freed device.
+            self._stub_disconnect(busid)
         elif path == p.platform / "vhci_hcd.0/attach":
             self._vhci_attach(text, sock)
             sock = None
@@ -544,8 +668,10 @@ class FakeKernelServer:
             request = json.loads(msg)
             sock = socket.socket(fileno=fds[0]) if fds else None
             code = 0
+            creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            writer = struct.unpack("3i", creds)[0] or None
             try:
-                self.apply(Path(request["path"]), request["text"], sock)
+                self.apply(Path(request["path"]), request["text"], sock, writer)
             except _Fail as fail:
                 code = fail.code
                 if sock is not None and sock.fileno() >= 0 and sock not in self._held():

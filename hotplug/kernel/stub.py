@@ -1,15 +1,30 @@
 """usbip-host ("the stub"): bind a device, hand it a socket, give it back.
 
-Facts (PROTOCOL.md, checked on Debian's 6.1 kernel): bind = unbind from the
-current driver, `match_busid add`, write the busid to `usbip-host/bind`;
-release = `usbip-host/unbind`, `match_busid del`, `rebind`. Per device,
-`usbip_status` (1 available, 2 used, 3 error) and `usbip_sockfd`.
+Facts (docs/PROTOCOL.md, "usbip-host's busid table"; checked on Debian's 6.1
+kernel): bind = `match_busid add`, unbind from the current driver, write the
+busid to `usbip-host/bind`. Per device, `usbip_status` (1 available, 2 used,
+3 error) and `usbip_sockfd`.
+
+Giving a device back is where the kernel can be crashed. `usbip-host/rebind`
+is the only write that frees a table entry, and it calls device_attach() on
+the device usbip-host's probe last recorded for that entry, with no check and
+no reference: NULL for an entry no device was ever bound through, a freed
+device for one whose device was unplugged after usbip-host let it go. So
+`rebind` is written only while (1) the device at that busid is bound to
+usbip-host right now (its probe recorded *this* device) and (2) this process
+holds the device open through usbfs (/dev/bus/usb/BBB/DDD), which keeps the
+kernel's struct usb_device alive even if it is unplugged during the write.
+Where that cannot be had, the entry is left in the table (`leftovers()`)
+rather than risk an oops.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import socket
+from collections.abc import Iterator
 from enum import IntEnum
 
 from hotplug.device import Device
@@ -24,6 +39,8 @@ from hotplug.kernel.sysfs import (
 )
 
 STUB_DRIVER = "usbip-host"
+# stub_main.c's busid_table: entries are freed only by `rebind` or a module reload.
+TABLE_SLOTS = 16
 
 
 class StubStatus(IntEnum):
@@ -57,6 +74,16 @@ class UsbipHost(SysfsWriter):
         except ValueError:
             return StubStatus.ERROR
 
+    def table(self) -> list[str]:
+        """The busids in usbip-host's table (`match_busid` lists them on one line)."""
+        text = read_attr(self.paths.stub_driver / "match_busid") or ""
+        return text.split()
+
+    def leftovers(self) -> list[str]:
+        """Table entries with no device bound through them: slots lost until a module
+        reload, unless a device at that busid is bound and given back again."""
+        return [b for b in self.table() if self._driver_now(b) != STUB_DRIVER]
+
     def bind(self, busid: str, device: Device | None = None) -> None:
         """Take the device from its driver and give it to usbip-host.
 
@@ -80,25 +107,84 @@ class UsbipHost(SysfsWriter):
                 self.write(dev_dir / "driver/unbind", busid)
             self.write(self.paths.stub_driver / "bind", busid)
         except KernelError:
-            self._reprobe(busid)  # back to the driver we took it from; entry dropped
+            # Pulled out mid-bind, typically. Never `rebind` blindly here: the
+            # entry may not point at this device (see the module's docstring).
+            with contextlib.suppress(KernelError):
+                self.release(busid)
             raise
 
     def release(self, busid: str) -> None:
-        """Give the device back to its usual driver. Idempotent."""
+        """Give the device back to its usual driver, without risking a kernel oops.
+
+        Idempotent. A device that is gone leaves its table entry behind (nothing
+        can free it safely); see `leftovers()`.
+        """
         validate_busid(busid)
         if not self.loaded:
             return
+        with self.held(busid) as device:
+            if device is None:
+                return
+            driver = device.driver
+            if driver is None and busid in self.table():
+                # Taken from its driver by a bind that did not finish: bind it to
+                # usbip-host first, so that the entry records this very device and
+                # `rebind` below frees the entry safely.
+                with contextlib.suppress(KernelError):
+                    self.write(self.paths.stub_driver / "bind", busid)
+                driver = self._driver_now(busid)
+            if driver == STUB_DRIVER:
+                self.write(self.paths.stub_driver / "unbind", busid)
+                # Safe: usbip-host's probe recorded this device, and we hold it.
+                self.write(self.paths.stub_driver / "rebind", busid)
+            elif driver is None:
+                self.write(self.paths.sys / "bus/usb/drivers_probe", busid)
+            else:
+                # `del` frees only an entry a failed rebind left; it never touches
+                # the device, so it is always safe.
+                with contextlib.suppress(KernelError):
+                    self.write(self.paths.stub_driver / "match_busid", f"del {busid}")
+
+    @contextlib.contextmanager
+    def held(self, busid: str) -> Iterator[Device | None]:
+        """The device at `busid`, kept alive in the kernel by an open usbfs file
+        for the duration; None if there is no device (or it was replaced)."""
         try:
-            driver = self.driver_of(busid)
+            device = read_device(self.paths, busid)
         except DeviceNotFound:
-            self._forget(busid)
+            yield None
             return
-        if driver == STUB_DRIVER:
-            self.write(self.paths.stub_driver / "unbind", busid)
-        if driver in (STUB_DRIVER, None):
-            self._reprobe(busid)
-        else:
-            self._forget(busid)
+        node = self.paths.usbfs_node(device.busnum, device.devnum)
+        try:
+            fd = os.open(node, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
+        except OSError as exc:
+            gone = not self.paths.device_dir(busid).exists() or exc.errno == errno.ENODEV
+            if gone:
+                yield None
+                return
+            raise KernelError(
+                f"cannot open {node} to hold {busid} while giving it back ({exc.strerror});"
+                " not writing usbip-host's rebind without that (Linux would oops if the"
+                " device went meanwhile): the device stays with usbip-host. Under systemd,"
+                " the unit needs DeviceAllow=char-usb_device r and /dev/bus/usb"
+            ) from exc
+        try:
+            try:
+                now = read_device(self.paths, busid)
+            except DeviceNotFound:
+                yield None
+                return
+            # devnum grows with every enumeration on a bus: the same number means
+            # the file we hold is the device sysfs shows at this busid.
+            yield now if (now.busnum, now.devnum) == (device.busnum, device.devnum) else None
+        finally:
+            os.close(fd)
+
+    def _driver_now(self, busid: str) -> str | None:
+        try:
+            return self.driver_of(busid)
+        except DeviceNotFound:
+            return None
 
     def hand_over(self, busid: str, sock: socket.socket) -> None:
         """Start the data phase: the kernel takes its own reference to `sock`.
@@ -114,19 +200,3 @@ class UsbipHost(SysfsWriter):
         """Stop the data phase (the kernel closes its end of the connection)."""
         if self.status(busid) == StubStatus.USED:
             self.write(self.paths.device_dir(busid) / "usbip_sockfd", "-1")
-
-    def _forget(self, busid: str) -> None:
-        # ENODEV: not in the table, nothing to forget
-        with contextlib.suppress(KernelError):
-            self.write(self.paths.stub_driver / "match_busid", f"del {busid}")
-
-    def _reprobe(self, busid: str) -> None:
-        # `rebind` marks the busid so usbip-host's own probe skips it, probes the
-        # usual driver and drops the busid from match_busid: one atomic step.
-        # Forgetting first and then probing would let usbip-host grab it again.
-        with contextlib.suppress(KernelError):  # ENODEV: not in match_busid, or gone
-            self.write(self.paths.stub_driver / "rebind", busid)
-            return
-        self._forget(busid)
-        if self.paths.device_dir(busid).exists():
-            self.write(self.paths.sys / "bus/usb/drivers_probe", busid)

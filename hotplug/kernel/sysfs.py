@@ -68,6 +68,10 @@ class SysfsPaths:
     def device_dir(self, busid: str) -> Path:
         return self.usb_devices / busid
 
+    def usbfs_node(self, busnum: int, devnum: int) -> Path:
+        """The device's usbfs file; holding it open keeps the kernel's device alive."""
+        return self.root / f"dev/bus/usb/{busnum:03d}/{devnum:03d}"
+
     def unrooted(self, path: Path) -> str:
         """The path as the kernel would name it (without our test root)."""
         rel = os.path.relpath(path, self.root)

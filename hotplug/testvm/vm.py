@@ -93,7 +93,17 @@ _GUEST_SKIP_MODULES = (
     "aesni_intel,ghash_clmulni_intel,polyval_clmulni,sha1_ssse3,sha256_ssse3,sha512_ssse3,"
     "crc32_pclmul,crct10dif_pclmul,crc32c_intel"
 )
-GUEST_KERNEL_OPTIONS = (f"modprobe.blacklist={_GUEST_SKIP_MODULES}",)
+GUEST_KERNEL_OPTIONS = (
+    f"modprobe.blacklist={_GUEST_SKIP_MODULES}",
+    # Freed slab objects are poisoned: a use after free in the kernel (usbip-host's
+    # `rebind` on a freed device, issue 11) oopses at once instead of corrupting
+    # memory quietly (seen: without it the same write "succeeded").
+    "slub_debug=P",
+    # Errors, warnings and notices reach the serial console, which the host reads
+    # whatever state the guest is in: oopses, WARNINGs and the tests' own markers
+    # (tests/vm/conftest.py). Later on the command line than virtme's loglevel=1.
+    "loglevel=6",
+)
 # The directories virtme-ng gives the guest as writable overlays (as `vng` does).
 GUEST_OVERLAY_DIRS = ("/etc", "/lib", "/home", "/opt", "/srv", "/usr", "/var", "/tmp")
 # Second share of the host root, mounted with cache=loose in the guest.
@@ -582,6 +592,9 @@ class GuestVM:
         self._threads: list[threading.Thread] = []
         self._console_tail: collections.deque[str] = collections.deque(maxlen=80)
         self._console_file: IO[str] | None = None
+        # Called with every console line (the guest kernel's log, QEMU's messages),
+        # from the reader thread: keep them quick.
+        self.console_watchers: list[OutputFn] = []
         self.guest_info: dict[str, Any] = {}
         self._boot_script: Path | None = None
 
@@ -894,6 +907,9 @@ class GuestVM:
             if self._console_file is not None:
                 self._console_file.write(line + "\n")
                 self._console_file.flush()
+            for watcher in list(self.console_watchers):
+                with contextlib.suppress(Exception):
+                    watcher(line)
             if self.verbose:
                 self.output(f"{self.prefix}[console] {line}")
 

@@ -41,6 +41,9 @@ def kernels(tmp_path: Path) -> Iterator[tuple[FakeKernel, FakeKernel]]:
             app.stop()
     finally:
         device.stop()
+    # A write that would have oopsed Linux fails the test that caused it.
+    faults = device.tree.kernel_faults()
+    assert not faults, "\n".join(faults)
 
 
 @pytest.fixture

@@ -23,6 +23,9 @@ def tree(tmp_path: Path) -> Iterator[FakeTree]:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+    # The fake kernel judges as the real one would: a write that would have
+    # oopsed Linux fails the test that caused it.
+    assert not tree.kernel_faults(), "\n".join(tree.kernel_faults())
 
 
 @pytest.fixture

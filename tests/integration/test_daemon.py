@@ -60,8 +60,7 @@ def used_ports(tree: FakeTree) -> list[VhciPort]:
 
 
 def match_table(tree: FakeTree) -> list[str]:
-    text = (tree.paths.stub_driver / "match_busid").read_text()
-    return [line.split()[0] for line in text.splitlines() if line.strip()]
+    return (tree.paths.stub_driver / "match_busid").read_text().split()
 
 
 def exported(tree: FakeTree, busid: str) -> VhciPort | None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -63,6 +64,11 @@ GUEST_TEST_TIMEOUT = _env_float("USBIP_VM_TEST_TIMEOUT", 300.0)  # each guest te
 BOOT_TIMEOUT = _env_float("USBIP_VM_BOOT_TIMEOUT", 240.0)
 
 
+# A kernel fault costs one test and one boot, never the suite timeout.
+FAULT_GRACE = _env_float("USBIP_VM_FAULT_GRACE", 30.0)
+MAX_GUEST_BOOTS = 4
+
+
 def _under(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
@@ -87,9 +93,97 @@ def pytest_collection_modifyitems(
 
 
 # ---------------------------------------------------------------------------
+# the kernel's log as the judge (both sides)
+
+# What the kernel prints when it is in trouble: oopses, BUG/WARN, lockups and
+# hung tasks, sanitizers, list/refcount corruption.
+KERNEL_FAULT = re.compile(
+    r"BUG:|Oops|general protection fault|WARNING:|Call Trace|Kernel panic|kernel BUG at"
+    r"|blocked for more than \d+ seconds|soft lockup|hard LOCKUP|rcu_sched self-detected"
+    r"|UBSAN:|KASAN:|refcount_t:|list_add corruption|list_del corruption|Poison overwritten"
+)
+# Written into the kernel's log by the guest session around each test, so that
+# the log (and the host, reading the serial console) knows which test ran when.
+TEST_MARK = "usbip-test:"
+
+
+def kernel_fault_lines(lines: list[str], limit: int = 60) -> list[str]:
+    """From the first fault line on (a trace follows it), at most `limit` lines."""
+    for i, line in enumerate(lines):
+        if KERNEL_FAULT.search(line) and TEST_MARK not in line:
+            return lines[i : i + limit]
+    return []
+
+
+class KernelWatch:
+    """Reads the guest's serial console on the host: which test runs (our markers)
+    and whether the kernel faulted. Works when the guest itself no longer answers."""
+
+    def __init__(self) -> None:
+        self.running: str | None = None
+        self.fault_since: float | None = None
+        self.lines: list[str] = []
+
+    def feed(self, line: str) -> None:
+        if TEST_MARK in line:
+            verb, _, nodeid = line.partition(TEST_MARK)[2].strip().partition(" ")
+            if self.fault_since is None:
+                self.running = nodeid if verb == "start" else None
+            return
+        if self.fault_since is None and KERNEL_FAULT.search(line):
+            self.fault_since = time.monotonic()
+        if self.fault_since is not None and len(self.lines) < 60:
+            self.lines.append(line)
+
+
+# ---------------------------------------------------------------------------
 # guest side: record results
 
 if IN_VM:
+
+    class KmsgReader:
+        """The kernel's log from now on (/dev/kmsg, non-blocking)."""
+
+        def __init__(self) -> None:
+            self.fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK)
+            os.lseek(self.fd, 0, os.SEEK_END)
+
+        def read(self) -> list[str]:
+            lines = []
+            while True:
+                try:
+                    record = os.read(self.fd, 8192).decode("utf-8", "replace")
+                except BlockingIOError:
+                    return lines
+                except BrokenPipeError:  # overwritten before we read it: go on
+                    continue
+                if not record:
+                    return lines
+                head, _, text = record.partition(";")
+                stamp = head.split(",")[2] if head.count(",") >= 2 else "0"
+                for part in text.rstrip("\n").split("\n"):
+                    if not part.startswith(" "):  # continuation dictionaries
+                        lines.append(f"[{int(stamp) / 1e6:12.6f}] {part}")
+
+        def close(self) -> None:
+            os.close(self.fd)
+
+    def _mark(text: str) -> None:
+        with contextlib.suppress(OSError), open("/dev/kmsg", "w") as f:
+            f.write(f"<5>{TEST_MARK} {text}\n")
+
+    @pytest.hookimpl(hookwrapper=True, tryfirst=True)
+    def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Any:
+        _mark(f"start {item.nodeid}")
+        with contextlib.suppress(OSError):
+            item.stash[_KMSG] = KmsgReader()
+        yield
+        reader = item.stash.get(_KMSG, None)
+        if reader is not None:
+            reader.close()
+        _mark(f"end {item.nodeid}")
+
+    _KMSG = pytest.StashKey["KmsgReader"]()
 
     def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         out = os.environ.get("USBIP_VM_RESULTS")
@@ -122,8 +216,29 @@ if IN_VM:
     def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
         outcome = yield
         report: pytest.TestReport = outcome.get_result()
+        if call.when == "teardown":
+            _judge(item, report)
         if report.failed:
             report.sections.append(("kernel log (last 80 lines)", _dmesg_tail(80)))
+
+    def _judge(item: pytest.Item, report: pytest.TestReport) -> None:
+        """The kernel is the judge: an oops, BUG:, WARNING:, a trace or a hung task
+        logged while the test ran fails it, whatever its assertions said. The rest
+        of the session would run on a damaged kernel: stop it, and the host boots
+        a fresh guest for the tests that did not run."""
+        reader = item.stash.get(_KMSG, None)
+        if reader is None:
+            return
+        fault = kernel_fault_lines(reader.read())
+        if not fault:
+            return
+        report.outcome = "failed"
+        report.longrepr = (
+            "the guest kernel logged a fault while this test ran (the kernel is the judge):\n"
+            + "\n".join(fault)
+        )
+        report.user_properties.append(("kernel_fault", "1"))
+        item.session.shouldstop = f"kernel fault in {item.nodeid}: a fresh guest is needed"
 
     def _dmesg_tail(lines: int) -> str:
         try:
@@ -180,7 +295,9 @@ def aggregate(records: list[dict[str, Any]]) -> dict[str, GuestOutcome]:
         call = next((r for r in reps if r["when"] == "call"), None)
         if failed:
             first = failed[0]
-            o.outcome = "failed" if first["when"] == "call" else "error"
+            judged = ["kernel_fault", "1"] in (first.get("props") or [])
+            # A kernel fault is the test's own failure, though judged at teardown.
+            o.outcome = "failed" if first["when"] == "call" or judged else "error"
             o.text = "\n".join(
                 (f"[in guest, {r['when']}]\n" if r["when"] != "call" else "") + str(r["text"])
                 for r in failed
@@ -214,6 +331,7 @@ class VmSession:
         self.console_log: Path | None = None
         self.boot_info = ""
         self.ran = 0
+        self.reboots = 0
         # A private copy of the terminal: pytest's fd capture cannot swallow
         # what the VM threads print, whenever they print it.
         self._term: IO[str] | None = None
@@ -281,17 +399,47 @@ class VmSession:
         return vm
 
     def guest_results(self, items: list[pytest.Item]) -> dict[str, GuestOutcome]:
-        """Run every selected guest test in one in-guest pytest session (once)."""
+        """Run every selected guest test in the guest (once), in one pytest session
+        per guest: after a kernel fault the rest runs in a freshly booted guest."""
         if self.results is not None:
             return self.results
         if self.run_error:
             pytest.fail(self.run_error, pytrace=False)
-        vm = self.get_vm()
-        from hotplug.testvm.vm import VMError
-
         # The session's final items: after -m / -k / --deselect.
         nodeids = [i.nodeid for i in items if isinstance(i, GuestTestProxy)]
         self.ran = len(nodeids)
+        results: dict[str, GuestOutcome] = {}
+        t0 = time.monotonic()
+        pending = nodeids
+        for boot in range(MAX_GUEST_BOOTS):
+            watch = KernelWatch()
+            faulted = self._run_in_guest(pending, results, watch)
+            pending = [n for n in pending if n not in results]
+            if not faulted:
+                break
+            # This guest's kernel is damaged or wedged: nothing else runs on it
+            # (host-side tests of the harness included); the rest gets a new one.
+            self.vm.close(timeout=10)
+            self.vm = None
+            self.reboots += 1
+            if not pending:
+                break
+            self.write(
+                f"[vm] kernel fault in the guest: a fresh guest for the {len(pending)}"
+                " test(s) still to run"
+            )
+            if boot == MAX_GUEST_BOOTS - 1:
+                for n in pending:
+                    results[n] = GuestOutcome(
+                        "error", f"not run: the guest kernel faulted {MAX_GUEST_BOOTS} times"
+                    )
+        self.suite_seconds = time.monotonic() - t0
+        self.results = results
+        if self.vm is not None:
+            self._keep_failures(self.vm)
+        return self.results
+
+    def _guest_command(self) -> list[str]:
         opt = self.config.option
         cmd = [
             sys.executable,
@@ -311,13 +459,23 @@ class VmSession:
             cmd.append("-s")
         if getattr(opt, "tbstyle", "auto") not in ("auto", None):
             cmd.append(f"--tb={opt.tbstyle}")
-        cmd += shlex.split(os.environ.get("USBIP_VM_GUEST_PYTEST_ARGS", ""))
-        cmd += nodeids
+        return cmd + shlex.split(os.environ.get("USBIP_VM_GUEST_PYTEST_ARGS", ""))
+
+    def _run_in_guest(
+        self, nodeids: list[str], results: dict[str, GuestOutcome], watch: KernelWatch
+    ) -> bool:
+        """One guest pytest session over `nodeids`; fills `results`. True if the
+        guest kernel faulted (its remaining tests need a fresh guest)."""
+        vm = self.get_vm()
+        from hotplug.testvm.vm import VMError
+
+        cmd = self._guest_command() + nodeids
         self.write(f"[vm] running {len(nodeids)} test(s) in the guest: {shlex.join(cmd[:3])} ...")
+        vm.console_watchers.append(watch.feed)
         t0 = time.monotonic()
         try:
             vm.run(["rm", "-f", GUEST_RESULTS], timeout=30, echo=False)
-            res = vm.run(
+            proc = vm.start_command(
                 cmd,
                 timeout=SUITE_TIMEOUT,
                 env={
@@ -327,24 +485,55 @@ class VmSession:
                 },
                 prefix="[guest] ",
             )
-            self.guest_rc = res.returncode
-            self.suite_seconds = time.monotonic() - t0
-            raw = vm.read_file(GUEST_RESULTS).decode("utf-8", "replace")
+            # A wedged kernel may never let the session end (a task stuck in the
+            # kernel ignores pytest-timeout's signal): once the console shows a
+            # fault, the session gets FAULT_GRACE seconds to finish by itself.
+            while not proc.done:
+                proc._done.wait(1.0)
+                if watch.fault_since is not None and (
+                    time.monotonic() - watch.fault_since > FAULT_GRACE
+                ):
+                    break
+            wedged = not proc.done
+            res = proc.wait(timeout=15) if not wedged else None
+            raw = vm.read_file(GUEST_RESULTS, timeout=30 if not wedged else 10).decode(
+                "utf-8", "replace"
+            )
         except VMError as e:
-            self.run_error = f"the guest test session broke down: {e}\n{vm.console_tail(20)}"
-            pytest.fail(self.run_error, pytrace=False)
+            if watch.fault_since is None:
+                self.run_error = f"the guest test session broke down: {e}\n{vm.console_tail(20)}"
+                pytest.fail(self.run_error, pytrace=False)
+            res, raw, wedged = None, "", True
+        finally:
+            with contextlib.suppress(ValueError):
+                vm.console_watchers.remove(watch.feed)
         records = [json.loads(ln) for ln in raw.splitlines() if ln.strip()]
-        self.results = aggregate(records)
-        self._keep_failures(vm)
-        if res.timed_out:
+        outcomes = aggregate(records)
+        results.update(outcomes)
+        faulted = watch.fault_since is not None or any(
+            ("kernel_fault", "1") in o.props for o in outcomes.values()
+        )
+        if faulted:
+            culprit = watch.running or next((n for n in nodeids if n not in results), None)
+            if culprit is None:
+                self.write("[vm] the guest kernel faulted outside any test:")
+                self.write("\n".join(watch.lines))
+            if culprit is not None and (culprit not in results or wedged):
+                results[culprit] = GuestOutcome(
+                    "failed",
+                    "the guest kernel faulted while this test ran (seen on the serial console"
+                    + ("; the guest then hung" if wedged else "")
+                    + "); the tests after it ran in a fresh guest:\n"
+                    + "\n".join(watch.lines),
+                )
+        if res is not None and res.timed_out:
             self.run_error = (
                 f"the guest test session hit USBIP_VM_SUITE_TIMEOUT={SUITE_TIMEOUT:.0f}s"
             )
-        self.write(
-            f"[vm] guest session done in {self.suite_seconds:.1f}s (pytest exit"
-            f" {res.returncode}{', TIMED OUT' if res.timed_out else ''})"
-        )
-        return self.results
+        rc = res.returncode if res is not None else "none: guest abandoned"
+        self.write(f"[vm] guest session done in {time.monotonic() - t0:.1f}s (pytest exit {rc})")
+        self.guest_rc = res.returncode if res is not None else None
+        return faulted
 
     def _keep_failures(self, vm: Any) -> None:
         """Failed guest tests in full, and the guest's kernel log, next to the console
@@ -474,6 +663,8 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         tr.write_line(state.boot_error)
     if state.suite_seconds is not None:
         tr.write_line(f"guest pytest session: {state.suite_seconds:.1f}s for {state.ran} test(s)")
+    if state.reboots:
+        tr.write_line(f"fresh guests booted after a kernel fault: {state.reboots}")
     for nodeid, o in (state.results or {}).items():
         props = ", ".join(f"{k}={v}" for k, v in o.props)
         tr.write_line(
