@@ -60,7 +60,7 @@ fi
 if ! command -v virtme-run >/dev/null 2>&1 && \
    [ ! -x "$(dirname "$("$PY" -c 'import sys; print(sys.executable)')")/virtme-run" ]; then
     echo "setup-host.sh: installing virtme-ng ($ROOT[vm]) into $PY"
-    "$PY" -m pip install -e "$ROOT[vm]"
+    PIP_CONSTRAINT="$ROOT/constraints.txt" "$PY" -m pip install -c "$ROOT/constraints.txt" -e "$ROOT[vm]"
 fi
 
 # The kernel: cached after the first run. A fresh cache needs apt's lists
