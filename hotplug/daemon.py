@@ -143,6 +143,11 @@ class Daemon:
         self.devices: dict[str, Device] = {}
         self.held_back: set[str] = set()  # present at start while settings.coldplug is false
         self.settling: dict[str, float] = {}  # busid -> when we stop waiting for its driver
+        # Busids whose device went while we held it bound: usbip-host keeps their
+        # table entry, and a kernel whose usbip-host claims new devices by that
+        # entry (not Debian's 6.1, see docs/PROTOCOL.md) binds the next device
+        # there at once. Such a claim is ours to export or give back, not foreign.
+        self.leftovers: set[str] = set()
         self.slots: dict[str, Slot] = {}
         self.observed: dict[str, Observed] = {}
         self.ops: dict[str, asyncio.Task[None]] = {}
@@ -303,6 +308,8 @@ class Daemon:
         observed = {}
         for busid in set(self.devices) | set(self.slots):
             if not self.stub.paths.device_dir(busid).exists():
+                if self.slots.get(busid, Slot()).owned:
+                    self.leftovers.add(busid)
                 if self.devices.pop(busid, None) is not None:  # the kernel wins over a late event
                     self._log_unplugged(busid)
                 self.held_back.discard(busid)
@@ -313,6 +320,15 @@ class Daemon:
             used = bound and self.stub.status(busid) == StubStatus.USED
             observed[busid] = Observed(bound=bound, used=used)
         self.observed = observed
+
+    def _claimed_by_leftover(self, busid: str) -> bool:
+        """Bound to usbip-host, not exported, and nobody's record: not a `usbip bind`
+        by hand (that leaves the device present all along), a claim at plug-in."""
+        return (
+            self.stub.status(busid) == StubStatus.AVAILABLE
+            and self.records.get(busid) is None
+            and busid in self.stub.table()
+        )
 
     def _bound(self, busid: str) -> bool:
         try:
@@ -369,6 +385,19 @@ class Daemon:
             # was plugged in, or a `driver:` rule would flap once we bind it.
             device = replace(device, driver=old.driver)
         self.devices[device.busid] = device
+        if old is None and device.busid in self.leftovers:
+            self.leftovers.discard(device.busid)
+            if device.driver == STUB_DRIVER and self._claimed_by_leftover(device.busid):
+                slot = self.slots.get(device.busid, Slot())
+                self.slots[device.busid] = replace(slot, owned=True)
+                log.event(
+                    logger,
+                    logging.INFO,
+                    f"{device.busid}: usbip-host took it through the entry its previous device"
+                    " left; treating it as ours (the policy decides: export or give back)",
+                    busid=device.busid,
+                    event="leftover-claim",
+                )
         if coldplug and old is None:
             self.held_back.add(device.busid)
         prefix = "present at start: " if coldplug else "plugged in: "

@@ -784,3 +784,32 @@ def test_check_invalid_policy(tree: FakeTree, state: Path, tmp_path: Path) -> No
     assert f"{policy}:4: rules[0].export: unknown target 'nowhere'" in result.stderr
     missing = run_cli(tree, state, "check", str(tmp_path / "nope.yaml"))
     assert missing.returncode == 1 and "nope.yaml" in missing.stderr
+
+
+@pytest.mark.parametrize("matches", [True, False], ids=["exported", "given-back"])
+def test_a_device_claimed_through_a_leftover_entry_is_ours(
+    tree: FakeTree, state: Path, daemons: Any, matches: bool
+) -> None:
+    """Issue 11: a device unplugged while exported leaves its usbip-host entry; a
+    kernel whose usbip-host claims new devices by that entry binds the next device
+    at that busid at once (Debian's 6.1 does not; simulated here by binding it
+    before the plug event). The daemon treats that claim as its own: exported if
+    the policy says so, else given back to its driver; never "foreign"."""
+    with running_usbipa(tree, state) as (_, port):
+        daemon = daemons(policy_text({"lab": target(port)}, [rule("d", "1d6b", "lab")])).start()
+        daemon.plug(DISK, devnum=3)
+        wait_for(lambda: exported(tree, "1-1"), 5, "1-1 exported")
+        daemon.unplug("1-1")
+        wait_for(lambda: daemon.device("1-1") is None, 5, "1-1 dropped")
+        successor = DISK if matches else FakeUsbDevice("1-1", 0x4444, 0x0001, serial="OTHER")
+        tree.add_device(successor, devnum=4)
+        tree.stub().bind("1-1")  # what a claiming usbip-host does at plug-in
+        write_event(daemon.fifo, "add", "1-1")
+        if matches:
+            vport = wait_for(lambda: exported(tree, "1-1"), 5, "the successor exported")
+            assert vport.devid == (1 << 16) | 4
+        else:
+            wait_for(lambda: driver(tree, "1-1") == "usb", 5, "the successor given back")
+            assert tree.stub().table() == []
+        assert daemon.state_of("1-1") != "foreign"
+    assert "treating it as ours" in daemon.text()
