@@ -809,7 +809,10 @@ def test_a_device_claimed_through_a_leftover_entry_is_ours(
             vport = wait_for(lambda: exported(tree, "1-1"), 5, "the successor exported")
             assert vport.devid == (1 << 16) | 4
         else:
-            wait_for(lambda: driver(tree, "1-1") == "usb", 5, "the successor given back")
-            assert tree.stub().table() == []
+            wait_for(
+                lambda: driver(tree, "1-1") == "usb" and tree.stub().table() == [],
+                5,
+                "the successor given back and its entry freed",
+            )
         assert daemon.state_of("1-1") != "foreign"
     assert "treating it as ours" in daemon.text()
