@@ -204,6 +204,12 @@ class WebSocketChannel(Channel):
         protocol = ServerProtocol(max_size=MAX_MESSAGE)
         self = cls(stream, protocol)
         request = await self._handshake_event(Request)
+        if protocol.handshake_exc is not None or protocol.eof_sent:
+            # The protocol gave up on this client already (a bad request, or data
+            # sent before the upgrade was answered): its answer goes out, then we stop.
+            await self._flush()
+            why = protocol.handshake_exc or "data before the upgrade was answered"
+            raise ChannelError(f"bad WebSocket upgrade request: {why}")
         asked = request.path.split("?", 1)[0]
         if asked != path:
             protocol.send_response(protocol.reject(404, "no USB/IP service at this path\n"))
