@@ -733,6 +733,15 @@ class Daemon:
         except Exception as exc:
             logger.exception("unexport of %s failed unexpectedly", busid)
             error = f"internal error: {exc!r}"
+        if error is not None:
+            log.event(
+                logger,
+                logging.WARNING,
+                f"unexport of {busid}: {error}",
+                busid=busid,
+                target=target.name,
+                event="unexport-failed",
+            )
         try:
             bound = self._bound(busid)
             slot = self.slots.get(busid, Slot())

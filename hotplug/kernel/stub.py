@@ -24,6 +24,7 @@ import contextlib
 import errno
 import os
 import socket
+import time
 from collections.abc import Iterator
 from enum import IntEnum
 
@@ -41,6 +42,9 @@ from hotplug.kernel.sysfs import (
 STUB_DRIVER = "usbip-host"
 # stub_main.c's busid_table: entries are freed only by `rebind` or a module reload.
 TABLE_SLOTS = 16
+# How long release() waits for a device in the middle of a reset to show its
+# usbfs file again.
+HOLD_WAIT = 5.0
 
 
 class StubStatus(IntEnum):
@@ -149,25 +153,33 @@ class UsbipHost(SysfsWriter):
     def held(self, busid: str) -> Iterator[Device | None]:
         """The device at `busid`, kept alive in the kernel by an open usbfs file
         for the duration; None if there is no device (or it was replaced)."""
-        try:
-            device = read_device(self.paths, busid)
-        except DeviceNotFound:
-            yield None
-            return
-        node = self.paths.usbfs_node(device.busnum, device.devnum)
-        try:
-            fd = os.open(node, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
-        except OSError as exc:
-            gone = not self.paths.device_dir(busid).exists() or exc.errno == errno.ENODEV
-            if gone:
+        deadline = time.monotonic() + HOLD_WAIT
+        while True:
+            try:
+                device = read_device(self.paths, busid)
+            except DeviceNotFound:
                 yield None
                 return
-            raise KernelError(
-                f"cannot open {node} to hold {busid} while giving it back ({exc.strerror});"
-                " not writing usbip-host's rebind without that (Linux would oops if the"
-                " device went meanwhile): the device stays with usbip-host. Under systemd,"
-                " the unit needs DeviceAllow=char-usb_device r and /dev/bus/usb"
-            ) from exc
+            node = self.paths.usbfs_node(device.busnum, device.devnum)
+            try:
+                fd = os.open(node, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
+                break
+            except OSError as exc:
+                if not self.paths.device_dir(busid).exists() or exc.errno == errno.ENODEV:
+                    yield None
+                    return
+                # usbip-host resets the device when its link ends, and during the
+                # reset sysfs shows devnum 0 (seen in the VM, under systemd): wait
+                # for the reset to finish rather than give up on the release.
+                if exc.errno == errno.ENOENT and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                raise KernelError(
+                    f"cannot open {node} to hold {busid} while giving it back ({exc.strerror});"
+                    " not writing usbip-host's rebind without that (Linux would oops if the"
+                    " device went meanwhile): the device stays with usbip-host. Under systemd,"
+                    " the unit needs DeviceAllow=char-usb_device r and /dev/bus/usb"
+                ) from exc
         try:
             try:
                 now = read_device(self.paths, busid)

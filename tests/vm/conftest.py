@@ -23,6 +23,7 @@ turns "cannot start" skips into failures, USBIP_VM_KVM, timeouts...).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -113,6 +114,19 @@ def kernel_fault_lines(lines: list[str], limit: int = 60) -> list[str]:
         if KERNEL_FAULT.search(line) and TEST_MARK not in line:
             return lines[i : i + limit]
     return []
+
+
+def _read_results(vm: Any, timeout: float) -> str:
+    """The guest's results file, as many small output lines (base64, 3 KiB each)
+    rather than one frame of the whole file: one frame of ~100 KiB (a session
+    with failures and their kernel logs) arrived cut short once, and the read
+    then timed out."""
+    from hotplug.testvm.vm import VMError
+
+    res = vm.run(["base64", "-w", "3072", GUEST_RESULTS], timeout=timeout, echo=False)
+    if not res.ok:
+        raise VMError(f"cannot read {GUEST_RESULTS} in the guest: {res.stderr.strip()}")
+    return base64.b64decode("".join(res.stdout.split())).decode("utf-8", "replace")
 
 
 class KernelWatch:
@@ -496,9 +510,7 @@ class VmSession:
                     break
             wedged = not proc.done
             res = proc.wait(timeout=15) if not wedged else None
-            raw = vm.read_file(GUEST_RESULTS, timeout=30 if not wedged else 10).decode(
-                "utf-8", "replace"
-            )
+            raw = _read_results(vm, timeout=120 if not wedged else 15)
         except VMError as e:
             if watch.fault_since is None:
                 self.run_error = f"the guest test session broke down: {e}\n{vm.console_tail(20)}"
