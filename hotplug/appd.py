@@ -4,8 +4,9 @@ One asyncio task per connection; each control phase is bounded in time and
 size, so a slow or hostile client costs one connection and never the daemon.
 Sockets are read with `sock_recv` of exactly the bytes the codec still needs:
 nothing is read ahead, because once `attach` is written the stream belongs to
-the kernel. Port choice and `attach` run on the loop thread without awaiting
-in between, so two exports never race for one port.
+the kernel. The EXPORT reply is sent before `attach` (vhci writes its first
+URB as soon as it is attached; docs/PROTOCOL.md); the port chosen is reserved
+across that one await, so two exports never race for one port.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ from hotplug.appd_config import AppdConfig, IPAddress, authorize, peer_address
 from hotplug.appd_link import LinkRefused, PlainLink, SecureLink, SecureServer
 from hotplug.device import Speed
 from hotplug.kernel.sysfs import KernelError
-from hotplug.kernel.vhci import PortRecord, Vhci
+from hotplug.kernel.vhci import PortRecord, PortState, Vhci, VhciPort
 from hotplug.notify import Notifier
 from hotplug.peercert import PeerCert
 from hotplug.protocol import (
     Decoder,
+    DeviceRecord,
     DevlistReply,
     DevlistRequest,
     ExportReply,
@@ -86,6 +88,9 @@ class Sessions:
         self.records = RecordDir(directory / "ports")
         self.by_port: dict[int, Session] = {}
         self.enumerated: set[int] = set()  # ports whose device got through enumeration
+        # When each port's enumeration clock started (time.monotonic()): the
+        # wall-clock `since` is for display only (issue 12, finding 14).
+        self.clock: dict[int, float] = {}
 
     def find(self, peer: str, busid: str) -> Session | None:
         for session in self.by_port.values():
@@ -98,6 +103,7 @@ class Sessions:
 
     def add(self, session: Session) -> None:
         self.by_port[session.port] = session
+        self.clock[session.port] = time.monotonic()
         try:
             self.records.put(str(session.port), asdict(session))
             self.vhci.write_record(
@@ -113,6 +119,7 @@ class Sessions:
     def drop(self, port: int) -> Session | None:
         session = self.by_port.pop(port, None)
         self.enumerated.discard(port)
+        self.clock.pop(port, None)
         try:
             self.records.remove(str(port))
             self.vhci.remove_record(port)
@@ -142,6 +149,7 @@ class Sessions:
             port = live.get(session.port)
             if port is not None and port.holds(session.devid):
                 self.by_port[session.port] = session
+                self.clock[session.port] = time.monotonic()  # a clock does not survive us
                 log.event(
                     logger,
                     logging.INFO,
@@ -178,20 +186,76 @@ class Sessions:
     def never_enumerated(self, timeout: float, now: float) -> list[Session]:
         """Sessions whose device is still not enumerated `timeout` s after attach.
 
+        `now` is time.monotonic(): a wall-clock step must neither detach live
+        sessions nor disable the rule (issue 12, finding 14).
+
         vhci_hcd keeps such a port, and its link, for good: the device side sees
         its stub "used" and believes the export works (seen on 6.1 in the VM).
         """
         live = {p.port: p for p in self.vhci.ports()}
-        stuck = []
-        for number, session in self.by_port.items():
+        pending: dict[int, VhciPort] = {}
+        for number in self.by_port:
             port = live.get(number)
-            if port is None or number in self.enumerated:
+            if port is None:
+                continue
+            if number in self.enumerated:
+                # udev may switch autosuspend on after we first looked: re-check.
+                self.keep_awake(port)
                 continue
             if self.vhci.enumerated(port):
                 self.enumerated.add(number)
-            elif now - session.since > timeout:
-                stuck.append(session)
+                self.keep_awake(port)
+            else:
+                pending[number] = port
+                self.clock.setdefault(number, now)
+        stuck = []
+        for number, port in pending.items():
+            if self._waiting_for_hub(port, pending):
+                self.clock[number] = now  # the hub has not reached it: not its fault yet
+            elif now - self.clock[number] > timeout:
+                stuck.append(self.by_port[number])
         return stuck
+
+    def _waiting_for_hub(self, port: VhciPort, pending: dict[int, VhciPort]) -> bool:
+        """Whether the root hub is still busy with an older port before this one.
+
+        The hub enumerates one port at a time; while a port ahead of this one
+        stalls it (a dead link takes the hub 12-35 s to give up on, issue 16),
+        a port that still reads NOTASSIGNED has not been tried. A USED port has
+        (vhci saw the hub's SET_ADDRESS), so its clock runs in any case.
+        """
+        if port.state != PortState.NOTASSIGNED:
+            return False
+        mine = self.clock[port.port]
+        return any(
+            other.port != port.port
+            and (other.controller, other.hub) == (port.controller, port.hub)
+            and self.clock[other.port] < mine
+            for other in pending.values()
+        )
+
+    def keep_awake(self, port: VhciPort) -> None:
+        """power/control = on for the device behind `port`: USB/IP cannot carry
+        remote wakeup, so a device vhci lets autosuspend (udev enables it for
+        some, e.g. QEMU's usb-kbd) would never send its input again (issue 16)."""
+        try:
+            self.vhci.keep_awake(port)
+        except (KernelError, OSError) as exc:
+            _state_warning(f"cannot keep the device on port {port.port} awake: {exc}", port.port)
+
+
+@dataclass(frozen=True)
+class _Reservation:
+    """A free port promised to one export between its reply and its `attach`."""
+
+    port: int
+    speed: Speed
+    record: DeviceRecord
+    peer: str
+    peer_port: int
+    client: PeerCert | None
+    who: str
+    fields: dict[str, Any]
 
 
 class ControlError(Exception):
@@ -213,6 +277,8 @@ class Appd:
         self.secure = SecureServer(config) if config.tls is not None else None
         self.tasks: set[asyncio.Task[None]] = set()
         self.stopping = asyncio.Event()
+        # Ports promised to an export whose reply is being sent, not yet attached.
+        self.reserved: dict[int, _Reservation] = {}
 
     # ---------------------------------------------------------------- listening
 
@@ -306,7 +372,7 @@ class Appd:
         # Only from the poll: an export pays for reap()'s status read, not this.
         timeout = self.config.limits.enumeration_timeout
         try:
-            stuck = self.sessions.never_enumerated(timeout, time.time())
+            stuck = self.sessions.never_enumerated(timeout, time.monotonic())
         except KernelError as exc:
             logger.error("cannot read vhci status: %s", exc)
             return
@@ -446,14 +512,12 @@ class Appd:
                 kernel_sock = link.kernel_socket()
             except OSError as exc:
                 raise ControlError(f"cannot make the relay's loopback connection: {exc}") from exc
-            status, attached = self._export(kernel_sock, request, peer, peer_port, client)
-            link.port = attached
-            try:
+            status, reserved = self._export(kernel_sock, request, peer, peer_port, client)
+            if reserved is None:
                 await link.send(encode(ExportReply(status)))
-            except OSError:
-                if attached is not None:
-                    self._detach(attached, "peer vanished before the reply")
-                raise
+                return False
+            attached = await self._reply_then_attach(link, kernel_sock, reserved)
+            link.port = attached
             return attached is not None
         if isinstance(request, UnexportRequest):
             owner = client.name if client is not None else peer
@@ -504,7 +568,7 @@ class Appd:
             )
             return ExportStatus.FAILED, None
         speed = Speed(record.speed)
-        port = self.vhci.find_free_port(speed)
+        port = self.vhci.find_free_port(speed, exclude=self.reserved)
         if port is None:
             kind = "SuperSpeed" if speed.needs_superspeed_port else "high-speed"
             log.event(
@@ -515,45 +579,83 @@ class Appd:
                 **fields,
             )
             return ExportStatus.NO_FREE_PORT, None
+        self.reserved[port.port] = _Reservation(
+            port.port, speed, record, peer, peer_port, client, who, fields
+        )
+        return ExportStatus.ATTACHED, port.port
+
+    async def _reply_then_attach(
+        self, link: PlainLink | SecureLink, conn: socket.socket, port: int
+    ) -> int | None:
+        """Send the status-0 reply, then attach: the attached port, or None.
+
+        vhci writes its first URB into the socket as soon as it is attached
+        (100-280 ms later on 6.1, at once over the fake kernel); sent after
+        it, the reply would reach the device side behind that URB (issue 16).
+        The port stays reserved across the send, so no other export takes it.
+        """
+        # Plain TCP: corked, the reply waits in the send queue, ahead of
+        # anything the kernel writes, until `attach` is done; so the device
+        # side never sees status 0 for a port not yet attached.
+        corked = isinstance(link, PlainLink) and _cork(conn, True)
+        try:
+            await link.send(encode(ExportReply(ExportStatus.ATTACHED)))
+        except BaseException:
+            self.reserved.pop(port, None)
+            raise  # OSError: the peer is gone; nothing was attached
+        reservation = self.reserved.pop(port)
+        try:
+            if not self._attach(conn, reservation):
+                # The device side believes it is attached: closing the connection
+                # (link.finish) is ordinary link loss to it, and it exports again.
+                return None
+        finally:
+            if corked:
+                _cork(conn, False)
+        return port
+
+    def _attach(self, conn: socket.socket, r: _Reservation) -> bool:
         conn.setblocking(True)  # the kernel does blocking I/O on it
         try:
-            self.vhci.attach(port.port, conn, record.devid, speed)
+            self.vhci.attach(r.port, conn, r.record.devid, r.speed)
         except KernelError as exc:
             conn.setblocking(False)
             log.event(
                 logger,
                 logging.ERROR,
-                f"attach failed: {exc}",
+                f"attach failed after the reply: {exc}; closing the connection, so the "
+                "device side sees link loss and exports again",
                 event="attach-failed",
-                port=port.port,
-                **fields,
+                port=r.port,
+                **r.fields,
             )
-            return ExportStatus.FAILED, None
+            return False
         conn.setblocking(False)
+        record = r.record
         self.sessions.add(
             Session(
-                port=port.port,
-                peer=peer,
-                peer_port=peer_port,
+                port=r.port,
+                peer=r.peer,
+                peer_port=r.peer_port,
                 busid=record.busid,
                 devid=record.devid,
                 vendor=record.id_vendor,
                 product=record.id_product,
-                speed=int(speed),
-                since=time.time(),
-                client=client.name if client is not None else None,
+                speed=int(r.speed),
+                since=time.time(),  # for display; timeouts use Sessions.clock
+                client=r.client.name if r.client is not None else None,
             )
         )
         log.event(
             logger,
             logging.INFO,
-            f"attached {record.busid} from {who} on port {port.port}",
+            f"attached {record.busid} from {r.who} on port {r.port}",
             event="attached",
-            port=port.port,
-            **fields,
+            port=r.port,
+            **r.fields,
         )
         self.notifier.status(self.status_line())
-        return ExportStatus.ATTACHED, port.port
+        return True
 
     def _unexport(self, request: UnexportRequest, peer: str) -> UnexportStatus:
         """`peer`: the sender's certificate subject if it showed one, else its address."""
@@ -591,6 +693,14 @@ class Appd:
 
 def _ip(peer: str) -> IPAddress:
     return peer_address(peer)
+
+
+def _cork(conn: socket.socket, on: bool) -> bool:
+    try:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, int(on))
+    except OSError:
+        return False
+    return True
 
 
 def _sockname(sock: socket.socket) -> str:

@@ -31,6 +31,7 @@ from hotplug.protocol import (
     ProtocolError,
     UnexportRequest,
     UnexportStatus,
+    data_phase_command,
     decode_header,
     encode,
 )
@@ -132,6 +133,18 @@ def _exchange(
 
 
 def _reply_status(reply: bytes, expected: Op, endpoint: Endpoint | Remote) -> int:
+    command = data_phase_command(reply)
+    if command is not None:
+        # Issue 16: an application side that writes `attach` before its reply
+        # lets the kernel's first URB overtake it. Our caller closes the
+        # connection, so that side's vhci frees the port, and rolls back.
+        code = int.from_bytes(reply[:4], "big")
+        raise ExportError(
+            f"{endpoint}: bad reply: the application side sent data-phase bytes (looks like "
+            f"{command} 0x{code:08x}) before its {expected.name.replace('REP_', 'OP_REP_')}: "
+            "it attached before replying; closed the connection (retry, or fix the "
+            "application side to reply first)"
+        )
     try:
         header = decode_header(reply)
     except ProtocolError as exc:

@@ -96,6 +96,7 @@ __all__ = [
     "UnexportReply",
     "UnexportRequest",
     "UnexportStatus",
+    "data_phase_command",
     "decode_header",
     "encode",
 ]
@@ -450,6 +451,26 @@ def _parse_header(data: bytes | bytearray) -> Header:
     if op.is_request and status != 0:
         raise ProtocolError(f"request 0x{code:04x} has status {status}, expected 0")
     return Header(version, op, status)
+
+
+DATA_PHASE_COMMANDS: Final = {
+    0x00000001: "USBIP_CMD_SUBMIT",
+    0x00000002: "USBIP_CMD_UNLINK",
+    0x00000003: "USBIP_RET_SUBMIT",
+    0x00000004: "USBIP_RET_UNLINK",
+}
+
+
+def data_phase_command(data: bytes) -> str | None:
+    """The data-phase PDU `data` starts with, if it looks like one.
+
+    Data-phase headers start with a 32-bit command where the control phase
+    has version 0x0111: a peer that attached before replying sends its first
+    URB (USBIP_CMD_SUBMIT) where the reply belongs.
+    """
+    if len(data) < 4:
+        return None
+    return DATA_PHASE_COMMANDS.get(int.from_bytes(data[:4], "big"))
 
 
 def decode_header(data: bytes) -> Header:

@@ -268,6 +268,21 @@ class FakeTree:
         }
 
 
+USBIP_CMD_SUBMIT = 0x00000001
+
+
+def first_urb(devid: int) -> bytes:
+    """The 48-byte USBIP_CMD_SUBMIT header vhci sends first: the hub's 64-byte
+    GET_DESCRIPTOR(DEVICE) to endpoint 0, direction in, seqnum 1 (devid as the
+    kernel keeps it, a __u32)."""
+    setup = bytes([0x80, 0x06, 0x00, 0x01, 0x00, 0x00, 0x40, 0x00])
+    return (
+        struct.pack(">IIIII", USBIP_CMD_SUBMIT, 1, devid & 0xFFFFFFFF, 1, 0)
+        + struct.pack(">IiiiI", 0x200, 64, 0, 0, 0)
+        + setup
+    )
+
+
 def _status_line(
     hub: str, port: int, state: int, speed: int, devid: int, sockfd: int, busid: str
 ) -> str:
@@ -545,7 +560,9 @@ class FakeKernelServer:
                 continue
             device = controller / f"usb{busid.split('-')[0]}" / busid
             if present:
-                device.mkdir(parents=True, exist_ok=True)
+                (device / "power").mkdir(parents=True, exist_ok=True)
+                # The kernel's default for a non-hub device; udev may set "auto".
+                (device / "power/control").write_text("on\n")
             else:
                 shutil.rmtree(device, ignore_errors=True)
 
@@ -570,6 +587,12 @@ class FakeKernelServer:
         self.vhci_socks[number] = sock
         self.selector.register(sock, selectors.EVENT_READ, ("vhci", number))
         self._set_port(number, PortState.USED, speed, devid, sock.fileno())
+        # The real vhci starts its tx thread in attach and sends the hub's first
+        # URB (GET_DESCRIPTOR to address 0) 100-280 ms later; here before the
+        # write even returns, so whatever the writer sends after `attach`
+        # deterministically comes second (issue 16).
+        with contextlib.suppress(OSError):
+            sock.send(first_urb(devid), socket.MSG_DONTWAIT)
 
     def _vhci_detach(self, text: str) -> None:
         number = int(text.strip())
@@ -644,6 +667,10 @@ class FakeKernelServer:
             sock = None
         elif path == p.platform / "vhci_hcd.0/detach":
             self._vhci_detach(text)
+        elif name == "control" and path.parent.name == "power" and p.platform in path.parents:
+            if value not in ("on", "auto") or not path.exists():
+                raise _Fail(errno.EINVAL)
+            _replace_text(path, value + "\n")
         else:
             raise _Fail(errno.EACCES)
         if sock is not None:

@@ -10,10 +10,11 @@ header line is parsed rather than fixed columns assumed.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import socket
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
@@ -39,6 +40,7 @@ class VhciPort:
     devid: int
     sockfd: int
     local_busid: str
+    controller: int = 0  # vhci_hcd.N: with `hub`, which root hub the port is on
 
     @property
     def free(self) -> bool:
@@ -101,11 +103,14 @@ def parse_status(text: str) -> list[VhciPort]:
     return ports
 
 
-def pick_free_port(ports: Iterable[VhciPort], speed: Speed) -> VhciPort | None:
-    """The lowest free port of the right speed class (SuperSpeed needs an ss hub)."""
+def pick_free_port(
+    ports: Iterable[VhciPort], speed: Speed, exclude: Container[int] = ()
+) -> VhciPort | None:
+    """The lowest free port of the right speed class (SuperSpeed needs an ss hub),
+    other than the ports in `exclude` (promised to an export not yet attached)."""
     want_ss = speed.needs_superspeed_port
     for port in sorted(ports, key=lambda p: p.port):
-        if port.free and port.superspeed == want_ss:
+        if port.free and port.superspeed == want_ss and port.port not in exclude:
             return port
     return None
 
@@ -159,7 +164,7 @@ class Vhci(SysfsWriter):
             text = read_attr(self.main_controller / name)
             if text is None:
                 continue
-            ports.extend(parse_status(text))
+            ports.extend(dataclasses.replace(p, controller=index) for p in parse_status(text))
         return ports
 
     def port(self, number: int) -> VhciPort | None:
@@ -182,8 +187,27 @@ class Vhci(SysfsWriter):
         bus = port.local_busid.split("-", 1)[0]
         return any((c / f"usb{bus}" / port.local_busid).is_dir() for c in self.controllers())
 
-    def find_free_port(self, speed: Speed) -> VhciPort | None:
-        return pick_free_port(self.ports(), speed)
+    def device_dir(self, port: VhciPort) -> Path | None:
+        """The USB device behind `port` below its root hub, once enumerated."""
+        if "-" not in port.local_busid:
+            return None
+        bus = port.local_busid.split("-", 1)[0]
+        for c in self.controllers():
+            path = c / f"usb{bus}" / port.local_busid
+            if path.is_dir():
+                return path
+        return None
+
+    def keep_awake(self, port: VhciPort) -> None:
+        """Forbid runtime suspend of the device behind `port` (power/control = on)."""
+        path = self.device_dir(port)
+        if path is None or not (path / "power/control").exists():
+            return
+        if read_attr(path / "power/control") != "on":
+            self.write(path / "power/control", "on")
+
+    def find_free_port(self, speed: Speed, exclude: Container[int] = ()) -> VhciPort | None:
+        return pick_free_port(self.ports(), speed, exclude)
 
     def attach(self, port: int, sock: socket.socket, devid: int, speed: Speed) -> None:
         # The fd is resolved in the writing process: this process must hold `sock`.

@@ -48,8 +48,8 @@ def talk(
 
     With `pieces`, the first bytes go out in writes of those sizes (TCP_NODELAY,
     so each is its own segment). After a status-0 EXPORT reply the server does
-    not close (the vhci holds the link): then the reply is returned and our end
-    closed, which is the device side going away.
+    not close (the vhci holds the link): then the reply alone is returned and
+    our end closed, which is the device side going away.
     """
     with socket.create_connection(
         ("127.0.0.1", port), timeout=timeout, source_address=(source, 0)
@@ -71,6 +71,9 @@ def talk(
             if not chunk:
                 break
             data += chunk
+        if is_attached_reply(data):
+            # What follows the reply is the data phase: the (fake) vhci's first URB.
+            return data[:HEADER_SIZE]
         return data
 
 

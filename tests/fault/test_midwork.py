@@ -73,8 +73,8 @@ def test_usbipa_killed_while_its_attach_is_in_flight(
     device: FakeKernel, app: FakeKernel, usbipa: Usbipa
 ) -> None:
     """usbipa dies with its `attach` write queued at a (paused) kernel: the kernel
-    attaches the port with nobody left to reply; the device side times out, closes,
-    and the kernel frees the port when the link dies."""
+    attaches the port with nobody left to record it; whether the device side got
+    the reply (queued first) or not, the port is freed once the link ends."""
     device.plug("1-1")
     base = usbipa.fds()
     app.signal(signal.SIGSTOP)
@@ -97,9 +97,18 @@ def test_usbipa_killed_while_its_attach_is_in_flight(
         app.signal(signal.SIGCONT)
         thread.join(timeout=15)
     assert not thread.is_alive()
-    assert isinstance(outcome[0], ExportError), outcome
-    assert "no reply within the handshake timeout" in str(outcome[0]) or "closed" in str(outcome[0])
     assert app.proc is not None and app.proc.poll() is None, "the fake kernel died with usbipa"
+    if outcome[0] is None:
+        # Reply, then attach (issue 16): the status-0 reply was queued before the
+        # `attach` write, so the dying usbipa's socket still delivered it, and the
+        # kernel applied the attach: a working link, unknown to the next usbipa.
+        # The device side ending it frees the port, as any link loss does.
+        assert device.stub_status("1-1") == "2" and len(app.used_ports()) == 1
+        device.stub().release("1-1")
+    else:
+        assert isinstance(outcome[0], ExportError), outcome
+        message = str(outcome[0])
+        assert "no reply within the handshake timeout" in message or "closed" in message
     assert_released(device)
     wait_for(lambda: not app.used_ports(), 10, "the orphaned port to be freed with its link")
     usbipa.start()  # on the same port and state directory, as systemd would
