@@ -27,7 +27,6 @@ import os
 import select
 import signal
 import subprocess
-import sys
 import time
 import urllib.parse
 from collections.abc import Mapping
@@ -36,6 +35,7 @@ from typing import Any, cast
 
 from hotplug.address import AddressError, Endpoint, parse_endpoint
 from hotplug.policy import Scheme, Target, TlsOptions, parse_address
+from hotplug.spawn import CHILD_CWD, child_env, python_module
 
 RELAY_LOG_ENV = "USBIP_HOTPLUG_RELAY_LOG"  # a file the relay process logs to (debugging)
 STARTUP_MARGIN = 10.0  # seconds the relay process may take to start, on top of the timeouts
@@ -223,12 +223,14 @@ def run_tunnel(
     passed = [write_fd] + ([inner_fd] if inner_fd is not None else [])
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "hotplug.tunnel"],
+            python_module("hotplug.tunnel"),
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             pass_fds=passed,
             start_new_session=True,  # no terminal signals: it outlives `connect`
+            cwd=CHILD_CWD,
+            env=child_env(),
         )
     except OSError as exc:
         os.close(read_fd)

@@ -30,7 +30,6 @@ import signal
 import socket
 import struct
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -41,6 +40,7 @@ from hotplug.device import Speed
 from hotplug.kernel.stub import UsbipHost
 from hotplug.kernel.sysfs import KernelError, SysfsPaths, _explain_write_error
 from hotplug.kernel.vhci import PortState, Vhci, parse_status
+from hotplug.spawn import CHILD_CWD, child_env, python_module
 
 STATUS_HEADER = "hub port sta spd dev      sockfd local_busid"
 RX_CAP = 1 << 20
@@ -245,7 +245,9 @@ class FakeTree:
     def start_server(self) -> subprocess.Popen[bytes]:
         """Run the fake kernel in its own process; returns once it accepts writes."""
         proc = subprocess.Popen(
-            [sys.executable, "-m", "hotplug.kernel.fake", "serve", str(self.root)],
+            python_module("hotplug.kernel.fake", "serve", str(self.root.absolute())),
+            cwd=CHILD_CWD,
+            env=child_env(),
         )
         deadline = time.monotonic() + 10
         while not self.server_socket.exists():
