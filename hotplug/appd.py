@@ -21,9 +21,19 @@ from pathlib import Path
 from typing import Any
 
 from hotplug import log
-from hotplug.appd_config import AppdConfig, IPAddress, authorize, peer_address
+from hotplug.appd_config import (
+    AppdConfig,
+    IPAddress,
+    admitted_by_address,
+    authorize,
+    authorize_peer,
+    could_admit,
+    peer_address,
+    prefix_of,
+)
 from hotplug.appd_link import LinkRefused, PlainLink, SecureLink, SecureServer
 from hotplug.device import Speed
+from hotplug.export import Timeouts, tune_socket
 from hotplug.kernel.sysfs import KernelError
 from hotplug.kernel.vhci import PortRecord, PortState, Vhci, VhciPort
 from hotplug.notify import Notifier
@@ -54,6 +64,15 @@ logger = log.get("usbipa")
 
 SESSION_POLL_INTERVAL = 2.0
 REQUESTS = (Op.REQ_EXPORT, Op.REQ_UNEXPORT, Op.REQ_DEVLIST, Op.REQ_IMPORT)
+# An address that passed authorization keeps its claim on the reserved
+# connection slots this long after its last session (see _slot_refusal).
+PROVEN_FOR = 3600.0
+# Warnings any stranger can cause (refused connections, bad requests): at most
+# LOG_BURST lines per kind every LOG_WINDOW s, then one line with the count.
+LOG_BURST = 10
+LOG_WINDOW = 10.0
+# The kernel's devid is a __u32, (busnum << 16) | devnum: wider fields do not fit.
+MAX_BUSNUM = MAX_DEVNUM = 0xFFFF
 
 
 @dataclass
@@ -68,16 +87,29 @@ class Session:
     speed: int
     since: float
     client: str | None = None  # the TLS client certificate's subject, if it showed one
+    client_id: str | None = None  # that certificate's identity (PeerCert.identity)
+    path: str = ""  # the device's sysfs path on the device side, as its record says
 
     @property
     def owner(self) -> str:
-        """Who exported it: the certificate's subject when there is one (the
-        address may change, e.g. behind NAT or a proxy), else the address."""
-        return self.client or self.peer
+        """Who exported it: the certificate itself when there is one (the
+        address may change, e.g. behind NAT or a proxy; names can collide),
+        else the address."""
+        return self.client_id or self.peer
 
     @property
     def key(self) -> tuple[str, str]:
         return (self.owner, self.busid)
+
+    def same_device(self, record: DeviceRecord) -> bool:
+        """Whether `record` names the device this session carries, not merely
+        one with the same busid on another machine behind the same address."""
+        return (self.path, self.devid, self.vendor, self.product) == (
+            record.path,
+            record.devid,
+            record.id_vendor,
+            record.id_product,
+        )
 
 
 class Sessions:
@@ -97,6 +129,23 @@ class Sessions:
             if session.key == (peer, busid):
                 return session
         return None
+
+    def find_device(self, owner: str, record: DeviceRecord) -> Session | None:
+        """The session of this very device from this owner (issue 12, finding 3)."""
+        for session in self.by_port.values():
+            if session.key == (owner, record.busid) and session.same_device(record):
+                return session
+        return None
+
+    def find_unexported(self, owner: str, record: DeviceRecord) -> Session | None:
+        """The session an UNEXPORT means: the same device if the record says which
+        (busid alone is ambiguous when several device sides share an address),
+        else the only one with that busid."""
+        candidates = [s for s in self.by_port.values() if s.key == (owner, record.busid)]
+        exact = [s for s in candidates if s.same_device(record)]
+        if exact:
+            return exact[0]
+        return candidates[0] if len(candidates) == 1 else None
 
     def count_for(self, owner: str) -> int:
         return sum(1 for s in self.by_port.values() if s.owner == owner)
@@ -270,7 +319,11 @@ class Appd:
         self.sessions = Sessions(vhci, state_dir)
         self.notifier = notifier or Notifier()
         self.connections: dict[str, int] = {}
+        self.prefix_connections: dict[str, int] = {}
         self.total_connections = 0
+        self.proven: dict[str, float] = {}  # address -> when it last passed authorization
+        self.throttle = Throttle()
+        self.verified: dict[int, Session] = {}  # port -> session whose device was checked
         self.listeners: list[socket.socket] = []
         self.kinds: dict[socket.socket, str] = {}  # listener -> "tcp", "tls" or "wss"
         # TLS and WebSocket listeners; checks the certificate files now (CertError).
@@ -367,6 +420,44 @@ class Appd:
             self.notifier.watchdog()
             self._reap()
             self._detach_unenumerated()
+            self._check_devices()
+            self._forget_proven()
+            self.throttle.flush()
+
+    def _check_devices(self) -> None:
+        """Issue 12, finding 7: the peer's record is a claim; what enumerated
+        behind vhci is what the kernel drives. Detach a device that is not the
+        one `allow` admitted (its idVendor/idProduct differ from the record's)."""
+        try:
+            ports = {p.port: p for p in self.vhci.ports()}
+        except KernelError as exc:
+            logger.error("cannot read vhci status: %s", exc)
+            return
+        for number in [n for n in self.verified if n not in self.sessions.by_port]:
+            del self.verified[number]
+        for number, session in list(self.sessions.by_port.items()):
+            port = ports.get(number)
+            if port is None or self.verified.get(number) is session:
+                continue
+            ids = self.vhci.device_ids(port)
+            if ids is None:
+                continue  # not enumerated (yet)
+            self.verified[number] = session
+            if ids != (session.vendor, session.product):
+                self._detach(
+                    number,
+                    f"the device that enumerated is {ids[0]:04x}:{ids[1]:04x}, not the "
+                    f"{session.vendor:04x}:{session.product:04x} its export claimed",
+                )
+
+    def _forget_proven(self) -> None:
+        now = time.monotonic()
+        owners = {s.peer for s in self.sessions.by_port.values()}
+        for peer, since in list(self.proven.items()):
+            if peer in owners:
+                self.proven[peer] = now
+            elif now - since > PROVEN_FOR:
+                del self.proven[peer]
 
     def _detach_unenumerated(self) -> None:
         # Only from the poll: an export pays for reap()'s status read, not this.
@@ -411,19 +502,58 @@ class Appd:
                 await asyncio.sleep(0.1)
                 continue
             peer = str(peer_address(addr[0]))
-            if self.total_connections >= self.config.limits.max_connections:
-                _log_refusal(peer, addr[1], "too many connections")
+            refusal = self._slot_refusal(peer)
+            if refusal is not None:
+                message = f"refused connection from {peer}: {refusal}"
+                self.throttle.warn("connection", message, event="refused", peer=peer)
                 conn.close()
                 continue
-            if self.connections.get(peer, 0) >= self.config.limits.per_peer_connections:
-                _log_refusal(peer, addr[1], "too many connections from this peer")
-                conn.close()
-                continue
-            self.connections[peer] = self.connections.get(peer, 0) + 1
-            self.total_connections += 1
+            self._count_in(peer)
             task = asyncio.create_task(self._handle(conn, peer, addr[1], kind))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
+
+    def _slot_refusal(self, peer: str) -> str | None:
+        """Why a new connection from `peer` gets no slot, or None (issue 12, finding 4).
+
+        Decided before anything is read: an address no allow entry could admit
+        is refused at once; per address and per prefix counts stop one host
+        from taking every slot; and the last eighth of `max_connections` is kept
+        for peers known to be admissible (named by address in `allow`, or
+        recently authorized), so a flood of strangers that might each hold a
+        certificate cannot lock them out.
+        """
+        limits = self.config.limits
+        address = peer_address(peer)
+        if not could_admit(self.config, address):
+            return "no allow entry admits this address"
+        if self.connections.get(peer, 0) >= limits.per_peer_connections:
+            return "too many connections from this peer"
+        if self.prefix_connections.get(prefix_of(address), 0) >= limits.per_prefix_connections:
+            return f"too many connections from {prefix_of(address)}"
+        if self.total_connections >= limits.max_connections:
+            return "too many connections"
+        reserve = limits.max_connections // 8
+        known = peer in self.proven or admitted_by_address(self.config, address)
+        if not known and self.total_connections >= limits.max_connections - reserve:
+            return "too many connections from peers not yet authorized"
+        return None
+
+    def _count_in(self, peer: str) -> None:
+        prefix = prefix_of(peer_address(peer))
+        self.connections[peer] = self.connections.get(peer, 0) + 1
+        self.prefix_connections[prefix] = self.prefix_connections.get(prefix, 0) + 1
+        self.total_connections += 1
+
+    def _count_out(self, peer: str) -> None:
+        prefix = prefix_of(peer_address(peer))
+        self.connections[peer] -= 1
+        if not self.connections[peer]:
+            del self.connections[peer]
+        self.prefix_connections[prefix] -= 1
+        if not self.prefix_connections[prefix]:
+            del self.prefix_connections[prefix]
+        self.total_connections -= 1
 
     # ---------------------------------------------------------------- one connection
 
@@ -432,6 +562,11 @@ class Appd:
     ) -> None:
         conn.setblocking(False)
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if kind == "tcp":
+            # Issue 12, finding 9: a plain socket goes to vhci as it is, and the
+            # kernel must notice a device side that vanished without a word
+            # (secure links get the same in SecureServer.open).
+            tune_socket(conn, Timeouts())
         handed_over = False
         link: PlainLink | SecureLink = PlainLink(conn)
         try:
@@ -441,44 +576,25 @@ class Appd:
                 request = await self._read_request(link)
                 handed_over = await self._dispatch(link, request, peer, peer_port)
         except LinkRefused as exc:
-            log.event(
-                logger,
-                logging.WARNING,
-                f"refused {kind} connection from {peer}: {exc}",
-                event="refused",
-                peer=peer,
+            self.throttle.warn(
+                "link", f"refused {kind} connection from {peer}: {exc}", event="refused", peer=peer
             )
         except TimeoutError:
-            log.event(
-                logger,
-                logging.WARNING,
-                f"{peer}: control phase timed out",
-                event="timeout",
-                peer=peer,
+            self.throttle.warn(
+                "timeout", f"{peer}: control phase timed out", event="timeout", peer=peer
             )
         except ControlError as exc:
-            log.event(
-                logger,
-                logging.WARNING,
-                f"{peer}: closing connection: {exc}",
-                event="bad-request",
-                peer=peer,
+            self.throttle.warn(
+                "control", f"{peer}: closing connection: {exc}", event="bad-request", peer=peer
             )
         except ProtocolError as exc:
-            log.event(
-                logger,
-                logging.WARNING,
-                f"{peer}: malformed request: {exc}",
-                event="bad-request",
-                peer=peer,
+            self.throttle.warn(
+                "malformed", f"{peer}: malformed request: {exc}", event="bad-request", peer=peer
             )
         except OSError as exc:
             log.event(logger, logging.INFO, f"{peer}: connection error: {exc}", peer=peer)
         finally:
-            self.connections[peer] -= 1
-            if not self.connections[peer]:
-                del self.connections[peer]
-            self.total_connections -= 1
+            self._count_out(peer)
             link.finish(handed_over)
         if handed_over and isinstance(link, SecureLink):
             await self._relay(link)
@@ -520,8 +636,7 @@ class Appd:
             link.port = attached
             return attached is not None
         if isinstance(request, UnexportRequest):
-            owner = client.name if client is not None else peer
-            await link.send(encode(UnexportReply(self._unexport(request, owner))))
+            await link.send(encode(UnexportReply(self._unexport(request, peer, client))))
         elif isinstance(request, DevlistRequest):
             # usbipa exports nothing itself: an honest, empty list for `usbip list -r`.
             await link.send(encode(DevlistReply(0, ())))
@@ -546,25 +661,11 @@ class Appd:
             "vid_pid": f"{record.id_vendor:04x}:{record.id_product:04x}",
             "client": client.name if client is not None else None,
         }
-        owner = client.name if client is not None else peer
         who = f"{peer} ({client.name})" if client is not None else peer
-        self._reap()
-        previous = self.sessions.find(owner, record.busid)
-        if previous is not None:
-            # The same device from the same peer again: its old link is stale
-            # (the device side restarted or lost the link before we noticed).
-            self._detach(previous.port, "replaced by a new export of the same device")
-        exported = self.sessions.count_for(owner)
-        reason = authorize(
-            self.config, _ip(peer), record.id_vendor, record.id_product, exported, client
-        )
+        reason = self._admit_export(record, peer, client)
         if reason is not None:
-            log.event(
-                logger,
-                logging.WARNING,
-                f"refused export from {who}: {reason}",
-                event="refused",
-                **fields,
+            self.throttle.warn(
+                "export", f"refused export from {who}: {reason}", event="refused", **fields
             )
             return ExportStatus.FAILED, None
         speed = Speed(record.speed)
@@ -644,6 +745,8 @@ class Appd:
                 speed=int(r.speed),
                 since=time.time(),  # for display; timeouts use Sessions.clock
                 client=r.client.name if r.client is not None else None,
+                client_id=r.client.identity if r.client is not None else None,
+                path=record.path,
             )
         )
         log.event(
@@ -657,14 +760,58 @@ class Appd:
         self.notifier.status(self.status_line())
         return True
 
-    def _unexport(self, request: UnexportRequest, peer: str) -> UnexportStatus:
-        """`peer`: the sender's certificate subject if it showed one, else its address."""
-        session = self.sessions.find(peer, request.device.busid)
+    def _admit_export(self, record: DeviceRecord, peer: str, client: PeerCert | None) -> str | None:
+        """Check an EXPORT before it touches any session; None if it may go ahead.
+
+        Issue 12, finding 2: authorization comes first, so a refused client
+        cannot withdraw anyone's device by exporting the same busid. Finding 3:
+        only the same device (same owner, busid and record identity) replaces a
+        session; another machine behind the same address keeps its own.
+        Finding 6: the record must fit the kernel's fields.
+        """
+        problem = _record_problem(record)
+        if problem is not None:
+            return problem
+        owner = client.identity if client is not None else peer
+        self._reap()
+        previous = self.sessions.find_device(owner, record)
+        exported = self.sessions.count_for(owner) - (previous is not None)
+        reason = authorize(
+            self.config, _ip(peer), record.id_vendor, record.id_product, exported, client
+        )
+        if reason is not None:
+            return reason
+        self.proven[peer] = time.monotonic()
+        if previous is not None:
+            # The same device from the same peer again: its old link is stale
+            # (the device side restarted or lost the link before we noticed).
+            self._detach(previous.port, "replaced by a new export of the same device")
+        return None
+
+    def _unexport(
+        self, request: UnexportRequest, peer: str, client: PeerCert | None = None
+    ) -> UnexportStatus:
+        """Detach what the sender exported, if an allow entry admits the sender
+        (issue 12, finding 2): owned by its certificate, or else its address."""
+        reason = authorize_peer(self.config, _ip(peer), client)
+        who = f"{peer} ({client.name})" if client is not None else peer
+        if reason is not None:
+            self.throttle.warn(
+                "unexport",
+                f"refused unexport from {who}: {reason}",
+                event="refused",
+                peer=peer,
+                busid=request.device.busid,
+            )
+            return UnexportStatus.NOT_FOUND
+        self.proven[peer] = time.monotonic()
+        owner = client.identity if client is not None else peer
+        session = self.sessions.find_unexported(owner, request.device)
         if session is None:
             log.event(
                 logger,
                 logging.INFO,
-                f"unexport from {peer}: {request.device.busid} is not attached here",
+                f"unexport from {who}: {request.device.busid} is not attached here",
                 event="unexport-unknown",
                 peer=peer,
                 busid=request.device.busid,
@@ -712,11 +859,51 @@ def _state_warning(message: str, port: int) -> None:
     log.event(logger, logging.WARNING, message, event="state-error", port=port)
 
 
-def _log_refusal(peer: str, port: int, reason: str) -> None:
-    log.event(
-        logger,
-        logging.WARNING,
-        f"refused connection from {peer}: {reason}",
-        event="refused",
-        peer=peer,
-    )
+def _record_problem(record: DeviceRecord) -> str | None:
+    """What in an EXPORT's record the kernel cannot take (issue 12, finding 6)."""
+    if record.busnum > MAX_BUSNUM:
+        return f"busnum {record.busnum} out of range (at most {MAX_BUSNUM})"
+    if record.devnum > MAX_DEVNUM:
+        return f"devnum {record.devnum} out of range (at most {MAX_DEVNUM})"
+    if record.speed == Speed.UNKNOWN:
+        return "device speed unknown (0): vhci_hcd attaches only a known speed"
+    return None
+
+
+class Throttle:
+    """Rate limit for the warnings strangers can cause (issue 12, finding 4):
+    per kind, LOG_BURST lines per LOG_WINDOW s, then how many were left out."""
+
+    def __init__(self) -> None:
+        self.windows: dict[str, tuple[float, int, int]] = {}  # kind -> (start, logged, dropped)
+
+    def warn(self, kind: str, message: str, **fields: Any) -> None:
+        now = time.monotonic()
+        start, logged, dropped = self.windows.get(kind, (now, 0, 0))
+        if now - start >= LOG_WINDOW:
+            self._summary(kind, dropped)
+            start, logged, dropped = now, 0, 0
+        if logged < LOG_BURST:
+            log.event(logger, logging.WARNING, message, **fields)
+            logged += 1
+        else:
+            dropped += 1
+        self.windows[kind] = (start, logged, dropped)
+
+    def flush(self) -> None:
+        """Report the windows that are over (from the poll, once a flood stops)."""
+        now = time.monotonic()
+        for kind, (start, _, dropped) in list(self.windows.items()):
+            if now - start >= LOG_WINDOW:
+                self._summary(kind, dropped)
+                del self.windows[kind]
+
+    @staticmethod
+    def _summary(kind: str, dropped: int) -> None:
+        if dropped:
+            log.event(
+                logger,
+                logging.WARNING,
+                f"{dropped} more warnings like the last ({kind}) in {LOG_WINDOW:g} s not logged",
+                event="throttled",
+            )

@@ -55,6 +55,13 @@ class AllowRule:
             return False
         return not self.sans or bool(cert and any(p.matches(cert) for p in self.sans))
 
+    def admits_address(self, peer: IPAddress) -> bool:
+        """Whether some certificate (or none) from `peer` could pass this entry:
+        all that is known of a connection before its handshake."""
+        return not self.networks or any(
+            peer.version == net.version and peer in net for net in self.networks
+        )
+
     def admits_device(self, vendor: int, product: int) -> bool:
         if not self.devices:
             return True
@@ -68,6 +75,9 @@ class Limits:
     # Concurrent control connections per address: a device side that coldplugs
     # a lab's worth of devices opens one per device at once (bench/burst.py).
     per_peer_connections: int = 64
+    # The same per network prefix (/24 for IPv4, /64 for IPv6): one host has
+    # many addresses of its prefix to open connections from.
+    per_prefix_connections: int = 128
     max_connections: int = 1024
     # A port whose device has not been enumerated this long after attach is detached.
     enumeration_timeout: float = 30.0
@@ -107,6 +117,37 @@ def peer_address(host: str) -> IPAddress:
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         return addr.ipv4_mapped
     return addr
+
+
+def could_admit(config: AppdConfig, peer: IPAddress) -> bool:
+    """Whether any allow entry could admit a connection from `peer` (decided at
+    accept time: a connection that no entry could admit never gets a slot)."""
+    return any(rule.admits_address(peer) for rule in config.allow)
+
+
+def admitted_by_address(config: AppdConfig, peer: IPAddress) -> bool:
+    """Whether an entry admits `peer` by its address alone (no certificate asked)."""
+    return any(
+        rule.networks and not (rule.clients or rule.sans) and rule.admits_peer(peer)
+        for rule in config.allow
+    )
+
+
+def prefix_of(peer: IPAddress) -> str:
+    """The network a host usually has all of: its /24 (IPv4) or /64 (IPv6)."""
+    length = 24 if peer.version == 4 else 64
+    return str(ipaddress.ip_network(f"{peer}/{length}", strict=False))
+
+
+def authorize_peer(config: AppdConfig, peer: IPAddress, cert: PeerCert | None = None) -> str | None:
+    """None if some allow entry admits this peer (any device), else why not.
+
+    What a request that touches no device of its own needs (UNEXPORT)."""
+    if any(rule.admits_peer(peer, cert) for rule in config.allow):
+        return None
+    if cert is not None:
+        return f"client {cert.name} (from {peer}) not in any allow entry"
+    return "peer not in any allow list"
 
 
 def authorize(
@@ -161,6 +202,7 @@ _WSS_KEYS = {"port", "path"}
 _LIMIT_KEYS = {
     "control_timeout",
     "per_peer_connections",
+    "per_prefix_connections",
     "max_connections",
     "enumeration_timeout",
 }
@@ -255,6 +297,10 @@ def parse_config(text: str, filename: str) -> AppdConfig:
         per_peer_connections=_positive(
             limits.get("per_peer_connections", Limits.per_peer_connections),
             "limits.per_peer_connections",
+        ),
+        per_prefix_connections=_positive(
+            limits.get("per_prefix_connections", Limits.per_prefix_connections),
+            "limits.per_prefix_connections",
         ),
         max_connections=_positive(
             limits.get("max_connections", Limits.max_connections), "limits.max_connections"

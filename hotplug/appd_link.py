@@ -121,7 +121,7 @@ class SecureServer:
         except (ssl.SSLError, OSError) as exc:
             raise LinkRefused(describe(exc, "server")) from None
         cert = stream.peercert()
-        client = PeerCert.from_ssl(cert) if cert else None
+        client = PeerCert.from_ssl(cert, stream.peercert_der()) if cert else None
         try:
             if kind == "wss":
                 channel: Channel = await WebSocketChannel.server(stream, self.wss_path)

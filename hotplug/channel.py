@@ -118,6 +118,10 @@ class TlsStream:
         cert = self.tls.getpeercert()
         return dict(cert) if cert else None
 
+    def peercert_der(self) -> bytes | None:
+        """The verified peer's certificate itself (what its fingerprint is of)."""
+        return self.tls.getpeercert(binary_form=True)
+
     async def close(self) -> None:
         """close_notify, then close the socket; bounded in time."""
         with contextlib.suppress(Exception):

@@ -113,8 +113,15 @@ def recv_exactly(sock: socket.socket, size: int, deadline: float, endpoint: Endp
         except OSError as exc:
             raise ExportError(f"{endpoint}: {exc.strerror or exc} while waiting for reply") from exc
         if not chunk:
-            got = f"after {len(chunks)} of {size} bytes" if chunks else "before replying"
-            raise ExportError(f"{endpoint}: connection closed {got}")
+            if chunks:
+                raise ExportError(
+                    f"{endpoint}: connection closed after {len(chunks)} of {size} bytes"
+                )
+            # usbipa closes at once, unread, what no allow entry could admit.
+            raise ExportError(
+                f"{endpoint}: connection closed before replying (does the application side's "
+                "allow list name this machine's address?)"
+            )
         chunks += chunk
     return bytes(chunks)
 

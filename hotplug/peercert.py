@@ -1,15 +1,31 @@
 """A TLS peer's certificate as usbipa authorizes it: names in, yes/no out. Pure.
 
 `PeerCert` is what the handshake proved about the client (its subject and
-subjectAltName entries, from `ssl.SSLSocket.getpeercert()`); the patterns are
-what an `allow` entry's `client:` and `san:` keys say. Only a certificate that
-the TLS layer already verified against usbipa's client CA ever gets here, so
-matching names is all that is left to do.
+subjectAltName entries, from `ssl.SSLSocket.getpeercert()`, and the SHA-256
+fingerprint of the certificate itself); the patterns are what an `allow`
+entry's `client:` and `san:` keys say. Only a certificate that the TLS layer
+already verified against usbipa's client CA ever gets here, so matching names
+is all that is left to do.
+
+Names are for matching and for logs, never for telling clients apart: two
+certificates can render to the same text (a CN holding "lab-1,O=Example" and
+the subject CN=lab-1,O=Example; two SAN-only certificates). What a client
+owns is keyed on its fingerprint (`PeerCert.identity`).
+
+The matching rules (docs/SECURITY.md, "Which certificates an entry admits"):
+- subject: for every attribute type a pattern names, the subject's values of
+  that type and the pattern's match one for one: each pattern value matches
+  some subject value and each subject value matches some pattern value. So
+  `CN=lab-1` admits `CN=lab-1,O=Example` but not `CN=intruder,CN=lab-1`.
+- case: subject attribute values and DNS names compare case-insensitively
+  (X.520's caseIgnoreMatch, DNS); URI and email values exactly; IP addresses
+  as addresses.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -42,15 +58,24 @@ class PatternError(ValueError):
 class PeerCert:
     subject: tuple[tuple[str, str], ...]  # (short attribute name, value), in order
     san: tuple[tuple[str, str], ...] = ()  # (DNS|IP|URI|email, value)
+    fingerprint: str = ""  # SHA-256 of the DER certificate, hex; "" if not known
 
     @property
     def name(self) -> str:
-        """What logs call this client: its subject, e.g. 'CN=lab-1,O=Example'."""
+        """What logs call this client: its subject, e.g. 'CN=lab-1,O=Example'.
+
+        Not unique: see `identity`."""
         return ",".join(f"{k}={v}" for k, v in self.subject) or "(empty subject)"
 
+    @property
+    def identity(self) -> str:
+        """What this client owns sessions as: its certificate, by fingerprint."""
+        return f"sha256:{self.fingerprint}" if self.fingerprint else f"subject:{self.name}"
+
     @classmethod
-    def from_ssl(cls, cert: Mapping[str, Any]) -> PeerCert:
-        """From the dict `getpeercert()` returns for a verified peer."""
+    def from_ssl(cls, cert: Mapping[str, Any], der: bytes | None = None) -> PeerCert:
+        """From the dict `getpeercert()` returns for a verified peer, and the
+        certificate itself (`getpeercert(binary_form=True)`) for its fingerprint."""
         subject = tuple(
             (_SHORT.get(key, key), str(value))
             for rdn in cert.get("subject", ())
@@ -61,21 +86,27 @@ class PeerCert:
             for kind, value in cert.get("subjectAltName", ())
             if kind in _SAN_TYPES
         )
-        return cls(subject, san)
+        return cls(subject, san, hashlib.sha256(der).hexdigest() if der else "")
 
 
 @dataclass(frozen=True)
 class SubjectPattern:
-    """`CN=lab-*,O=Example`: every attribute given must be in the subject (globs in values)."""
+    """`CN=lab-*,O=Example`: the subject's values of each attribute type named
+    match the pattern's one for one (globs in values, case-insensitive)."""
 
-    parts: tuple[tuple[str, str], ...]
+    parts: tuple[tuple[str, str], ...]  # values lower-cased
     text: str
 
     def matches(self, cert: PeerCert) -> bool:
-        return all(
-            any(k == attr and fnmatch.fnmatchcase(v, glob) for k, v in cert.subject)
-            for attr, glob in self.parts
-        )
+        for attr in {a for a, _ in self.parts}:
+            globs = [g for a, g in self.parts if a == attr]
+            values = [v.lower() for k, v in cert.subject if k == attr]
+            # Both ways: `CN=lab-1` must not admit `CN=intruder,CN=lab-1`.
+            if not values or not all(any(fnmatch.fnmatchcase(v, g) for g in globs) for v in values):
+                return False
+            if not all(any(fnmatch.fnmatchcase(v, g) for v in values) for g in globs):
+                return False
+        return True
 
 
 @dataclass(frozen=True)
@@ -100,7 +131,7 @@ def parse_subject_pattern(text: str) -> SubjectPattern:
         if short is None:
             known = ", ".join(sorted(_ATTRS.values()))
             raise PatternError(f"unknown attribute {attr.strip()!r} in {text!r} (known: {known})")
-        parts.append((short, value.strip()))
+        parts.append((short, value.strip().lower()))
     return SubjectPattern(tuple(parts), text)
 
 

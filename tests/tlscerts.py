@@ -43,6 +43,7 @@ class Pki:
     server_other_ca: Pair
     server_wrong_host: Pair  # valid, but only for other.example
     server_as_client: Pair  # a server-only certificate (EKU serverAuth) used as a client's
+    ca_key: Path | None = None  # the CA's key, for `issue_client`
 
 
 def _name(cn: str) -> x509.Name:
@@ -138,11 +139,62 @@ def _write_pair(
     return Pair(_write_cert(directory / f"{name}.crt", cert), key_path)
 
 
+_OIDS = {
+    "CN": NameOID.COMMON_NAME,
+    "O": NameOID.ORGANIZATION_NAME,
+    "OU": NameOID.ORGANIZATIONAL_UNIT_NAME,
+    "C": NameOID.COUNTRY_NAME,
+}
+
+
+def issue_client(
+    pki: Pki,
+    directory: Path,
+    name: str,
+    subject: tuple[tuple[str, str], ...],
+    dns: tuple[str, ...] = (),
+) -> Pair:
+    """A client certificate from the test CA with exactly this subject, in this
+    order (("CN", "lab-1,O=Example"),) is one CN holding a comma) and DNS SANs."""
+    assert pki.ca_key is not None
+    ca_key = serialization.load_pem_private_key(pki.ca_key.read_bytes(), None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    ca_cert = x509.load_pem_x509_certificate(pki.ca.read_bytes())
+    key = _key()
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(_OIDS[k], v) for k, v in subject]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - DAY)
+        .not_valid_after(NOW + 30 * DAY)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+    )
+    if dns:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(d) for d in dns]), critical=not subject
+        )
+    directory.mkdir(parents=True, exist_ok=True)
+    return _write_pair(directory, name, (builder.sign(ca_key, hashes.SHA256()), key))
+
+
 def make_pki(directory: Path) -> Pki:
     directory.mkdir(parents=True, exist_ok=True)
     ca, other = _Ca("Test CA"), _Ca("Other CA")
     local = ("127.0.0.1", "localhost")
+    ca_key = directory / "ca.key"
+    ca_key.write_bytes(
+        ca.key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    ca_key.chmod(0o600)
     return Pki(
+        ca_key=ca_key,
         ca=_write_cert(directory / "ca.crt", ca.cert),
         other_ca=_write_cert(directory / "other-ca.crt", other.cert),
         server=_write_pair(directory, "server", _leaf(ca, "usbipa", server=True, hosts=local)),

@@ -520,6 +520,7 @@ class FakeKernelServer:
         (self.rx_dir / busid).write_bytes(b"")
         self.selector.register(sock, selectors.EVENT_READ, ("stub", busid))
         _replace_text(status_file, "2\n")
+        self._describe_links()
 
     # -- vhci
 
@@ -579,7 +580,15 @@ class FakeKernelServer:
         fields = text.split()
         if len(fields) != 4 or sock is None:
             raise _Fail(errno.EINVAL)
-        number, devid, speed = int(fields[0]), int(fields[2]), int(fields[3])
+        try:
+            # sscanf's %u into a __u32 (vhci_sysfs.c attach_store): wider values
+            # are cut to 32 bits, not refused.
+            number, devid, speed = (int(fields[i]) & 0xFFFFFFFF for i in (0, 2, 3))
+        except ValueError:
+            raise _Fail(errno.EINVAL) from None
+        # valid_args() accepts the speeds of enum usb_device_speed from LOW up.
+        if speed not in {int(s) for s in Speed} - {Speed.UNKNOWN}:
+            raise _Fail(errno.EINVAL)
         superspeed, state = self._port(number)
         if superspeed != Speed(speed).needs_superspeed_port:
             raise _Fail(errno.EINVAL)
@@ -595,6 +604,39 @@ class FakeKernelServer:
         # deterministically comes second (issue 16).
         with contextlib.suppress(OSError):
             sock.send(first_urb(devid), socket.MSG_DONTWAIT)
+        self._describe_links()
+
+    def _describe_links(self) -> None:
+        """Give each vhci-side device the ids of the device at the far end of its
+        link, as the kernel learns them from the descriptors the stub sends.
+        Known only when that end is a usbip-host socket of this same fake kernel
+        (one machine exporting to itself); otherwise the device has no ids here."""
+        ends: dict[object, str] = {}
+        for stub_busid, stub_sock in self.stub_socks.items():
+            with contextlib.suppress(OSError):
+                ends[stub_sock.getsockname()] = stub_busid
+        for number, vhci_sock in self.vhci_socks.items():
+            try:
+                far = ends.get(vhci_sock.getpeername())
+            except OSError:
+                continue
+            device = self._vhci_device(number)
+            if far is None or device is None or (device / "idVendor").exists():
+                continue
+            source = self.paths.usb_devices / far
+            with contextlib.suppress(OSError):
+                for name in ("idVendor", "idProduct", "bDeviceClass"):
+                    (device / name).write_text((source / name).read_text())
+
+    def _vhci_device(self, number: int) -> Path | None:
+        for status in self._status_files():
+            for p in parse_status(status.read_text()):
+                if p.port == number and p.state == PortState.USED:
+                    suffix = status.name.partition(".")[2]
+                    controller = self.paths.platform / f"vhci_hcd.{suffix or 0}"
+                    device = controller / f"usb{p.local_busid.split('-')[0]}" / p.local_busid
+                    return device if device.is_dir() else None
+        return None
 
     def _vhci_detach(self, text: str) -> None:
         number = int(text.strip())

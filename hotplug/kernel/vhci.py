@@ -209,6 +209,23 @@ class Vhci(SysfsWriter):
     def find_free_port(self, speed: Speed, exclude: Container[int] = ()) -> VhciPort | None:
         return pick_free_port(self.ports(), speed, exclude)
 
+    def device_ids(self, port: VhciPort) -> tuple[int, int] | None:
+        """(idVendor, idProduct) of the USB device enumerated behind `port`: what
+        its descriptors say, read over the link by the kernel, whatever the
+        peer's record claimed. None until it has enumerated."""
+        if not self.enumerated(port):
+            return None
+        bus = port.local_busid.split("-", 1)[0]
+        for controller in self.controllers():
+            device = controller / f"usb{bus}" / port.local_busid
+            vendor, product = read_attr(device / "idVendor"), read_attr(device / "idProduct")
+            if vendor and product:
+                try:
+                    return int(vendor, 16), int(product, 16)
+                except ValueError:
+                    return None
+        return None
+
     def attach(self, port: int, sock: socket.socket, devid: int, speed: Speed) -> None:
         # The fd is resolved in the writing process: this process must hold `sock`.
         self.write(self.main_controller / "attach", f"{port} {sock.fileno()} {devid} {int(speed)}")

@@ -7,6 +7,7 @@ or session record is left, and a real `usbip-hotplug connect` still works.
 
 from __future__ import annotations
 
+import re
 import socket
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bench.harness import FakeKernel, Usbipa
+from hotplug.appd import LOG_BURST, LOG_WINDOW, SESSION_POLL_INTERVAL
 from hotplug.device import Speed
 from hotplug.protocol import (
     DeviceRecord,
@@ -158,7 +160,13 @@ def test_every_truncation_is_refused_cleanly(
             assert talk(usbipa.port, full[:size]) == b"", f"answered {size} of {len(full)} bytes"
             cut_short += 1
         check_reply(full, talk(usbipa.port, full))
-    assert usbipa.log().count("malformed request") == cut_short
+    # Every one is told, the first few a line each, the rest as a count once
+    # the log window is over (issue 12, finding 4: a flood must not flood the log).
+    wait_for(
+        lambda: logged_or_counted(usbipa.log(), "malformed request", "malformed") == cut_short,
+        LOG_WINDOW + 3 * SESSION_POLL_INTERVAL + 5,
+        f"{cut_short} malformed requests logged or counted",
+    )
     assert "timed out" not in usbipa.log()
     assert_no_leaks(usbipa, base)
     assert_serves(device, usbipa, tmp_path / "state")
@@ -287,3 +295,26 @@ def test_connection_flood_above_the_limits(
         # Each held connection ended with a line saying where its request was cut.
         assert usbipa.log().count("malformed request: connection closed") == len(held)
         assert_serves(device, usbipa, tmp_path / "state")
+
+
+def logged_or_counted(log: str, text: str, kind: str) -> int:
+    """How many warnings of `kind` usbipa told of: lines with `text`, plus the
+    counts of those its throttle left out."""
+    shown = log.count(text)
+    left_out = re.findall(rf"(\d+) more warnings like the last \({kind}\)", log)
+    return shown + sum(int(n) for n in left_out)
+
+
+def test_refusal_log_is_rate_limited(device: FakeKernel, usbipa: Usbipa) -> None:
+    """Issue 12, finding 4: every refused connection used to write a WARNING line,
+    unthrottled (377,151 lines in 30 s were seen). Now at most LOG_BURST lines per
+    kind and window, and the rest as a count; usbipa keeps serving."""
+    for _ in range(200):
+        assert talk(usbipa.port, b"\xff" * 8) == b""
+    log = usbipa.log()
+    assert log.count("malformed request") <= 2 * LOG_BURST, log.count("malformed request")
+    wait_for(
+        lambda: logged_or_counted(usbipa.log(), "malformed request", "malformed") == 200,
+        LOG_WINDOW + 3 * SESSION_POLL_INTERVAL + 5,
+        "200 malformed requests logged or counted",
+    )
