@@ -1,6 +1,6 @@
-"""Who owns a session in usbipa, and what an export must be to get one.
+"""Who owns a session in usbipa, and what an export must be to get and keep one.
 
-Issue 12, findings 2, 3 and 6: the real usbipa on loopback with the fake
+Issue 12, findings 2, 3, 6 and 7: the real usbipa on loopback with the fake
 kernel, and device sides played by raw sockets (plain or TLS with test
 certificates) that send exactly the records a test needs, several of them
 from one address.
@@ -8,6 +8,7 @@ from one address.
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import struct
 from collections.abc import Iterator
@@ -16,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from hotplug.device import Speed
+from hotplug.device import Device, Speed
 from hotplug.export import bare_record
-from hotplug.kernel.fake import FakeTree
+from hotplug.kernel.fake import FakeTree, FakeUsbDevice
 from hotplug.protocol import (
     DeviceRecord,
     ExportRequest,
@@ -283,3 +284,42 @@ def test_identity_is_the_certificate_not_its_name() -> None:
     assert one.name == two.name
     assert one.identity != two.identity
     assert one.identity.startswith("sha256:")
+
+
+def test_device_that_is_not_what_its_export_claims_is_detached(
+    tree: FakeTree, state: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 12, finding 7: `devices:` filtered only the vid:pid the peer claims in
+    OP_EXPORT. Once the device enumerates behind vhci, usbipa compares its
+    idVendor/idProduct with the record's and detaches on a mismatch, saying why.
+    Here the device side lies: it exports a 0bad:0001 as an allowed 1d6b:0104."""
+    import hotplug.export as export_module
+    from hotplug.address import Endpoint
+
+    tree.add_device(FakeUsbDevice(busid="1-1", vendor=0x0BAD, product=0x0001), devnum=3)
+    tree.add_device(FakeUsbDevice(busid="1-2", vendor=0x1D6B, product=0x0104), devnum=4)
+    honest = export_module.device_record
+
+    def lying(device: Device) -> DeviceRecord:
+        rec = honest(device)
+        if device.busid != "1-1":
+            return rec
+        return dataclasses.replace(rec, id_vendor=0x1D6B, id_product=0x0104)
+
+    with running_usbipa(tree, state, "--device", "1d6b:0104") as (proc, port):
+        endpoint = Endpoint("127.0.0.1", port)
+        export_module.export(tree.stub(), "1-2", endpoint, export_module.Timeouts(3, 3))
+        honest_port = wait_for(lambda: used_ports(tree), 5, "the honest device attached")
+        monkeypatch.setattr(export_module, "device_record", lying)
+        export_module.export(tree.stub(), "1-1", endpoint, export_module.Timeouts(3, 3))
+        wait_for(lambda: len(used_ports(tree)) == 2, 5, "the lying export attached")
+        # usbipa's poll (every 2 s) finds what enumerated; the honest one stays.
+        wait_for(lambda: used_ports(tree) == honest_port, 10, "the lying device detached")
+        proc.terminate()
+        proc.wait(timeout=10)
+        assert proc.stderr is not None
+        log = proc.stderr.read()
+    assert "the device that enumerated is 0bad:0001, not the 1d6b:0104 its export claimed" in log, (
+        log
+    )
+    assert log.count("usbipa: detached port") == 1, log
