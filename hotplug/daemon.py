@@ -31,7 +31,7 @@ from hotplug.control import ControlError, bind_control_socket, serve, socket_pat
 from hotplug.device import Device
 from hotplug.events import DeviceEvent, EventSource
 from hotplug.export import ExportError, Timeouts, export, unexport
-from hotplug.kernel.stub import STUB_DRIVER, StubStatus, UsbipHost
+from hotplug.kernel.stub import STUB_DRIVER, TABLE_SLOTS, StubStatus, UsbipHost
 from hotplug.kernel.sysfs import KernelError, busid_sort_key
 from hotplug.notify import Notifier
 from hotplug.policy import Policy, PolicyError, Target, TlsOptions, load_policy, parse_address
@@ -67,6 +67,8 @@ OnStop = Literal["unexport", "keep"]
 KERNEL_SLACK = 10.0
 STOP_GRACE = 20.0  # within systemd's TimeoutStopSec (30 s in our unit)
 RECORD_BY = "daemon"
+# `status` warns when this few of usbip-host's busid slots are left.
+TABLE_LOW = 4
 
 
 @dataclass(frozen=True)
@@ -882,8 +884,39 @@ class Daemon:
                 "policy_error": self.policy_error,
                 "on_stop": self.options.on_stop or self.policy.settings.on_stop,
             },
+            "usbip_host": self.table_report(),
             "devices": rows,
         }
+
+    def table_report(self) -> dict[str, Any]:
+        return table_report(self.stub)
+
+
+def table_report(stub: UsbipHost) -> dict[str, Any]:
+    """usbip-host's busid table: a full one refuses every new export until the
+    module is reloaded, so say how much of it is left, and what was lost."""
+    try:
+        table = stub.table()
+        leaked = stub.leftovers()
+    except (KernelError, OSError) as exc:
+        return {"error": str(exc)}
+    free = max(0, TABLE_SLOTS - len(table))
+    warning = None
+    if free <= TABLE_LOW:
+        warning = (
+            f"only {free} of usbip-host's {TABLE_SLOTS} busid slots left"
+            + (f" ({len(leaked)} leaked by devices unplugged mid-export)" if leaked else "")
+            + "; new exports fail once none is left: reload the module when nothing"
+            " is exported (modprobe -r usbip-host; modprobe usbip-host)"
+        )
+    return {
+        "slots": TABLE_SLOTS,
+        "used": len(table),
+        "leaked": len(leaked),
+        "leaked_busids": leaked,
+        "free": free,
+        "warning": warning,
+    }
 
 
 def display_state(slot: Slot, wanted: Wanted | None) -> str:

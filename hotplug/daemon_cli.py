@@ -225,6 +225,17 @@ def render_status(reply: dict[str, Any]) -> str:
     if daemon.get("policy_error"):
         lines.append("policy error (the previous policy stays in force):")
         lines.extend(f"  {line}" for line in str(daemon["policy_error"]).splitlines())
+    table = reply.get("usbip_host") or {}
+    if "used" in table:
+        leaked = f", {table['leaked']} leaked ({' '.join(table['leaked_busids'])})"
+        lines.append(
+            f"usbip-host: {table['used']} of {table['slots']} busid slots used"
+            + (leaked if table.get("leaked") else "")
+        )
+    elif table.get("error"):
+        lines.append(f"usbip-host: {table['error']}")
+    if table.get("warning"):
+        lines.append(f"warning: {table['warning']}")
     rows = reply.get("devices") or []
     if not rows:
         lines.append("no USB devices")

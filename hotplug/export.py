@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from hotplug import log
 from hotplug.address import Endpoint
 from hotplug.device import Device, Speed
+from hotplug.faultpoints import reach
 from hotplug.kernel.stub import STUB_DRIVER, StubStatus, UsbipHost
 from hotplug.kernel.sysfs import DeviceNotFound, KernelError, read_device
 from hotplug.kernel.vudc import Vudc
@@ -274,6 +275,7 @@ def export(
         device = dataclasses.replace(before, driver=STUB_DRIVER)
         with handshake_export(device_record(device), endpoint, timeouts, on_connect) as sock:
             stub.hand_over(busid, sock)
+            reach("export.after-hand-over")
         if stub.status(busid) != StubStatus.USED:
             raise ExportError(f"{busid}: usbip-host did not take the connection")
     except BaseException as exc:
@@ -305,7 +307,9 @@ def handshake_export(
     try:
         if on_connect is not None:
             on_connect(sock)
+        reach("export.after-connect")
         reply = _exchange(sock, encode(ExportRequest(record)), Op.REP_EXPORT, endpoint, timeouts)
+        reach("export.after-reply")
         if reply != ExportStatus.ATTACHED:
             reason = EXPORT_REFUSALS.get(reply, f"refused with status {reply}")  # type: ignore[call-overload]
             raise ExportError(f"{endpoint} refused {record.busid}: {reason}")

@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from enum import IntEnum
 
 from hotplug.device import Device
+from hotplug.faultpoints import reach
 from hotplug.kernel.sysfs import (
     DeviceNotFound,
     KernelError,
@@ -106,10 +107,13 @@ class UsbipHost(SysfsWriter):
         # The table entry first: if usbip-host has no room (16 busids), the device
         # has not been taken from its driver yet.
         self.write(self.paths.stub_driver / "match_busid", f"add {busid}")
+        reach("bind.after-match-add")
         try:
             if device.driver is not None:
                 self.write(dev_dir / "driver/unbind", busid)
+                reach("bind.after-driver-unbind")
             self.write(self.paths.stub_driver / "bind", busid)
+            reach("bind.after-stub-bind")
         except KernelError:
             # Pulled out mid-bind, typically. Never `rebind` blindly here: the
             # entry may not point at this device (see the module's docstring).
@@ -138,9 +142,22 @@ class UsbipHost(SysfsWriter):
                     self.write(self.paths.stub_driver / "bind", busid)
                 driver = self._driver_now(busid)
             if driver == STUB_DRIVER:
-                self.write(self.paths.stub_driver / "unbind", busid)
-                # Safe: usbip-host's probe recorded this device, and we hold it.
-                self.write(self.paths.stub_driver / "rebind", busid)
+                reach("release.before-unbind")
+                try:
+                    self.write(self.paths.stub_driver / "unbind", busid)
+                except KernelError:
+                    if self.paths.device_dir(busid).exists():
+                        raise
+                    # Pulled out just now: usbip-host let go of it by itself, and
+                    # its entry still records this device, which we hold.
+                reach("release.before-rebind")
+                # Safe: usbip-host's probe recorded this device, and we hold it
+                # (so even a device unplugged meanwhile is alive for the write).
+                try:
+                    self.write(self.paths.stub_driver / "rebind", busid)
+                except KernelError:
+                    if self.paths.device_dir(busid).exists():
+                        raise
             elif driver is None:
                 self.write(self.paths.sys / "bus/usb/drivers_probe", busid)
             else:

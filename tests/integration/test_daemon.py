@@ -719,6 +719,10 @@ def test_status_over_the_control_socket(tree: FakeTree, state: Path, daemons: An
         )
         assert rows["1-2"]["next_retry"] is not None
         assert rows["1-3"]["state"] == "not matched" and rows["1-3"]["reason"] == "no rule matched"
+        # usbip-host's table: 1-1 holds a slot; 1-2's failed tries gave theirs back.
+        table = data["usbip_host"]
+        assert (table["slots"], table["used"], table["leaked"]) == (16, 1, 0)
+        assert table["warning"] is None
 
         text = run_cli(tree, state, "status")
         assert text.returncode == 0, text.stderr
@@ -726,6 +730,7 @@ def test_status_over_the_control_socket(tree: FakeTree, state: Path, daemons: An
         line = next(ln for ln in text.stdout.splitlines() if ln.startswith("1-1 "))
         assert "exported" in line and f"lab 127.0.0.1:{port}" in line and "disks" in line
         assert "last error:" in text.stdout and "next retry in" in text.stdout
+        assert "usbip-host: 1 of 16 busid slots used" in text.stdout
 
         mode = (state / "device" / "control.sock").stat().st_mode & 0o777
         assert mode == 0o600

@@ -147,3 +147,54 @@ def test_without_usbfs_the_device_is_not_given_back_blindly(tree: FakeTree) -> N
         stub.release("1-1")
     assert driver(tree, "1-1") == STUB_DRIVER
 
+
+def test_pulled_out_before_usbip_host_lets_go_frees_the_entry(tree: FakeTree) -> None:
+    """Issue 11, fault matrix (release.before-unbind): the device goes just before
+    usbip-host's unbind. That write then fails (ENODEV), but the device is gone, so
+    there is nothing to give back: no error. The entry still records the device we
+    hold open, so the rebind frees it safely instead of leaking the slot."""
+    tree.add_device(DISK)
+    tree.stub().bind("1-1")
+    PulledOutAt(tree, "unbind").release("1-1")
+    assert table(tree) == []
+
+
+def test_table_report_counts_used_and_leaked_slots_and_warns() -> None:
+    """`status` says how many of usbip-host's 16 slots are used or leaked, and warns
+    before they run out (issue 11, item 3)."""
+    from hotplug.daemon import table_report
+
+    class Table:
+        def __init__(self, table: list[str], leftovers: list[str]) -> None:
+            self._table, self._leftovers = table, leftovers
+
+        def table(self) -> list[str]:
+            return self._table
+
+        def leftovers(self) -> list[str]:
+            return self._leftovers
+
+    ok = table_report(Table(["1-1", "1-2"], ["1-2"]))  # type: ignore[arg-type]
+    assert ok == {
+        "slots": 16,
+        "used": 2,
+        "leaked": 1,
+        "leaked_busids": ["1-2"],
+        "free": 14,
+        "warning": None,
+    }
+    busids = [f"1-{n}" for n in range(1, 14)]
+    low = table_report(Table(busids, busids[1:]))  # type: ignore[arg-type]
+    assert low["free"] == 3 and low["leaked"] == 12
+    assert low["warning"].startswith("only 3 of usbip-host's 16 busid slots left (12 leaked")
+
+
+def test_table_report_on_the_fake_kernel(tree: FakeTree) -> None:
+    from hotplug.daemon import table_report
+
+    stub = tree.stub()
+    tree.add_device(DISK)
+    with pytest.raises(KernelError):
+        PulledOutAt(tree, "bind").bind("1-1")
+    report = table_report(stub)
+    assert (report["used"], report["leaked"], report["leaked_busids"]) == (1, 1, ["1-1"])
