@@ -111,6 +111,15 @@ def recv_exactly(sock: socket.socket, size: int, deadline: float, endpoint: Endp
             chunk = sock.recv(size - len(chunks))
         except TimeoutError as exc:
             raise ExportError(f"{endpoint}: no reply within the handshake timeout") from exc
+        except ConnectionResetError as exc:
+            if chunks:
+                raise ExportError(f"{endpoint}: connection reset while waiting for reply") from exc
+            # usbipa closed unread what no allow entry could admit; our request
+            # still unread there turns its close into a reset (a race with EOF).
+            raise ExportError(
+                f"{endpoint}: connection closed before replying (does the application side's "
+                "allow list name this machine's address?)"
+            ) from exc
         except OSError as exc:
             raise ExportError(f"{endpoint}: {exc.strerror or exc} while waiting for reply") from exc
         if not chunk:
