@@ -32,7 +32,7 @@ from hotplug.device import Device
 from hotplug.events import DeviceEvent, EventSource
 from hotplug.export import ExportError, Timeouts, export, unexport
 from hotplug.kernel.stub import STUB_DRIVER, TABLE_SLOTS, StubStatus, UsbipHost
-from hotplug.kernel.sysfs import KernelError, busid_sort_key
+from hotplug.kernel.sysfs import KernelError, busid_sort_key, driver_name
 from hotplug.notify import Notifier
 from hotplug.policy import Policy, PolicyError, Target, TlsOptions, load_policy, parse_address
 from hotplug.reconcile import (
@@ -333,11 +333,7 @@ class Daemon:
         )
 
     def _bound(self, busid: str) -> bool:
-        try:
-            link = os.readlink(self.stub.paths.device_dir(busid) / "driver")
-        except OSError:
-            return False
-        return os.path.basename(link) == STUB_DRIVER
+        return driver_name(self.stub.paths.device_dir(busid)) == STUB_DRIVER
 
     def _wanted(self, device: Device) -> Wanted:
         if device.busid in self.settling:

@@ -27,6 +27,7 @@ import socket
 import time
 from collections.abc import Iterator
 from enum import IntEnum
+from pathlib import Path
 
 from hotplug.device import Device
 from hotplug.faultpoints import reach
@@ -35,6 +36,7 @@ from hotplug.kernel.sysfs import (
     KernelError,
     SysfsPaths,
     SysfsWriter,
+    driver_name,
     read_attr,
     read_device,
     validate_busid,
@@ -143,21 +145,13 @@ class UsbipHost(SysfsWriter):
                 driver = self._driver_now(busid)
             if driver == STUB_DRIVER:
                 reach("release.before-unbind")
-                try:
-                    self.write(self.paths.stub_driver / "unbind", busid)
-                except KernelError:
-                    if self.paths.device_dir(busid).exists():
-                        raise
-                    # Pulled out just now: usbip-host let go of it by itself, and
-                    # its entry still records this device, which we hold.
+                # Pulled out just now, usbip-host lets go of it by itself, and its
+                # entry still records this device, which we hold.
+                self._write_unless_gone(self.paths.stub_driver / "unbind", busid)
                 reach("release.before-rebind")
                 # Safe: usbip-host's probe recorded this device, and we hold it
                 # (so even a device unplugged meanwhile is alive for the write).
-                try:
-                    self.write(self.paths.stub_driver / "rebind", busid)
-                except KernelError:
-                    if self.paths.device_dir(busid).exists():
-                        raise
+                self._write_unless_gone(self.paths.stub_driver / "rebind", busid)
             elif driver is None:
                 self.write(self.paths.sys / "bus/usb/drivers_probe", busid)
             else:
@@ -210,10 +204,15 @@ class UsbipHost(SysfsWriter):
             os.close(fd)
 
     def _driver_now(self, busid: str) -> str | None:
+        return driver_name(self.paths.device_dir(busid))
+
+    def _write_unless_gone(self, path: Path, busid: str) -> None:
+        """Write the busid to `path`; a refusal because the device went is no error."""
         try:
-            return self.driver_of(busid)
-        except DeviceNotFound:
-            return None
+            self.write(path, busid)
+        except KernelError:
+            if self.paths.device_dir(busid).exists():
+                raise
 
     def hand_over(self, busid: str, sock: socket.socket) -> None:
         """Start the data phase: the kernel takes its own reference to `sock`.

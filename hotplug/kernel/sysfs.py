@@ -146,7 +146,8 @@ def _int(path: Path, base: int, default: int = 0) -> int:
         return default
 
 
-def _driver(dev_dir: Path) -> str | None:
+def driver_name(dev_dir: Path) -> str | None:
+    """The name of the driver bound to the device in `dev_dir`, or None."""
     link = dev_dir / "driver"
     try:
         return os.path.basename(os.readlink(link))
@@ -203,7 +204,7 @@ def read_device(paths: SysfsPaths, busid: str) -> Device:
         serial=read_attr(dev_dir / "serial"),
         manufacturer=read_attr(dev_dir / "manufacturer"),
         product_name=read_attr(dev_dir / "product"),
-        driver=_driver(dev_dir),
+        driver=driver_name(dev_dir),
     )
 
 
