@@ -803,7 +803,10 @@ def test_a_device_claimed_through_a_leftover_entry_is_ours(
     with running_usbipa(tree, state) as (_, port):
         daemon = daemons(policy_text({"lab": target(port)}, [rule("d", "1d6b", "lab")])).start()
         daemon.plug(DISK, devnum=3)
-        wait_for(lambda: exported(tree, "1-1"), 5, "1-1 exported")
+        # The daemon's own word that it exported (and so owns) it, not just the
+        # kernel's: a first attempt can fail and be retried after the port showed up.
+        wait_for(lambda: daemon.state_of("1-1") == "exported", 10, "1-1 exported by the daemon")
+        assert exported(tree, "1-1")
         daemon.unplug("1-1")
         wait_for(lambda: daemon.device("1-1") is None, 5, "1-1 dropped")
         successor = DISK if matches else FakeUsbDevice("1-1", 0x4444, 0x0001, serial="OTHER")
@@ -819,5 +822,5 @@ def test_a_device_claimed_through_a_leftover_entry_is_ours(
                 5,
                 "the successor given back and its entry freed",
             )
-        assert daemon.state_of("1-1") != "foreign"
-    assert "treating it as ours" in daemon.text()
+        assert daemon.state_of("1-1") != "foreign", daemon.text()
+    assert "treating it as ours" in daemon.text(), daemon.text()
