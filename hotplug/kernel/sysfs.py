@@ -184,7 +184,10 @@ def read_device(paths: SysfsPaths, busid: str) -> Device:
     dev_dir = paths.device_dir(busid)
     if not dev_dir.exists():
         raise DeviceNotFound(busid)
-    real = Path(os.path.realpath(dev_dir))
+    try:
+        real = Path(os.path.realpath(dev_dir))
+    except OSError as e:  # unplugged between the lstat and the readlink
+        raise DeviceNotFound(busid) from e
     speed_text = read_attr(dev_dir / "speed") or ""
     return Device(
         busid=busid,

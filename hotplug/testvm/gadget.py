@@ -228,6 +228,18 @@ class UsbDevice:
         return sorted(p.name for p in self.path.glob(f"{self.busid}:*"))
 
 
+def _resolve(link: Path) -> Path | None:
+    """Where a sysfs link points, or None if it went away meanwhile.
+
+    Python 3.11's realpath lstat()s and then readlink()s; a device that is
+    unplugged between the two raises FileNotFoundError even with strict=False.
+    """
+    try:
+        return link.resolve()
+    except OSError:
+        return None
+
+
 def usb_devices(*, serial: str | None = None) -> list[UsbDevice]:
     """USB devices (root hubs included), optionally only those with `serial`."""
     out: list[UsbDevice] = []
@@ -236,7 +248,10 @@ def usb_devices(*, serial: str | None = None) -> list[UsbDevice]:
     for link in USB_DEVICES.iterdir():
         if ":" in link.name:
             continue  # an interface
-        dev = UsbDevice(link.name, link.resolve())
+        real = _resolve(link)
+        if real is None:
+            continue  # unplugged while we listed
+        dev = UsbDevice(link.name, real)
         if serial is None or dev.serial == serial:
             out.append(dev)
     return sorted(out, key=lambda d: d.busid)
@@ -309,8 +324,8 @@ def block_devices(busid: str) -> list[BlockDevice]:
     if not block.is_dir():
         return out
     for link in block.iterdir():
-        real = link.resolve()
-        if busid in real.parts:
+        real = _resolve(link)
+        if real is not None and busid in real.parts:
             out.append(BlockDevice(link.name, real))
     return sorted(out, key=lambda b: b.name)
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import ipaddress
+from pathlib import Path
 
 import pytest
 
 from hotplug.address import AddressError, Endpoint, parse_endpoint
 from hotplug.appd_config import AllowRule, AppdConfig, ConfigError, authorize, parse_config
 from hotplug.device import Speed
+from hotplug.kernel import sysfs
+from hotplug.kernel.sysfs import SysfsPaths
 from hotplug.kernel.vhci import PortRecord, VhciStatusError, parse_status, pick_free_port
 from hotplug.log import encode_journal
 from hotplug.usbids import parse as parse_usbids
@@ -169,3 +172,23 @@ def test_journal_encoding_multiline() -> None:
     data = encode_journal({"MESSAGE": "a\nb", "USBIP_BUSID": "1-1"})
     assert data.startswith(b"MESSAGE\n\x03\x00\x00\x00\x00\x00\x00\x00a\nb\n")
     assert data.endswith(b"USBIP_BUSID=1-1\n")
+
+
+def test_read_device_of_a_device_unplugged_mid_lookup_is_not_found(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Python 3.11's realpath lstat()s the busid link and then readlink()s it; a
+    device unplugged in between raised FileNotFoundError out of read_device (seen
+    in the VM suite). It must read as "no such device"."""
+    paths = SysfsPaths(tmp_path)
+    real = tmp_path / "sys/devices/platform/dummy_hcd.0/usb1/1-1"
+    real.mkdir(parents=True)
+    paths.usb_devices.mkdir(parents=True)
+    (paths.usb_devices / "1-1").symlink_to(real)
+
+    def gone_meanwhile(path: object, *, strict: bool = False) -> str:
+        raise FileNotFoundError(2, "No such file or directory", str(path))
+
+    monkeypatch.setattr(sysfs.os.path, "realpath", gone_meanwhile)
+    with pytest.raises(sysfs.DeviceNotFound):
+        sysfs.read_device(paths, "1-1")
