@@ -13,6 +13,8 @@
 #   PREFIX/usr/local/lib/systemd/system/usbip-hotplug.service, usbipa.service
 #   PREFIX/etc/udev/rules.d/90-usbip-hotplug.rules
 #   PREFIX/etc/usbip-hotplug/policy.yaml.example, usbipa.yaml.example
+#   PREFIX/usr/local/share/man/man5, man8: the man pages (when scdoc is there)
+#   PREFIX/usr/local/share/bash-completion/completions/usbip-hotplug, usbipa
 # Units, rule and examples are ours and are replaced on every run. Your
 # configuration is never touched: /etc/usbip-hotplug/policy.yaml, policy.d/
 # and usbipa.yaml are not created or overwritten (the examples exist to be
@@ -70,6 +72,18 @@ done
 put "$here/rules/90-usbip-hotplug.rules" "$rulesdir/90-usbip-hotplug.rules" 0644
 put "$here/config/policy.yaml" "$confdir/policy.yaml.example" 0644
 put "$here/config/usbipa.yaml" "$confdir/usbipa.yaml.example" 0644
+if command -v scdoc >/dev/null 2>&1; then
+    "$here/scripts/build-man" "$tmp/man" >/dev/null
+    for page in "$tmp"/man/*; do
+        section=${page##*.}
+        put "$page" "$root/usr/local/share/man/man$section/$(basename "$page")" 0644
+    done
+else
+    echo "install.sh: scdoc not found (apt-get install scdoc): man pages not installed" >&2
+fi
+for program in usbip-hotplug usbipa; do
+    put "$here/completion/$program" "$root/usr/local/share/bash-completion/completions/$program" 0644
+done
 for config in policy.yaml usbipa.yaml; do
     if [ -e "$confdir/$config" ]; then
         echo "kept your $confdir/$config"

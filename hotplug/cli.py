@@ -310,7 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_cert_fingerprint)
 
     for name, (help_text, configure) in _EXTRA_COMMANDS.items():
-        p = sub.add_parser(name, help=help_text)
+        # Without help= argparse does not list the command (SUPPRESS would show as text).
+        hidden = help_text == argparse.SUPPRESS
+        p = sub.add_parser(name) if hidden else sub.add_parser(name, help=help_text)
         configure(p)
     return parser
 
@@ -337,7 +339,7 @@ def _load_extras() -> None:
     # Imported for their register() side effect; each defines one command.
     import importlib
 
-    for module in ("hotplug.daemon_cli", "hotplug.testvm.demo"):
+    for module in ("hotplug.daemon_cli", "hotplug.completion", "hotplug.testvm.demo"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as exc:

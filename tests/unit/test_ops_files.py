@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -132,6 +133,13 @@ def test_install_script(tmp_path: Path) -> None:
     assert (conf / "policy.yaml").read_text() == "version: 1\n# mine\n"
     assert (conf / "usbipa.yaml").read_text() == "port: 4000\n"
     assert "kept your" in again.stdout
+    man = prefix / "usr/local/share/man"
+    assert sorted(p.name for p in man.glob("man*/*")) == [
+        "usbip-hotplug-policy.5",
+        "usbip-hotplug.8",
+        "usbipa.8",
+        "usbipa.yaml.5",
+    ]
 
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
@@ -141,6 +149,8 @@ def test_install_script(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         timeout=60,
+        # verify runs `man` for every Documentation= page: find the installed ones.
+        env={**os.environ, "MANPATH": str(man)},
     )
     assert verify.returncode == 0, verify.stderr
     assert verify.stderr.strip() == "", verify.stderr
