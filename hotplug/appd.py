@@ -75,6 +75,10 @@ LOG_WINDOW = 10.0
 MAX_BUSNUM = MAX_DEVNUM = 0xFFFF
 
 
+class ClosedBeforeRequest(Exception):
+    """The peer closed its connection before sending a byte."""
+
+
 @dataclass
 class Session:
     port: int
@@ -587,6 +591,9 @@ class Appd:
             self.throttle.warn(
                 "control", f"{peer}: closing connection: {exc}", event="bad-request", peer=peer
             )
+        except ClosedBeforeRequest:
+            # A port probe or health check (connect, then close): not malformed.
+            log.event(logger, logging.DEBUG, f"{peer}: closed before sending a request", peer=peer)
         except ProtocolError as exc:
             self.throttle.warn(
                 "malformed", f"{peer}: malformed request: {exc}", event="bad-request", peer=peer
@@ -611,13 +618,18 @@ class Appd:
 
     async def _read_request(self, link: PlainLink | SecureLink) -> Pdu:
         decoder = Decoder(accept=REQUESTS)
+        started = False
         while True:
             pdu = decoder.next_pdu()
             if not isinstance(pdu, NeedData):
                 return pdu
             # An empty read is end of stream: the decoder turns a cut-short
             # request into a ProtocolError that says where it was cut.
-            decoder.receive_data(await link.recv(decoder.bytes_needed()))
+            data = await link.recv(decoder.bytes_needed())
+            if not data and not started:
+                raise ClosedBeforeRequest
+            started = True
+            decoder.receive_data(data)
 
     async def _dispatch(
         self, link: PlainLink | SecureLink, request: Pdu, peer: str, peer_port: int

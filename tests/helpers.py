@@ -17,8 +17,17 @@ from hotplug.kernel.fake import FakeTree
 T = TypeVar("T")
 
 
+# No wait gives up sooner than this: `timeout` says how long a condition takes
+# on an idle machine, and a loaded one (CI neighbours, parallel VM runs) can be
+# several times slower. A condition that holds returns at once, so a longer
+# bound costs nothing when the test passes.
+WAIT_FLOOR = 15.0
+
+
 def wait_for(predicate: Callable[[], T], timeout: float = 10.0, what: str = "condition") -> T:
-    """Poll `predicate` until it returns something truthy; fail after `timeout` seconds."""
+    """Poll `predicate` until it returns something truthy; fail after `timeout`
+    seconds (at least WAIT_FLOOR)."""
+    timeout = max(timeout, WAIT_FLOOR)
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()

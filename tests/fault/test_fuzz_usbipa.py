@@ -158,7 +158,7 @@ def test_every_truncation_is_refused_cleanly(
     for full in requests:
         for size in range(len(full)):
             assert talk(usbipa.port, full[:size]) == b"", f"answered {size} of {len(full)} bytes"
-            cut_short += 1
+            cut_short += size > 0  # closing before the first byte is no request at all
         check_reply(full, talk(usbipa.port, full))
     # Every one is told, the first few a line each, the rest as a count once
     # the log window is over (issue 12, finding 4: a flood must not flood the log).

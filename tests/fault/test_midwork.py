@@ -114,7 +114,7 @@ def test_usbipa_killed_while_its_attach_is_in_flight(
     usbipa.start()  # on the same port and state directory, as systemd would
     assert usbipa.status_json() == []
     export(device.stub(), "1-1", usbipa.endpoint, FAST)
-    assert len(app.used_ports()) == 1
+    wait_for(lambda: len(app.used_ports()) == 1, 10, "usbipa to attach (it replies first)")
 
 
 # --------------------------------------------------------------------------- unplug

@@ -42,7 +42,7 @@ def test_usbipa_without_its_state_directory(
         base = usbipa.fds()
         device.plug("1-1")
         export(device.stub(), "1-1", usbipa.endpoint, FAST)  # still works
-        assert len(app.used_ports()) == 1
+        wait_for(lambda: len(app.used_ports()) == 1, 10, "usbipa to attach (it replies first)")
         assert "cannot record port 0" in usbipa.log()
         assert "a restarted usbipa will not adopt it" in usbipa.log()
         # The link dies; the poller must still be alive to notice and say so.
@@ -50,7 +50,7 @@ def test_usbipa_without_its_state_directory(
         wait_for(lambda: "released by the kernel: 1-1" in usbipa.log(), 10, "the reap log line")
         assert "cannot remove the record of port 0" in usbipa.log()
         assert not app.used_ports()
-        assert usbipa.fds() == base
+        wait_for(lambda: usbipa.fds() == base, 10, f"usbipa back at {base} open files")
         # And it goes on serving.
         device.plug("1-2")
         export(device.stub(), "1-2", usbipa.endpoint, FAST)

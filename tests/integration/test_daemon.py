@@ -354,7 +354,8 @@ def test_unplug_mid_handshake_leaves_no_stray_port(
             daemon = daemons(policy_text({"lab": slow}, [rule("disks", "1d6b", "lab")])).start()
             daemon.plug(DISK, devnum=3)
             assert proxy.replied.wait(5), "the export never reached usbipa"
-            assert len(used_ports(tree)) == 1  # the far side holds a port for us now
+            # The far side holds a port for us now (attached just after its reply).
+            wait_for(lambda: len(used_ports(tree)) == 1, 10, "usbipa to attach (it replies first)")
             assert daemon.state_of("1-1") == "exporting"
             daemon.unplug("1-1")
             # Well inside the 30 s handshake timeout: only cancelling gets there.
@@ -414,7 +415,7 @@ def test_target_down_at_plug_then_up(tree: FakeTree, state: Path, daemons: Any) 
     port = free_port()  # nobody listens yet: connection refused
     daemon = daemons(policy_text({"lab": target(port)}, [rule("disks", "1d6b", "lab")])).start()
     daemon.plug(DISK, devnum=3)
-    daemon.wait_status(lambda s: "1 retrying (lab: Connection refused)" in s, 5)
+    daemon.wait_status(lambda s: "1 retrying (lab: Connection refused)" in s, 15)
     # Attempts come every 0.1-0.3 s; between them the device waits in "retrying".
     row = wait_for(
         lambda: (r := daemon.device("1-1")) is not None and r["state"] == "retrying" and r,

@@ -65,7 +65,7 @@ def test_address_no_entry_admits_is_refused_at_accept(tree: FakeTree, state: Pat
         for sock in strangers:
             assert closed_by_server(sock, 5), "a stranger's connection was held"
         assert Peers(stack, port=port).export(record()) == ExportStatus.ATTACHED
-        assert len(used_ports(tree)) == 1
+        wait_for(lambda: len(used_ports(tree)) == 1, 10, "usbipa to attach (it replies first)")
         stack.close()
         proc.terminate()
         proc.wait(timeout=10)

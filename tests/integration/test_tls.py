@@ -80,7 +80,8 @@ def test_wss_connect_disconnect(tree: FakeTree, state: Path, pki: Pki) -> None:
         remote = f"wss://127.0.0.1:{ports['wss']}/usbip"
         code, out = connect(tree, state, remote, *client_flags(pki))
         assert code == 0, out
-        assert stub_status(tree, "1-1") == "2" and len(used_ports(tree)) == 1
+        wait_for(lambda: len(used_ports(tree)) == 1, 10, "usbipa to attach (it replies first)")
+        assert stub_status(tree, "1-1") == "2"
         result = cli(tree, state, "disconnect", "-b", "1-1")
         assert result.returncode == 0, result.stderr
         assert used_ports(tree) == [] and driver(tree, "1-1") == "usb"
@@ -237,7 +238,7 @@ def test_authorization_by_certificate(tree: FakeTree, state: Path, pki: Pki) -> 
         assert_untouched(tree)
         code, out = connect(tree, state, remote, *client_flags(pki))
         assert code == 0, out
-        assert len(used_ports(tree)) == 1
+        wait_for(lambda: len(used_ports(tree)) == 1, 10, "usbipa to attach (it replies first)")
     log = log_of(proc)
     assert (
         "refused export from 127.0.0.1 (CN=lab-2): device 1d6b:0104 not allowed for this peer"
@@ -289,7 +290,8 @@ def test_outer_connection_cut(tree: FakeTree, state: Path, pki: Pki) -> None:
         with threaded_server(cutter.handle) as middle:
             code, out = connect(tree, state, f"tls://127.0.0.1:{middle}", *client_flags(pki))
             assert code == 0, out
-            assert stub_status(tree, "1-1") == "2" and len(used_ports(tree)) == 1
+            wait_for(lambda: len(used_ports(tree)) == 1, 10, "usbipa to attach (it replies first)")
+            assert stub_status(tree, "1-1") == "2"
             cutter.cut()
             wait_for(lambda: stub_status(tree, "1-1") == "1", 1.0, "usbip-host to drop the link")
             wait_for(lambda: used_ports(tree) == [], 1.0, "vhci to free the port")

@@ -129,7 +129,8 @@ def test_tls_client_through_stunnel(tree: FakeTree, state: Path, pki: Pki) -> No
         remote = f"tls://127.0.0.1:{port}"
         result = cli(tree, state, "connect", "-r", remote, "-b", "1-1", *client_flags(pki))
         assert result.returncode == 0, result.stderr
-        assert stub_status(tree, "1-1") == "2" and len(used_ports(tree)) == 1
+        wait_for(lambda: len(used_ports(tree)) == 1, 10, "usbipa to attach (it replies first)")
+        assert stub_status(tree, "1-1") == "2"
         result = cli(tree, state, "disconnect", "-b", "1-1")
         assert result.returncode == 0, result.stderr
         assert used_ports(tree) == [] and driver(tree, "1-1") == "usb"
@@ -155,7 +156,8 @@ def test_wss_client_through_tinyproxy(tree: FakeTree, state: Path, pki: Pki) -> 
             env = {"https_proxy": f"http://127.0.0.1:{proxy}"}
             result = cli(tree, state, "connect", "-r", remote, "-b", "1-1", *flags, **env)
             assert result.returncode == 0, result.stderr
-            assert stub_status(tree, "1-1") == "2" and len(used_ports(tree)) == 1
+            wait_for(lambda: len(used_ports(tree)) == 1, 10, "usbipa to attach (it replies first)")
+            assert stub_status(tree, "1-1") == "2"
             result = cli(tree, state, "disconnect", "-b", "1-1")
             assert result.returncode == 0, result.stderr
             assert used_ports(tree) == [] and driver(tree, "1-1") == "usb"

@@ -43,7 +43,7 @@ def test_malformed_request(tree: FakeTree, state: Path, case: str) -> None:
         assert send_and_half_close(port, data) == b""  # closed without an answer
         result = run_cli(tree, state, "connect", "-r", f"127.0.0.1:{port}", "-b", "1-1")
         assert result.returncode == 0, result.stderr
-        assert len(used_ports(tree)) == 1
+        wait_for(lambda: len(used_ports(tree)) == 1, 10, "usbipa to attach (it replies first)")
     assert proc.stderr is not None
     log = proc.stderr.read()
     assert "127.0.0.1" in log
@@ -59,3 +59,22 @@ def test_export_record_with_hostile_busid_is_rejected(tree: FakeTree, state: Pat
         wait_for(lambda: used_ports(tree) == [], what="no port used")
     assert proc.stderr is not None
     assert "malformed request" in proc.stderr.read()
+
+
+def test_connection_closed_before_any_byte_is_not_a_malformed_request(
+    tree: FakeTree, state: Path
+) -> None:
+    """Issue 15, item 5: a port probe or health check (connect, then close) was
+    logged as "malformed request: connection closed during header: got 0 of 8
+    bytes" at WARNING; the demo's own readiness probe showed it. It is no error."""
+    tree.add_device(DISK)
+    with running_usbipa(tree, state) as (proc, port):
+        for _ in range(3):
+            assert send_and_half_close(port, b"") == b""
+        assert send_and_half_close(port, b"\x01") == b""  # one byte is a cut request
+        result = run_cli(tree, state, "connect", "-r", f"127.0.0.1:{port}", "-b", "1-1")
+        assert result.returncode == 0, result.stderr
+    assert proc.stderr is not None
+    log = proc.stderr.read()
+    assert log.count("malformed request") == 1, log
+    assert "got 1 of 8 bytes" in log, log
