@@ -40,14 +40,21 @@ class RecordTaken(StateError):
         self.existing = existing
 
 
+class _Taken(Exception):
+    """write_json_atomic(exclusive=True) found the name taken."""
+
+
 def write_json_atomic(path: Path, data: Any, exclusive: bool = False) -> None:
     """Replace `path` with `data` so that readers see the old or the new file, never half.
 
-    `exclusive`: only create it; FileExistsError if there is a file there already
-    (link(2) is atomic, so of two writers racing for one name exactly one wins).
+    `exclusive`: only create it; _Taken if there is a file there already (link(2)
+    is atomic, so of two writers racing for one name exactly one wins).
     """
     try:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except FileExistsError:
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR)) from None
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "w") as f:
@@ -55,7 +62,10 @@ def write_json_atomic(path: Path, data: Any, exclusive: bool = False) -> None:
                 f.flush()
                 os.fsync(f.fileno())
             if exclusive:
-                os.link(tmp, path)
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:
+                    raise _Taken from None
                 os.unlink(tmp)
             else:
                 os.replace(tmp, path)
@@ -63,8 +73,6 @@ def write_json_atomic(path: Path, data: Any, exclusive: bool = False) -> None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-    except FileExistsError:
-        raise
     except OSError as exc:
         raise StateError(f"cannot write state file {path}: {exc.strerror}") from exc
 
@@ -98,7 +106,7 @@ class RecordDir:
         `connect`) racing for one device cannot both get it. RecordTaken if taken."""
         try:
             write_json_atomic(self._path(key), data, exclusive=True)
-        except FileExistsError:
+        except _Taken:
             raise RecordTaken(self._path(key), self.get(key)) from None
 
     def get(self, key: str) -> dict[str, Any] | None:
