@@ -265,6 +265,18 @@ class Daemon:
                 elif slot.owned:
                     self._start(Release(busid))
             await self._drain(STOP_GRACE)
+        # A last try for writes the loop kept retrying: with on_stop keep, the next
+        # start adopts only what its records name.
+        self._retry_records()
+        for busid in sorted(self.unsaved):
+            log.event(
+                logger,
+                logging.ERROR,
+                f"stopping with the record of {busid} unwritten: the next start will not"
+                " adopt it",
+                busid=busid,
+                event="state-error",
+            )
 
     async def _drain(self, timeout: float) -> None:
         pending = list(self.ops.values())
