@@ -24,7 +24,7 @@ from hotplug.export import (
 )
 from hotplug.kernel import KernelError, make_stub
 from hotplug.kernel.stub import STUB_DRIVER, StubStatus, UsbipHost
-from hotplug.kernel.sysfs import list_devices
+from hotplug.kernel.sysfs import list_devices, validate_busid
 from hotplug.kernel.vudc import Vudc
 from hotplug.state import RecordDir, RecordTaken, StateError, default_dir, writer_alive
 from hotplug.transport import Remote, parse_remote
@@ -132,6 +132,7 @@ def cmd_connect(args: argparse.Namespace) -> int:
         record = export_gadget(vudc, name, endpoint, _timeouts(args))
         print(f"exported {name} ({record.id_vendor:04x}:{record.id_product:04x}) to {endpoint}")
         return 0
+    validate_busid(args.busid)  # before it names a record file
     stub = make_stub()
     records = exports_dir()
     intent = {

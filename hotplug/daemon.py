@@ -589,14 +589,11 @@ class Daemon:
         # The policy changed while we were down: the far end is still where the
         # record says, and so are the certificate files to reach it.
         tls = record.get("tls")
-        return Target(
-            name=name,
-            host=host,
-            port=port,
-            scheme=scheme,
-            path=path,
-            tls=TlsOptions(**tls) if isinstance(tls, dict) else None,
-        )
+        try:
+            options = TlsOptions(**tls) if isinstance(tls, dict) else None
+        except TypeError:
+            return None  # not a record we wrote
+        return Target(name=name, host=host, port=port, scheme=scheme, path=path, tls=options)
 
     def _forget_record(self, busid: str) -> None:
         self.unsaved.pop(busid, None)

@@ -326,8 +326,7 @@ def test_daemon_retries_a_record_update_that_failed(
         faults.release("export.after-hand-over")
         wait_for(lambda: "retrying (until it is written" in daemon.text(), 10, "the write failed")
         assert daemon.state_of("1-1") == "exported"
-        exports.unlink()
-        exports.with_name("exports.moved").rename(exports)
+        exports.unlink()  # the daemon makes the directory again as it retries
         wait_for(
             lambda: (record(state, "1-1") or {}).get("state") == "exported",
             10,
@@ -469,3 +468,12 @@ def test_connect_refused_while_the_daemon_exports_the_device(
         daemon.signal(signal.SIGTERM)
         assert daemon.wait() == 0
         assert given_back(tree, "1-1") and record(state, "1-1") is None
+
+
+def test_connect_checks_the_busid_before_it_names_a_record(tree: FakeTree, state: Path) -> None:
+    """Issue 12, finding 5 (its fix): the record is written before the device is
+    touched, so a bad busid must be refused before it becomes a file name."""
+    result = run_cli(tree, state, "connect", "-r", "127.0.0.1:9", "-b", "../../x")
+    assert result.returncode == 1
+    assert "'../../x' is not a USB busid" in result.stderr and "Traceback" not in result.stderr
+    assert not (state / "device" / "exports").exists() and not (state / "x.json").exists()
