@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -20,10 +23,10 @@ from hotplug.export import (
     unexport_gadget,
 )
 from hotplug.kernel import KernelError, make_stub
-from hotplug.kernel.stub import STUB_DRIVER, StubStatus
-from hotplug.kernel.sysfs import list_devices
+from hotplug.kernel.stub import STUB_DRIVER, StubStatus, UsbipHost
+from hotplug.kernel.sysfs import list_devices, validate_busid
 from hotplug.kernel.vudc import Vudc
-from hotplug.state import RecordDir, StateError, default_dir
+from hotplug.state import RecordDir, RecordTaken, StateError, default_dir, writer_alive
 from hotplug.transport import Remote, parse_remote
 
 Handler = Callable[[argparse.Namespace], int]
@@ -32,6 +35,31 @@ _COMMANDS: dict[str, Handler] = {}
 
 class UsageError(Exception):
     pass
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the one-shot command is, as Ctrl-C is: the
+    rollback of a half-done export runs (`timeout 3 usbip-hotplug connect ...`)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+# One-shot commands that change the kernel: a signal must unwind them, not end them.
+INTERRUPTIBLE = ("connect", "disconnect")
+
+
+def interrupt_on_signals() -> None:
+    def handler(signum: int, _frame: object) -> None:
+        # Once: a second SIGTERM (systemd, an impatient script) must not cut the
+        # rollback the first one started short. SIGKILL still ends us.
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
+        raise Interrupted(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, handler)
 
 
 def exports_dir() -> RecordDir:
@@ -104,23 +132,92 @@ def cmd_connect(args: argparse.Namespace) -> int:
         record = export_gadget(vudc, name, endpoint, _timeouts(args))
         print(f"exported {name} ({record.id_vendor:04x}:{record.id_product:04x}) to {endpoint}")
         return 0
+    validate_busid(args.busid)  # before it names a record file
     stub = make_stub()
-    device = export(stub, args.busid, endpoint, _timeouts(args), adopt_bound=args.force)
+    records = exports_dir()
+    intent = {
+        "by": "connect",
+        "pid": os.getpid(),
+        "state": "exporting",
+        "target": str(endpoint),
+        "since": time.time(),
+        **_remote_record(endpoint),
+    }
+    # The record first, then the bind (issue 12, findings 5 and 8): a device bound
+    # with no record is "another tool's" to the daemon for good.
+    previous = _claim_record(records, args.busid, intent)
     try:
-        exports_dir().put(
+        device = export(stub, args.busid, endpoint, _timeouts(args), adopt_bound=args.force)
+    except BaseException:
+        _restore_record(records, args.busid, previous)
+        raise
+    try:
+        records.put(
             args.busid,
-            {
-                "target": str(endpoint),
-                "since": time.time(),
-                "by": "connect",
-                "vid_pid": device.vid_pid,
-                **_remote_record(endpoint),
-            },
+            {**intent, "state": "exported", "since": time.time(), "vid_pid": device.vid_pid},
         )
-    except StateError as exc:
-        print(f"usbip-hotplug: warning: {exc}", file=sys.stderr)
+    except BaseException as exc:
+        _roll_back(stub, args, endpoint)
+        _restore_record(records, args.busid, previous)
+        if isinstance(exc, StateError):
+            raise StateError(f"{exc}; the export of {args.busid} is rolled back") from None
+        raise
     print(f"exported {args.busid} ({device.vid_pid}) to {endpoint}")
     return 0
+
+
+def _claim_record(records: RecordDir, busid: str, intent: dict[str, Any]) -> dict[str, Any] | None:
+    """Write `connect`'s record of `busid` before touching the device; return the
+    record it replaced (to put back if the export does not happen).
+
+    Refused while the daemon that manages the device, or another `connect`
+    exporting it, is alive. A record whose writer is gone is replaced: if it
+    still describes a live export, export()'s own checks refuse the device.
+    """
+    try:
+        records.claim(busid, intent)
+        return None
+    except RecordTaken as taken:
+        previous = taken.existing
+    except StateError as exc:
+        raise StateError(f"{exc}; {busid} is not exported ({_UNRECORDED})") from None
+    if previous is not None and writer_alive(previous):
+        pid = previous.get("pid")
+        if previous.get("by") == "daemon":
+            raise KernelError(
+                f"{busid} is managed by the usbip-hotplug daemon (pid {pid}): change its "
+                "policy, or stop it, to export the device by hand"
+            )
+        if previous.get("state") == "exporting":
+            raise KernelError(f"another usbip-hotplug connect (pid {pid}) is exporting {busid}")
+    try:
+        records.put(busid, intent)
+    except StateError as exc:
+        raise StateError(f"{exc}; {busid} is not exported ({_UNRECORDED})") from None
+    return previous
+
+
+_UNRECORDED = (
+    "an export without its record is lost to disconnect and to the daemon after a restart; "
+    "make the state directory writable (USBIP_HOTPLUG_STATE_DIR, default "
+    "/run/usbip-hotplug)"
+)
+
+
+def _restore_record(records: RecordDir, busid: str, previous: dict[str, Any] | None) -> None:
+    try:
+        if previous is None:
+            records.remove(busid)
+        else:
+            records.put(busid, previous)
+    except StateError as exc:
+        print(f"usbip-hotplug: warning: {exc}", file=sys.stderr)
+
+
+def _roll_back(stub: UsbipHost, args: argparse.Namespace, endpoint: Endpoint | Remote) -> None:
+    """Withdraw an export that succeeded but could not be recorded."""
+    with contextlib.suppress(ExportError, KernelError):
+        unexport(stub, args.busid, endpoint, _timeouts(args))
 
 
 def cmd_disconnect(args: argparse.Namespace) -> int:
@@ -353,10 +450,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.setup("usbip-hotplug", verbose=args.verbose)
     handler: Handler = args.handler
     try:
+        if args.command in INTERRUPTIBLE:
+            interrupt_on_signals()
         return handler(args)
     except (UsageError, ExportError, KernelError, StateError) as exc:
         print(f"usbip-hotplug: {exc}", file=sys.stderr)
         return 1
+    except Interrupted as exc:
+        print(f"usbip-hotplug: {exc}", file=sys.stderr)
+        return 128 + exc.signum
     except KeyboardInterrupt:
         return 130
 

@@ -30,7 +30,7 @@ from hotplug import log, usbids
 from hotplug.control import ControlError, bind_control_socket, serve, socket_path
 from hotplug.device import Device
 from hotplug.events import DeviceEvent, EventSource
-from hotplug.export import ExportError, Timeouts, export, unexport
+from hotplug.export import Attempt, ExportError, Timeouts, export, unexport
 from hotplug.kernel.stub import STUB_DRIVER, TABLE_SLOTS, StubStatus, UsbipHost
 from hotplug.kernel.sysfs import KernelError, busid_sort_key, driver_name
 from hotplug.notify import Notifier
@@ -53,7 +53,7 @@ from hotplug.reconcile import (
     status_line,
     unexport_finished,
 )
-from hotplug.state import RecordDir, StateError
+from hotplug.state import RecordDir, RecordTaken, StateError, writer_alive
 from hotplug.transport import remote_for_target
 from hotplug.watch import PolicyWatcher
 
@@ -154,6 +154,10 @@ class Daemon:
         self.observed: dict[str, Observed] = {}
         self.ops: dict[str, asyncio.Task[None]] = {}
         self.cancellers: dict[str, Canceller] = {}
+        # Record writes and removals that failed (/run full, a file in the way):
+        # retried from every loop step until they succeed. busid -> (target, state).
+        self.unsaved: dict[str, tuple[Target, str]] = {}
+        self.unremoved: set[str] = set()
         self.wake_at: float | None = None
         self.watchdog_interval = Notifier.watchdog_interval()
         self.last_ping = 0.0
@@ -261,6 +265,18 @@ class Daemon:
                 elif slot.owned:
                     self._start(Release(busid))
             await self._drain(STOP_GRACE)
+        # A last try for writes the loop kept retrying: with on_stop keep, the next
+        # start adopts only what its records name.
+        self._retry_records()
+        for busid in sorted(self.unsaved):
+            log.event(
+                logger,
+                logging.ERROR,
+                f"stopping with the record of {busid} unwritten: the next start will not"
+                " adopt it",
+                busid=busid,
+                event="state-error",
+            )
 
     async def _drain(self, timeout: float) -> None:
         pending = list(self.ops.values())
@@ -278,7 +294,9 @@ class Daemon:
                 del self.settling[busid]
                 if busid in self.devices:
                     self._log_decision(self.devices[busid], "no driver took it; deciding anyway: ")
+        self._retry_records()
         self._observe()
+        self._take_stranded()
         wanted = {busid: self._wanted(device) for busid, device in self.devices.items()}
         plan = reconcile(wanted, self.observed, self.slots, now)
         self.slots = plan.slots
@@ -322,6 +340,41 @@ class Daemon:
             used = bound and self.stub.status(busid) == StubStatus.USED
             observed[busid] = Observed(bound=bound, used=used)
         self.observed = observed
+
+    def _take_stranded(self) -> None:
+        """Devices a `connect` bound and then died on (SIGKILL, a crash) are ours.
+
+        Its record says it was still exporting, its process is gone, and the
+        device is bound to usbip-host but not exported: no one else will ever
+        give it back. The policy decides, as for a device just plugged in:
+        export it, or give it back to its driver (issue 12, finding 8).
+        """
+        for busid, seen in self.observed.items():
+            slot = self.slots.get(busid, Slot())
+            if not seen.bound or seen.used or slot.owned or busid in self.ops:
+                continue
+            record = self.records.get(busid)
+            if (
+                record is None
+                or record.get("by") == RECORD_BY
+                or record.get("state") != "exporting"
+                or writer_alive(record)
+            ):
+                continue
+            target = self._target_from_record(record)
+            if target is None:
+                continue
+            self.slots[busid] = replace(slot, owned=True, phase="idle", last_error=None)
+            self._record(busid, target, "retrying")
+            log.event(
+                logger,
+                logging.WARNING,
+                f"{busid}: {record.get('by', 'another tool')} (pid {record.get('pid')}) bound it"
+                " and ended before exporting it; taking it over (the policy decides: export"
+                " or give back)",
+                busid=busid,
+                event="stranded-claim",
+            )
 
     def _claimed_by_leftover(self, busid: str) -> bool:
         """Bound to usbip-host, not exported, and nobody's record: not a `usbip bind`
@@ -536,29 +589,40 @@ class Daemon:
         # The policy changed while we were down: the far end is still where the
         # record says, and so are the certificate files to reach it.
         tls = record.get("tls")
-        return Target(
-            name=name,
-            host=host,
-            port=port,
-            scheme=scheme,
-            path=path,
-            tls=TlsOptions(**tls) if isinstance(tls, dict) else None,
-        )
+        try:
+            options = TlsOptions(**tls) if isinstance(tls, dict) else None
+        except TypeError:
+            return None  # not a record we wrote
+        return Target(name=name, host=host, port=port, scheme=scheme, path=path, tls=options)
 
     def _forget_record(self, busid: str) -> None:
+        self.unsaved.pop(busid, None)
         try:
             self.records.remove(busid)
         except (StateError, OSError) as exc:
-            log.event(
-                logger, logging.ERROR, f"cannot remove the record of {busid}: {exc}", busid=busid
-            )
+            if busid not in self.unremoved:
+                log.event(
+                    logger,
+                    logging.ERROR,
+                    f"cannot remove the record of {busid}: {exc}; retrying",
+                    busid=busid,
+                    event="state-error",
+                )
+            self.unremoved.add(busid)
+        else:
+            self.unremoved.discard(busid)
 
-    def _record(self, busid: str, target: Target, state: str, since: float | None = None) -> None:
+    def _record_data(
+        self, busid: str, target: Target, state: str, since: float | None = None
+    ) -> dict[str, Any]:
         device = self.devices.get(busid)
         old = self.records.get(busid) or {}
+        if old.get("by") != RECORD_BY:
+            old = {}  # another tool's: nothing of it is ours to carry over
         tls = target.tls
-        data = {
+        return {
             "by": RECORD_BY,
+            "pid": os.getpid(),
             # As `connect` records it, so `disconnect -b` and `list` read it too.
             "target": str(remote_for_target(target)),
             "tls": {"cert": tls.cert, "key": tls.key, "ca": tls.ca} if tls else None,
@@ -568,10 +632,76 @@ class Daemon:
             "vid_pid": device.vid_pid if device is not None else old.get("vid_pid"),
             "rule": self._rule_of(busid) or old.get("rule"),
         }
+
+    def _record(self, busid: str, target: Target, state: str, since: float | None = None) -> bool:
+        """Write our record of `busid`; on failure, log it and retry from the loop."""
+        self.unremoved.discard(busid)
         try:
-            self.records.put(busid, data)
+            self.records.put(busid, self._record_data(busid, target, state, since))
         except StateError as exc:
-            log.event(logger, logging.ERROR, str(exc), busid=busid, event="state-error")
+            if busid not in self.unsaved:
+                log.event(
+                    logger,
+                    logging.ERROR,
+                    f"{exc}; retrying (until it is written, a restarted daemon would not"
+                    f" know {busid} is its own)",
+                    busid=busid,
+                    event="state-error",
+                )
+            self.unsaved[busid] = (target, state)
+            return False
+        if self.unsaved.pop(busid, None) is not None:
+            log.event(
+                logger,
+                logging.INFO,
+                f"the record of {busid} is written",
+                busid=busid,
+                event="state-recovered",
+            )
+        return True
+
+    def _retry_records(self) -> None:
+        for busid, (target, state) in list(self.unsaved.items()):
+            self._record(busid, target, state)
+        for busid in list(self.unremoved):
+            self._forget_record(busid)
+
+    def _claim_record(self, busid: str, target: Target, owned: bool) -> str | None:
+        """Our "exporting" record of `busid`, written before the export binds it.
+
+        Returns why not, if it cannot be had: a device whose export cannot be
+        recorded is not exported (issue 12, finding 5), and a `connect` that
+        recorded the device first has it (finding 10). A record whose writer is
+        gone, or our own, is replaced.
+        """
+        data = self._record_data(busid, target, "exporting")
+        try:
+            if owned:
+                self.records.put(busid, data)
+            else:
+                try:
+                    self.records.claim(busid, data)
+                except RecordTaken as taken:
+                    other = taken.existing
+                    if (
+                        other is not None
+                        and other.get("by") != RECORD_BY
+                        and other.get("state") == "exporting"
+                        and writer_alive(other)
+                    ):
+                        return (
+                            f"{other.get('by', 'another tool')} (pid {other.get('pid')}) is "
+                            "exporting it"
+                        )
+                    self.records.put(busid, data)
+        except StateError as exc:
+            return (
+                f"cannot record the export ({exc}), so nothing is bound: a restarted daemon"
+                " would not know the device is its own; make the state directory writable"
+            )
+        self.unsaved.pop(busid, None)
+        self.unremoved.discard(busid)
+        return None
 
     def _rule_of(self, busid: str) -> str | None:
         device = self.devices.get(busid)
@@ -638,7 +768,15 @@ class Daemon:
         busid, target = action.busid, action.target
         canceller = Canceller()
         self.cancellers[busid] = canceller
-        self._record(busid, target, "exporting")
+        attempt = Attempt()
+        refused = self._claim_record(busid, target, owned=action.adopt)
+        if refused is not None:
+            self.cancellers.pop(busid, None)
+            try:
+                self._export_done(busid, target, refused, False, attempt, action.adopt, False)
+            finally:
+                self._finish(busid)
+            return
         log.event(
             logger,
             logging.INFO,
@@ -660,6 +798,7 @@ class Daemon:
                     timeouts,
                     adopt_bound=action.adopt,
                     on_connect=canceller.watch,
+                    attempt=attempt,
                 ),
                 target.connect_timeout + target.handshake_timeout + KERNEL_SLACK,
                 canceller,
@@ -673,11 +812,21 @@ class Daemon:
             canceller.forget()
             self.cancellers.pop(busid, None)
         try:
-            self._export_done(busid, target, error, canceller.fired)
+            self._export_done(busid, target, error, canceller.fired, attempt, action.adopt, True)
         finally:
             self._finish(busid)
 
-    def _export_done(self, busid: str, target: Target, error: str | None, cut: bool) -> None:
+    def _export_done(
+        self,
+        busid: str,
+        target: Target,
+        error: str | None,
+        cut: bool,
+        attempt: Attempt,
+        owned_before: bool,
+        recorded: bool,
+    ) -> None:
+        """`recorded`: our "exporting" record was written (and so is ours to remove)."""
         now = time.monotonic()
         slot = self.slots.get(busid, Slot())
         rule = self._rule_of(busid)
@@ -688,12 +837,15 @@ class Daemon:
         device = self.devices.get(busid)
         wanted = self._wanted(device) if device is not None else None
         chain = wanted.chain if wanted is not None and wanted.exports else ()
-        bound = self._bound(busid)
-        new = export_failed(slot, chain, error, bound, now, random.random())
+        # Bound now is ours only if this transaction bound it (and could not give
+        # it back) or it was ours already: a `usbip bind` or `connect` that got
+        # there in between owns what it bound (issue 12, finding 10).
+        ours = self._bound(busid) and (owned_before or attempt.bound)
+        new = export_failed(slot, chain, error, ours, now, random.random())
         self.slots[busid] = new
-        if bound:
+        if ours:
             self._record(busid, target, "retrying")
-        else:
+        elif recorded:
             self._forget_record(busid)
         if cut or not chain:
             message = f"export of {busid} to {target.name} stopped: {error}"

@@ -16,11 +16,12 @@ from hotplug.control import ControlError, request, socket_path
 from hotplug.daemon import Daemon, Options, address_of
 from hotplug.device import Device
 from hotplug.events import EventSource, JsonLinesSource
+from hotplug.faultpoints import reach
 from hotplug.kernel import make_stub
 from hotplug.kernel.stub import STUB_DRIVER
 from hotplug.policy import DEFAULT_CONFIG_DIR, Policy, PolicyError, load_policy
 from hotplug.reconcile import desire
-from hotplug.state import default_dir
+from hotplug.state import InstanceLock, StateError, default_dir
 from hotplug.udev import UdevSource, enumerate_devices
 
 
@@ -83,6 +84,22 @@ def _configure_run(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    # Before anything else, and held until we exit: two daemons started together
+    # would both find no control socket answering, and both run (issue 12, finding 11).
+    lock = InstanceLock(default_dir("device"))
+    try:
+        lock.acquire()
+    except StateError as exc:
+        print(f"usbip-hotplug: {exc}", file=sys.stderr)
+        return 1
+    try:
+        reach("run.after-lock")
+        return _run(args)
+    finally:
+        lock.release()
+
+
+def _run(args: argparse.Namespace) -> int:
     path = Path(args.config) if args.config else None
     try:
         policy = load_policy(path)

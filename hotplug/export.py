@@ -233,6 +233,19 @@ def _secure_exchange(remote: Remote, request: bytes, timeouts: Timeouts) -> int:
     return _reply_status(raw, Op.REP_UNEXPORT, remote)
 
 
+@dataclass
+class Attempt:
+    """What one export transaction did to its device, filled in as it goes.
+
+    `bound`: this transaction set out to take the device from its driver. A
+    caller that finds the device bound to usbip-host after a failure owns it
+    only then (or if it owned it before): a device some other tool bound
+    meanwhile is that tool's (issue 12, finding 10).
+    """
+
+    bound: bool = False
+
+
 EXPORT_REFUSALS = {
     ExportStatus.FAILED: "the application side could not attach the device",
     ExportStatus.NO_FREE_PORT: "the application side has no free port of the needed speed",
@@ -246,6 +259,7 @@ def export(
     timeouts: Timeouts | None = None,
     adopt_bound: bool = False,
     on_connect: Callable[[socket.socket], None] | None = None,
+    attempt: Attempt | None = None,
 ) -> Device:
     """Bind `busid`, export it to `endpoint` and hand the link to the kernel.
 
@@ -254,9 +268,12 @@ def export(
     usbipd) is refused unless `adopt_bound`: taking it would cut that tool off.
     `on_connect` sees the socket as soon as it is connected, so that another
     thread can cut a handshake short (shutdown() wakes the blocked recv); if it
-    raises, the export is rolled back like any other failure.
+    raises, the export is rolled back like any other failure. `attempt` (if
+    given) learns whether this transaction bound the device.
     """
     timeouts = timeouts or Timeouts()
+    attempt = attempt if attempt is not None else Attempt()
+    reach("export.start")
     stub.require_loaded()
     before = read_device(stub.paths, busid)
     if before.is_hub:
@@ -275,6 +292,7 @@ def export(
             )
     fields = {"busid": busid, **log_where(endpoint)}
     bound_here = before.driver != STUB_DRIVER
+    attempt.bound = bound_here
     stub.bind(busid, before)
     try:
         # Binding changes the driver, not the ids or bus/dev numbers the record

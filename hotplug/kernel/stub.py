@@ -116,8 +116,9 @@ class UsbipHost(SysfsWriter):
                 reach("bind.after-driver-unbind")
             self.write(self.paths.stub_driver / "bind", busid)
             reach("bind.after-stub-bind")
-        except KernelError:
-            # Pulled out mid-bind, typically. Never `rebind` blindly here: the
+        except BaseException:
+            # Pulled out mid-bind, typically; or a one-shot command stopped by a
+            # signal (issue 12, finding 8). Never `rebind` blindly here: the
             # entry may not point at this device (see the module's docstring).
             with contextlib.suppress(KernelError):
                 self.release(busid)

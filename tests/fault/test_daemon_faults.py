@@ -108,18 +108,25 @@ def block_exports(daemon: HotplugDaemon) -> None:
 def test_daemon_state_dir_blocked_while_running(
     device: FakeKernel, app: FakeKernel, usbipa: Usbipa, tmp_path: Path
 ) -> None:
-    """Exports and unexports go on; each failed record write or removal is logged."""
+    """An unexport goes on while its record cannot be removed (the removal is logged
+    and retried); a new export that cannot be recorded does not start (issue 12,
+    finding 5), and nothing leaks."""
     base = usbipa.fds()
     policy = POLICY.format(port=usbipa.port)
     with HotplugDaemon(device, tmp_path / "daemon", policy, ("--poll-interval", "0.1")) as daemon:
-        block_exports(daemon)
         daemon.plug("1-1")
         wait_for(lambda: converged(device, app, usbipa, ["1-1"]), 10, "1-1 exported")
+        wait_for(lambda: record_state(daemon, "1-1") == "exported", 10, "1-1 recorded")
+        exports = daemon.state_dir / "exports"
+        exports.rename(exports.with_name("exports.old"))
+        block_exports(daemon)
         daemon.unplug("1-1")
         wait_for(lambda: not app.used_ports(), 10, "1-1's port freed")
         wait_for(lambda: not device.live_match_table(), 10, "usbip-host's table to empty")
         wait_for(lambda: "cannot remove the record of 1-1" in daemon.log(), 10, "a log line")
-        assert "cannot write state file" in daemon.log()
+        daemon.plug("1-2")
+        wait_for(lambda: "cannot record the export" in daemon.log(), 10, "1-2 refused")
+        assert device.driver("1-2") == "usb" and not app.used_ports()
         assert daemon.alive() and "Traceback" not in daemon.log()
         assert_no_leaks(usbipa, base)
 
