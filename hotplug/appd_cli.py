@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from hotplug import log, usbids
+from hotplug import log, usbids, yamlsafe
 from hotplug.appd import Appd, Session, Sessions
 from hotplug.appd_config import AppdConfig, ConfigError, parse_config, with_cli
 from hotplug.kernel import KernelError, make_vhci
@@ -90,9 +90,17 @@ def load_config(args: argparse.Namespace) -> AppdConfig:
     config = AppdConfig()
     if path:
         try:
-            text = Path(path).read_text()
+            with open(path, "rb") as f:
+                data = yamlsafe.read_limited(f)  # parse_config refuses a larger file
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+        if len(data) > yamlsafe.MAX_FILE_BYTES:
+            raise ConfigError(f"{path}: {yamlsafe.TOO_LARGE}")
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = data.count(b"\n", 0, exc.start) + 1
+            raise ConfigError(f"{path}:{line}: not valid UTF-8") from exc
         config = parse_config(text, path)
     config = with_cli(
         config,
