@@ -66,6 +66,7 @@ OnStop = Literal["unexport", "keep"]
 # much on top of a target's own connect and handshake timeouts.
 KERNEL_SLACK = 10.0
 STOP_GRACE = 20.0  # within systemd's TimeoutStopSec (30 s in our unit)
+RELOAD_SLOW = 10.0  # a policy parse this long is logged (it goes on: the loop does not wait)
 RECORD_BY = "daemon"
 # `status` warns when this few of usbip-host's busid slots are left.
 TABLE_LOW = 4
@@ -159,6 +160,8 @@ class Daemon:
         self.last_ping = 0.0
         self._wake: asyncio.Event | None = None
         self._stop: asyncio.Event | None = None
+        self._reloading: asyncio.Task[None] | None = None
+        self._reload_again: str | None = None  # why, if asked again during a reload
 
     # ------------------------------------------------------------------ life cycle
 
@@ -193,6 +196,8 @@ class Daemon:
                 await self._main_loop()
             finally:
                 watch.cancel()
+                if self._reloading is not None:
+                    self._reloading.cancel()  # its thread may block on a file: not waited for
                 loop.remove_reader(source.fileno())
             await self._shutdown()
         finally:
@@ -795,33 +800,61 @@ class Daemon:
     # ------------------------------------------------------------------ policy
 
     def reload(self, why: str) -> None:
+        """Re-read the policy (SIGHUP, a file change).
+
+        The files are read and parsed in a thread of their own: a slow parse
+        (a big file, a slow disk) must not stop `status` or the watchdog pings.
+        A reload asked for while one runs is done once more after it.
+        """
         if self._stop is not None and self._stop.is_set():
             return  # stopping: a new policy would only start work we are about to undo
+        if self._reloading is not None:
+            self._reload_again = why
+            return
         self.notifier.reloading()
+        self._reloading = asyncio.get_running_loop().create_task(self._reload(why), name="reload")
+
+    async def _reload(self, why: str) -> None:
+        path = self.options.policy_path
         try:
-            policy = load_policy(self.options.policy_path)
-        except PolicyError as exc:
-            self.policy_error = str(exc)
+            while True:
+                self.watcher.mark()  # before reading: an edit made meanwhile is seen again
+                policy: Policy | None = None
+                error: PolicyError | None = None
+                try:
+                    policy = await self._blocking("reload", lambda: load_policy(path), RELOAD_SLOW)
+                except PolicyError as exc:
+                    error = exc
+                if self._stop is not None and self._stop.is_set():
+                    return
+                self._apply(policy, error, why)
+                self._step()
+                if self._reload_again is None:
+                    break
+                why, self._reload_again = self._reload_again, None
+        finally:
+            self._reloading = None
+        self.notifier.ready(self.status_text())  # READY=1 after RELOADING=1: reload done
+
+    def _apply(self, policy: Policy | None, error: PolicyError | None, why: str) -> None:
+        if policy is None:
+            self.policy_error = str(error)
             log.event(
                 logger,
                 logging.ERROR,
-                f"policy not reloaded ({why}), the previous one stays in force: {exc}",
+                f"policy not reloaded ({why}), the previous one stays in force: {error}",
                 event="policy-error",
             )
-        else:
-            self.policy = policy
-            self.policy_error = None
-            self.slots = retry_now(self.slots, time.monotonic())
-            log.event(
-                logger,
-                logging.INFO,
-                f"policy reloaded ({why}): {len(policy.rules)} rules, "
-                f"{len(policy.targets)} targets",
-                event="policy-reloaded",
-            )
-        self.watcher.mark()
-        self._step()
-        self.notifier.ready(self.status_text())  # READY=1 after RELOADING=1: reload done
+            return
+        self.policy = policy
+        self.policy_error = None
+        self.slots = retry_now(self.slots, time.monotonic())
+        log.event(
+            logger,
+            logging.INFO,
+            f"policy reloaded ({why}): {len(policy.rules)} rules, {len(policy.targets)} targets",
+            event="policy-reloaded",
+        )
 
     # ------------------------------------------------------------------ status
 
