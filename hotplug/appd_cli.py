@@ -17,6 +17,7 @@ from hotplug.appd import Appd, Session, Sessions
 from hotplug.appd_config import AppdConfig, ConfigError, parse_config, with_cli
 from hotplug.kernel import KernelError, make_vhci
 from hotplug.notify import Notifier
+from hotplug.printable import printable
 from hotplug.state import StateError, default_dir
 from hotplug.tlsconfig import CertError
 
@@ -186,10 +187,11 @@ def status(argv: list[str]) -> int:
     for row in rows:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(str(row["since"]))))
         state = "" if row["state"] == "attached" else "  (gone)"
-        print(
+        line = (
             f"{row['port']:>4}  {row['peer']!s:<24} {row['busid']!s:<10} {row['vid_pid']!s:<9}  "
             f"{since:<19}  {row['names']}{state}"
         )
+        print(printable(line))  # the names are the device side's word
     return 0
 
 

@@ -23,6 +23,7 @@ from hotplug.kernel import KernelError, make_stub
 from hotplug.kernel.stub import STUB_DRIVER, StubStatus
 from hotplug.kernel.sysfs import list_devices
 from hotplug.kernel.vudc import Vudc
+from hotplug.printable import printable
 from hotplug.state import RecordDir, StateError, default_dir
 from hotplug.transport import Remote, parse_remote
 
@@ -198,7 +199,8 @@ def cmd_list(args: argparse.Namespace) -> int:
             print("no usbip-vudc UDCs (modprobe usbip-vudc)")
         for row in [] if args.json else grows:
             what = f"gadget {row['vid_pid']}" if row["gadget"] else "no gadget bound"
-            print(f" - {row['busid']}: {what}, {row['usbip_status'] or 'not exportable'}")
+            status = row["usbip_status"] or "not exportable"
+            print(printable(f" - {row['busid']}: {what}, {status}"))
         return 0
     rows = device_rows()
     if args.json:
@@ -209,10 +211,13 @@ def cmd_list(args: argparse.Namespace) -> int:
         return 0
     for row in rows:
         names = f"{row['vendor'] or 'unknown vendor'} : {row['product'] or 'unknown product'}"
-        print(f" - busid {row['busid']} ({row['vid_pid']})")
-        print(f"   {names}")
         where = f", exported to {row['exported_to']}" if row["exported_to"] else ""
-        print(f"   driver: {row['driver'] or '(none)'}{where}")
+        for line in (
+            f" - busid {row['busid']} ({row['vid_pid']})",
+            f"   {names}",
+            f"   driver: {row['driver'] or '(none)'}{where}",
+        ):
+            print(printable(line))  # USB strings are the device's word: no escapes reach the tty
         print()
     return 0
 

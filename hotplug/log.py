@@ -19,6 +19,8 @@ import struct
 import sys
 from typing import Any
 
+from hotplug.printable import printable
+
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 FIELDS_ATTR = "usbip_fields"
 
@@ -54,18 +56,24 @@ class StderrFormatter(logging.Formatter):
         parts = []
         if self.with_time:
             parts.append(self.formatTime(record, "%H:%M:%S"))
-        parts.append(f"{record.name}: {record.getMessage()}")
+        parts.append(f"{record.name}: {_message(record.getMessage())}")
         fields = _fields_of(record)
         if fields:
             parts.append(" ".join(f"{k}={_quote(v)}" for k, v in fields.items()))
         text = " ".join(parts)
         if record.exc_info:
-            text += "\n" + self.formatException(record.exc_info)
+            text += "\n" + printable(self.formatException(record.exc_info), keep="\n")
         return text
 
 
+def _message(text: str) -> str:
+    """Escaped (USB strings reach messages); a message of several lines (a list of
+    policy errors) keeps them, indented, so no line of it reads as a log line."""
+    return printable(text, keep="\n").replace("\n", "\n  ")
+
+
 def _quote(value: object) -> str:
-    text = str(value)
+    text = printable(str(value))
     return repr(text) if (" " in text or not text) else text
 
 
@@ -85,7 +93,7 @@ class JournalHandler(logging.Handler):
             if record.exc_info:
                 message += "\n" + logging.Formatter().formatException(record.exc_info)
             fields: dict[str, object] = {
-                "MESSAGE": message,
+                "MESSAGE": printable(message, keep="\n"),
                 "PRIORITY": _PRIORITY.get(record.levelno, 6),
                 "SYSLOG_IDENTIFIER": self.identifier,
                 "CODE_FILE": record.pathname,
@@ -94,7 +102,7 @@ class JournalHandler(logging.Handler):
                 "LOGGER": record.name,
             }
             for key, value in _fields_of(record).items():
-                fields[journal_field_name(key)] = value
+                fields[journal_field_name(key)] = printable(str(value))
             self.sock.sendto(encode_journal(fields), self.path)
         except Exception:
             self.handleError(record)
