@@ -135,7 +135,7 @@ def run(argv: list[str]) -> int:
         appd.vhci.require_loaded()
         appd.open_listeners()
         asyncio.run(_run(appd))
-    except (ConfigError, KernelError, CertError) as exc:
+    except (ConfigError, KernelError, CertError, StateError) as exc:
         print(f"usbipa: {exc}", file=sys.stderr)
         return 1
     return 0

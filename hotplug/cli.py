@@ -21,8 +21,8 @@ from hotplug.export import (
 )
 from hotplug.kernel import KernelError, make_stub
 from hotplug.kernel.stub import STUB_DRIVER, StubStatus
-from hotplug.kernel.sysfs import list_devices
-from hotplug.kernel.vudc import Vudc
+from hotplug.kernel.sysfs import BUSID_RE, list_devices
+from hotplug.kernel.vudc import VUDC_RE, Vudc
 from hotplug.printable import printable
 from hotplug.state import RecordDir, StateError, default_dir
 from hotplug.transport import Remote, parse_remote
@@ -261,7 +261,10 @@ def add_common_net(parser: argparse.ArgumentParser, remote_required: bool) -> No
         help="tunnel through this HTTP CONNECT proxy (default: $https_proxy, minus $no_proxy)",
     )
     parser.add_argument(
-        "-b", "--busid", help="the device's busid, e.g. 1-1.2 (with --device: usbip-vudc.N)"
+        "-b",
+        "--busid",
+        type=busid_arg,
+        help="the device's busid, e.g. 1-1.2 (with --device: usbip-vudc.N)",
     )
     parser.add_argument(
         "--device",
@@ -274,6 +277,15 @@ def add_common_net(parser: argparse.ArgumentParser, remote_required: bool) -> No
         default=5.0,
         metavar="SECONDS",
         help="connect and handshake timeout (default 5)",
+    )
+
+
+def busid_arg(text: str) -> str:
+    """-b's value: a busid or a vUDC name, checked before it names a file anywhere."""
+    if BUSID_RE.match(text) or VUDC_RE.match(text):
+        return text
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is not a USB busid (e.g. 1-1 or 3-2.4) or a vUDC (usbip-vudc.N)"
     )
 
 

@@ -66,6 +66,9 @@ OnStop = Literal["unexport", "keep"]
 # much on top of a target's own connect and handshake timeouts.
 KERNEL_SLACK = 10.0
 STOP_GRACE = 20.0  # within systemd's TimeoutStopSec (30 s in our unit)
+# Per busid: this many plug, unplug and decision lines every window, then a count.
+EVENT_LOG_BURST = 10
+EVENT_LOG_WINDOW = 10.0
 RELOAD_SLOW = 10.0  # a policy parse this long is logged (it goes on: the loop does not wait)
 RECORD_BY = "daemon"
 # `status` warns when this few of usbip-host's busid slots are left.
@@ -158,6 +161,16 @@ class Daemon:
         self.wake_at: float | None = None
         self.watchdog_interval = Notifier.watchdog_interval()
         self.last_ping = 0.0
+        # A device that plugs and unplugs itself over and over (a bad cable, a
+        # hostile gadget) would write lines per udev event (issue 12, finding 15).
+        self.event_log = log.Throttle(
+            logger,
+            EVENT_LOG_BURST,
+            EVENT_LOG_WINDOW,
+            "{kind}: {count} more plug/unplug lines in {window:g} s not logged "
+            "(it keeps coming and going: cable, hub or the device itself?)",
+            kind_field="busid",
+        )
         self._wake: asyncio.Event | None = None
         self._stop: asyncio.Event | None = None
         self._reloading: asyncio.Task[None] | None = None
@@ -278,6 +291,7 @@ class Daemon:
 
     def _step(self) -> None:
         now = time.monotonic()
+        self.event_log.flush(now)
         for busid, deadline in list(self.settling.items()):
             if now >= deadline:
                 del self.settling[busid]
@@ -410,10 +424,11 @@ class Daemon:
             # export a keyboard that an `interface_class: hid` rule keeps here.
             # Wait for the "bind" event (or settle_time) before deciding.
             self.settling[device.busid] = time.monotonic() + self.options.settle_time
-            log.event(
-                logger,
+            self.event_log.log(
                 logging.INFO,
+                device.busid,
                 f"{prefix}{device.busid}: waiting for the kernel to configure it",
+                time.monotonic(),
                 busid=device.busid,
                 event="settling",
             )
@@ -433,10 +448,11 @@ class Daemon:
             message = f"{what}: export to {wanted.chain[0].name}: {wanted.reason}"
         else:
             message = f"{what}: not exporting: {wanted.reason}"
-        log.event(
-            logger,
+        self.event_log.log(
             logging.INFO,
+            device.busid,
             prefix + message,
+            time.monotonic(),
             busid=device.busid,
             event="decided",
             rule=wanted.rule,
@@ -444,7 +460,14 @@ class Daemon:
         )
 
     def _log_unplugged(self, busid: str) -> None:
-        log.event(logger, logging.INFO, f"{busid} unplugged", busid=busid, event="unplugged")
+        self.event_log.log(
+            logging.INFO,
+            busid,
+            f"{busid} unplugged",
+            time.monotonic(),
+            busid=busid,
+            event="unplugged",
+        )
 
     # ------------------------------------------------------------------ re-adoption
 

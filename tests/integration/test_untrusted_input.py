@@ -7,12 +7,26 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import signal
+import ssl
+import struct
 from pathlib import Path
 
+import pytest
+
+from hotplug.channel import MAX_MESSAGE
 from hotplug.kernel.fake import FakeTree, FakeUsbDevice
-from tests.helpers import run_cli, wait_for
+from tests.helpers import run_cli, running_usbipa, wait_for
 from tests.integration.test_daemon import Daemon, free_port, policy_text, target
+from tests.integration.tls_support import raw_tls_client, secure_usbipa
+from tests.tlscerts import Pki
+
+UPGRADE = (
+    b"GET /usbip HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+    b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    b"Sec-WebSocket-Version: 13\r\n\r\n"
+)
 
 
 def open_writer(fifo: Path) -> int | None:
@@ -43,6 +57,7 @@ def test_status_answers_while_a_reload_parses(tree: FakeTree, state: Path, tmp_p
         # Our open succeeds once the daemon has the FIFO open to read: from then
         # on its reload waits for our bytes.
         fd = wait_for(lambda: open_writer(slow), 10, "the daemon to open the policy drop-in")
+        assert fd is not None
         try:
             status = run_cli(tree, state, "status", "--json", timeout=20)
             assert status.returncode == 0, status.stderr
@@ -110,3 +125,110 @@ def test_usb_strings_are_escaped_in_human_output_and_logs(
 def assert_no_raw_controls(text: str) -> None:
     raw = [c for c in text if c in "\x1b\x07\x9b\u202e"]
     assert not raw, f"raw control characters in the output: {raw!r}"
+
+
+def test_oversized_wss_frame_is_closed_with_1009(
+    tree: FakeTree, state: Path, pki: Pki, tmp_path: Path
+) -> None:
+    """Issue 12, finding 15: a WebSocket frame over the size limit held the connection
+    until control_timeout; usbipa answers with close code 1009 and hangs up."""
+    config = tmp_path / "usbipa.yaml"
+    config.write_text("limits: {control_timeout: 300}\n")  # far beyond this test's waits
+    usbipa = secure_usbipa(tree, state, pki, "-c", str(config), wss_path="/usbip")
+    with usbipa as (_, ports), raw_tls_client(pki, ports["wss"], pki.client) as sock:
+        sock.settimeout(30)
+        received = upgrade(sock)
+        too_big = MAX_MESSAGE + 1
+        sock.sendall(bytes([0x82, 0x80 | 127]) + struct.pack("!Q", too_big) + b"mask")
+        while chunk := sock.recv(4096):  # to the end: usbipa must hang up by itself
+            received += chunk
+    assert received[:1] == b"\x88", received  # a close frame, unmasked (from the server)
+    assert struct.unpack("!H", received[2:4])[0] == 1009, received
+
+
+def upgrade(sock: ssl.SSLSocket) -> bytes:
+    """Do the WebSocket upgrade; returns what came after the 101 response."""
+    sock.sendall(UPGRADE)
+    reply = b""
+    while b"\r\n\r\n" not in reply:
+        chunk = sock.recv(4096)
+        assert chunk, f"usbipa hung up during the upgrade: {reply!r}"
+        reply += chunk
+    head, _, rest = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return rest
+
+
+def test_an_event_storm_logs_a_burst_and_a_count(
+    tree: FakeTree, state: Path, tmp_path: Path
+) -> None:
+    """Issue 12, finding 15: a device that comes and goes wrote a log line per udev
+    event. Now each busid gets a burst of lines per window, then one line with the
+    count of those left out; every event is still accounted for."""
+    storm = FakeUsbDevice("1-7", 0xF00D, 0x0007, serial="FLAKY")
+    tree.add_device(storm, devnum=9)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(policy_text({"lab": target(free_port())}, []))
+    daemon = Daemon(tree, state, tmp_path / "daemon", policy)
+    cycles = 150
+    try:
+        daemon.start()
+        # The device stays in sysfs: each add is read and decided, each remove forgets it.
+        batch = b"".join(
+            json.dumps({"action": action, "busid": "1-7"}).encode() + b"\n"
+            for _ in range(cycles)
+            for action in ("remove", "add")
+        )
+        fd = os.open(daemon.fifo, os.O_WRONLY)
+        try:
+            os.write(fd, batch)
+        finally:
+            os.close(fd)
+        expected = 1 + 2 * cycles  # "present at start", then unplugged / plugged in
+
+        def accounted() -> bool:
+            text = daemon.text()
+            logged = sum(
+                text.count(what) for what in ("1-7 unplugged", "in: 1-7 (", "start: 1-7 (")
+            )
+            counted = sum(int(n) for n in re.findall(r"1-7: (\d+) more plug/unplug lines", text))
+            return counted > 0 and logged + counted == expected
+
+        wait_for(accounted, 40, "every event logged or counted")
+        logged_lines = [ln for ln in daemon.text().splitlines() if "1-7 unplugged" in ln]
+        assert len(logged_lines) < cycles // 2, len(logged_lines)
+    finally:
+        daemon.close()
+
+
+@pytest.mark.parametrize("busid", ["../../etc/x", "1-1\n", "\u0661-1", "1-1/../2"])
+@pytest.mark.parametrize("command", ["connect", "disconnect"])
+def test_a_busid_that_is_no_busid_is_a_usage_error(
+    tree: FakeTree, state: Path, command: str, busid: str
+) -> None:
+    """Issue 12, finding 15: `disconnect -b ../../etc/x` ended in a traceback (the
+    busid named a record file). -b is checked first: a usage error, exit 2."""
+    result = run_cli(tree, state, command, "-r", "127.0.0.1:9", "-b", busid)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert f"argument -b/--busid: {busid!r} is not a USB busid" in result.stderr
+
+
+def test_existing_state_directories_are_tightened_to_0700(
+    tree: FakeTree, state: Path, tmp_path: Path
+) -> None:
+    """Issue 12, finding 15: a state directory that already existed kept its mode
+    (0755 here); the daemon and usbipa make theirs 0700 when they start."""
+    for side in ("device", "app"):
+        (state / side).mkdir(mode=0o755)
+        (state / side).chmod(0o755)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(policy_text({"lab": target(free_port())}, []))
+    daemon = Daemon(tree, state, tmp_path / "daemon", policy)
+    try:
+        daemon.start()
+        assert (state / "device").stat().st_mode & 0o777 == 0o700
+    finally:
+        daemon.close()
+    with running_usbipa(tree, state):
+        assert (state / "app").stat().st_mode & 0o777 == 0o700
