@@ -133,13 +133,21 @@ def request(path: Path, message: dict[str, Any], timeout: float = 5.0) -> dict[s
             ) from exc
         except PermissionError as exc:
             raise ControlError(f"permission denied on {path}: run as root") from exc
-        sock.sendall(json.dumps(message).encode() + b"\n")
         data = bytearray()
-        while not data.endswith(b"\n"):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
+        try:
+            sock.sendall(json.dumps(message).encode() + b"\n")
+            while not data.endswith(b"\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        except TimeoutError as exc:
+            raise ControlError(
+                f"the daemon did not answer on {path} within {timeout:g} s (busy or stuck; "
+                "see 'journalctl -u usbip-hotplug')"
+            ) from exc
+        except OSError as exc:
+            raise ControlError(f"lost the connection to the daemon on {path}: {exc}") from exc
     try:
         reply = json.loads(data)
     except ValueError as exc:
