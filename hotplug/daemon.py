@@ -34,7 +34,15 @@ from hotplug.export import ExportError, Timeouts, export, unexport
 from hotplug.kernel.stub import STUB_DRIVER, TABLE_SLOTS, StubStatus, UsbipHost
 from hotplug.kernel.sysfs import KernelError, busid_sort_key, driver_name
 from hotplug.notify import Notifier
-from hotplug.policy import Policy, PolicyError, Target, TlsOptions, load_policy, parse_address
+from hotplug.policy import (
+    DEFAULT_CONFIG_DIR,
+    Policy,
+    PolicyError,
+    Target,
+    TlsOptions,
+    load_policy,
+    parse_address,
+)
 from hotplug.reconcile import (
     Abort,
     Action,
@@ -848,6 +856,9 @@ class Daemon:
                     policy = await self._blocking("reload", lambda: load_policy(path), RELOAD_SLOW)
                 except PolicyError as exc:
                     error = exc
+                except Exception as exc:  # a bug in reading must not leave systemd "reloading"
+                    where = str(path or DEFAULT_CONFIG_DIR)
+                    error = PolicyError(where, None, None, f"cannot load: {exc!r}")
                 if self._stop is not None and self._stop.is_set():
                     return
                 self._apply(policy, error, why)
