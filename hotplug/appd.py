@@ -38,6 +38,7 @@ from hotplug.kernel.sysfs import KernelError
 from hotplug.kernel.vhci import PortRecord, PortState, Vhci, VhciPort
 from hotplug.notify import Notifier
 from hotplug.peercert import PeerCert
+from hotplug.privdir import ensure_private_dir
 from hotplug.protocol import (
     Decoder,
     DeviceRecord,
@@ -320,6 +321,7 @@ class Appd:
         self.config = config
         self.vhci = vhci
         state_dir = Path(config.state_dir) if config.state_dir else default_dir("app")
+        ensure_private_dir(state_dir)  # StateError: another owner's directory is refused
         self.sessions = Sessions(vhci, state_dir)
         self.notifier = notifier or Notifier()
         self.connections: dict[str, int] = {}
@@ -426,7 +428,7 @@ class Appd:
             self._detach_unenumerated()
             self._check_devices()
             self._forget_proven()
-            self.throttle.flush()
+            self.throttle.flush(time.monotonic())
 
     def _check_devices(self) -> None:
         """Issue 12, finding 7: the peer's record is a claim; what enumerated
@@ -882,40 +884,13 @@ def _record_problem(record: DeviceRecord) -> str | None:
     return None
 
 
-class Throttle:
+class Throttle(log.Throttle):
     """Rate limit for the warnings strangers can cause (issue 12, finding 4):
     per kind, LOG_BURST lines per LOG_WINDOW s, then how many were left out."""
 
     def __init__(self) -> None:
-        self.windows: dict[str, tuple[float, int, int]] = {}  # kind -> (start, logged, dropped)
+        summary = "{count} more warnings like the last ({kind}) in {window:g} s not logged"
+        super().__init__(logger, LOG_BURST, LOG_WINDOW, summary)
 
     def warn(self, kind: str, message: str, **fields: Any) -> None:
-        now = time.monotonic()
-        start, logged, dropped = self.windows.get(kind, (now, 0, 0))
-        if now - start >= LOG_WINDOW:
-            self._summary(kind, dropped)
-            start, logged, dropped = now, 0, 0
-        if logged < LOG_BURST:
-            log.event(logger, logging.WARNING, message, **fields)
-            logged += 1
-        else:
-            dropped += 1
-        self.windows[kind] = (start, logged, dropped)
-
-    def flush(self) -> None:
-        """Report the windows that are over (from the poll, once a flood stops)."""
-        now = time.monotonic()
-        for kind, (start, _, dropped) in list(self.windows.items()):
-            if now - start >= LOG_WINDOW:
-                self._summary(kind, dropped)
-                del self.windows[kind]
-
-    @staticmethod
-    def _summary(kind: str, dropped: int) -> None:
-        if dropped:
-            log.event(
-                logger,
-                logging.WARNING,
-                f"{dropped} more warnings like the last ({kind}) in {LOG_WINDOW:g} s not logged",
-                event="throttled",
-            )
+        self.log(logging.WARNING, kind, message, time.monotonic(), **fields)

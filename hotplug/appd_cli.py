@@ -12,11 +12,12 @@ import sys
 import time
 from pathlib import Path
 
-from hotplug import log, usbids
+from hotplug import log, usbids, yamlsafe
 from hotplug.appd import Appd, Session, Sessions
 from hotplug.appd_config import AppdConfig, ConfigError, parse_config, with_cli
 from hotplug.kernel import KernelError, make_vhci
 from hotplug.notify import Notifier
+from hotplug.printable import printable
 from hotplug.state import StateError, default_dir
 from hotplug.tlsconfig import CertError
 
@@ -90,9 +91,17 @@ def load_config(args: argparse.Namespace) -> AppdConfig:
     config = AppdConfig()
     if path:
         try:
-            text = Path(path).read_text()
+            with open(path, "rb") as f:
+                data = yamlsafe.read_limited(f)  # parse_config refuses a larger file
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+        if len(data) > yamlsafe.MAX_FILE_BYTES:
+            raise ConfigError(f"{path}: {yamlsafe.TOO_LARGE}")
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = data.count(b"\n", 0, exc.start) + 1
+            raise ConfigError(f"{path}:{line}: not valid UTF-8") from exc
         config = parse_config(text, path)
     config = with_cli(
         config,
@@ -126,7 +135,7 @@ def run(argv: list[str]) -> int:
         appd.vhci.require_loaded()
         appd.open_listeners()
         asyncio.run(_run(appd))
-    except (ConfigError, KernelError, CertError) as exc:
+    except (ConfigError, KernelError, CertError, StateError) as exc:
         print(f"usbipa: {exc}", file=sys.stderr)
         return 1
     return 0
@@ -178,10 +187,11 @@ def status(argv: list[str]) -> int:
     for row in rows:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(str(row["since"]))))
         state = "" if row["state"] == "attached" else "  (gone)"
-        print(
+        line = (
             f"{row['port']:>4}  {row['peer']!s:<24} {row['busid']!s:<10} {row['vid_pid']!s:<9}  "
             f"{since:<19}  {row['names']}{state}"
         )
+        print(printable(line))  # the names are the device side's word
     return 0
 
 

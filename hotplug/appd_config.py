@@ -16,7 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import yaml
+from yaml.constructor import SafeConstructor
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from hotplug import yamlsafe
 from hotplug.address import DEFAULT_PORT
 from hotplug.peercert import (
     PatternError,
@@ -26,6 +29,7 @@ from hotplug.peercert import (
     parse_san_pattern,
     parse_subject_pattern,
 )
+from hotplug.yamlsafe import MERGE_TAG
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -208,116 +212,195 @@ _LIMIT_KEYS = {
 }
 
 
-def _check_keys(data: Mapping[str, Any], allowed: set[str], where: str) -> None:
-    unknown = sorted(set(data) - allowed)
+Path_ = tuple[str | int, ...]
+
+
+class _Where:
+    """Says where a value of the file is: `usbipa.yaml:12: allow[0].max_devices`.
+
+    Built from the node tree, so every error names the file, the line of the
+    key (or list item) and the key path."""
+
+    def __init__(self, filename: str, root: Node | None) -> None:
+        self.filename = filename
+        self.lines: dict[Path_, int] = {}
+        if root is not None:
+            self._walk(root, (), root.start_mark.line + 1)
+
+    def _walk(self, node: Node, path: Path_, line: int) -> None:
+        self.lines[path] = line
+        if isinstance(node, MappingNode):
+            for knode, vnode in node.value:
+                if knode.tag == MERGE_TAG:
+                    raise ConfigError(
+                        f"{self.at(path, knode.start_mark.line + 1)}: YAML merge keys (<<) "
+                        "are not supported; repeat the keys"
+                    )
+                if isinstance(knode, ScalarNode):
+                    self._walk(vnode, (*path, knode.value), knode.start_mark.line + 1)
+        elif isinstance(node, SequenceNode):
+            for i, item in enumerate(node.value):
+                self._walk(item, (*path, i), item.start_mark.line + 1)
+
+    def at(self, path: Path_, line: int | None = None) -> str:
+        if line is None:
+            probe = path
+            while probe and probe not in self.lines:
+                probe = probe[:-1]
+            line = self.lines.get(probe)
+        where = self.filename if line is None else f"{self.filename}:{line}"
+        name = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".")
+        return f"{where}: {name}" if name else where
+
+    def error(self, path: Path_, message: str) -> ConfigError:
+        return ConfigError(f"{self.at(path)}: {message}")
+
+
+def _check_keys(data: Mapping[str, Any], allowed: set[str], where: _Where, path: Path_) -> None:
+    unknown = sorted(set(map(str, data)) - allowed)
     if unknown:
+        line = where.lines.get((*path, unknown[0]))
         raise ConfigError(
-            f"{where}: unknown key {unknown[0]!r} (expected one of {', '.join(sorted(allowed))})"
+            f"{where.at(path, line)}: unknown key {unknown[0]!r} "
+            f"(expected one of {', '.join(sorted(allowed))})"
         )
 
 
-def _list_of_str(value: Any, where: str) -> list[str]:
+def _list_of_str(value: Any, where: _Where, path: Path_) -> list[str]:
     items = value if isinstance(value, list) else [value]
-    if not all(isinstance(item, str | int) for item in items):
-        raise ConfigError(f"{where}: expected a string or a list of strings")
+    if not all(isinstance(item, str) or _is_int(item) for item in items):
+        raise where.error(path, "expected a string or a list of strings")
     return [str(item) for item in items]
 
 
-def _positive(value: Any, where: str, kind: type = int) -> Any:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        raise ConfigError(f"{where}: expected a positive number, got {value!r}")
-    return kind(value)
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
-def parse_config(text: str, filename: str) -> AppdConfig:
+def _positive(value: Any, where: _Where, path: Path_) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise where.error(path, f"expected a positive number, got {value!r}")
+    if not value < float("inf"):
+        raise where.error(path, f"expected a finite number, got {value!r}")
+    return float(value)
+
+
+def _count(value: Any, where: _Where, path: Path_) -> int:
+    """A whole number of things: `1.5` and `true` are refused, not rounded or read as 1."""
+    if not _is_int(value) or value <= 0:
+        raise where.error(path, f"expected a positive whole number, got {value!r}")
+    return int(value)
+
+
+def _port(value: Any, where: _Where, path: Path_, low: int = 1) -> int:
+    # bool is an int in Python: `port: true` would listen on port 1.
+    if not _is_int(value) or not low <= value < 65536:
+        raise where.error(path, f"expected {low}..65535, got {value!r}")
+    return int(value)
+
+
+def _load(text: str, filename: str) -> tuple[Any, _Where]:
     try:
-        data = yaml.safe_load(text)
+        root = yamlsafe.compose(text)
+        where = _Where(filename, root)  # before constructing, which flattens merges
+        data = None if root is None else SafeConstructor().construct_document(root)
+    except yamlsafe.YamlRefused as exc:
+        line = "" if exc.line is None else f":{exc.line}"
+        raise ConfigError(f"{filename}{line}: {exc.message}") from exc
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"{filename}{line}: YAML syntax error: {exc}") from exc
+    except RecursionError as exc:
+        raise ConfigError(f"{filename}: YAML syntax error: nested too deeply") from exc
+    return data, where
+
+
+def parse_config(text: str, filename: str) -> AppdConfig:
+    data, where = _load(text, filename)
     if data is None:
         return AppdConfig()
     if not isinstance(data, dict):
-        raise ConfigError(f"{filename}: expected a mapping at the top level")
-    _check_keys(data, _TOP_KEYS, filename)
+        raise ConfigError(f"{where.at(())}: expected a mapping at the top level")
+    _check_keys(data, _TOP_KEYS, where, ())
     kwargs: dict[str, Any] = {}
     if "listen" in data:
-        kwargs["listen"] = tuple(_list_of_str(data["listen"], f"{filename}: listen"))
+        kwargs["listen"] = tuple(_list_of_str(data["listen"], where, ("listen",)))
     if "port" in data:
-        port = data["port"]
-        if not isinstance(port, int) or not 0 < port < 65536:
-            raise ConfigError(f"{filename}: port: expected 1..65535, got {port!r}")
-        kwargs["port"] = port
-    rules = []
-    allow = data.get("allow") or []
-    if not isinstance(allow, list):
-        raise ConfigError(f"{filename}: allow: expected a list of entries")
-    for i, entry in enumerate(allow):
-        where = f"{filename}: allow[{i}]"
-        if not isinstance(entry, dict):
-            raise ConfigError(f"{where}: expected a mapping with 'from', 'client' or 'san'")
-        _check_keys(entry, _ALLOW_KEYS, where)
-        if not {"from", "client", "san"} & set(entry):
-            raise ConfigError(
-                f"{where}: missing 'from' (address or CIDR network), 'client' (certificate "
-                "subject, e.g. 'CN=lab-1') or 'san' (e.g. 'DNS:lab-1.example.net')"
+        kwargs["port"] = _port(data["port"], where, ("port",))
+    kwargs["allow"] = tuple(_parse_allow(data.get("allow") or [], where))
+    kwargs["limits"] = _parse_limits(data.get("limits") or {}, where)
+    if "state_dir" in data:
+        state_dir = data["state_dir"]
+        if not isinstance(state_dir, str) or not state_dir.startswith("/"):
+            raise where.error(
+                ("state_dir",), f"expected an absolute directory path, got {state_dir!r}"
             )
-        networks = tuple(
-            parse_network(n, f"{where}.from")
-            for n in _list_of_str(entry.get("from", []), f"{where}.from")
-        )
+        kwargs["state_dir"] = state_dir
+    if data.get("tls") is not None:
+        kwargs["tls"] = _parse_tls(data["tls"], where)
+    if data.get("wss") is not None:
+        kwargs["wss"] = _parse_wss(data["wss"], where)
+    return AppdConfig(**kwargs)
+
+
+def _parse_allow(allow: Any, where: _Where) -> list[AllowRule]:
+    if not isinstance(allow, list):
+        raise where.error(("allow",), "expected a list of entries")
+    rules = []
+    for i, entry in enumerate(allow):
+        path: Path_ = ("allow", i)
+        if not isinstance(entry, dict):
+            raise where.error(path, "expected a mapping with 'from', 'client' or 'san'")
+        _check_keys(entry, _ALLOW_KEYS, where, path)
+        if not {"from", "client", "san"} & set(entry):
+            raise where.error(
+                path,
+                "missing 'from' (address or CIDR network), 'client' (certificate "
+                "subject, e.g. 'CN=lab-1') or 'san' (e.g. 'DNS:lab-1.example.net')",
+            )
+
+        def strings(key: str, path: Path_ = path, entry: dict[str, Any] = entry) -> list[str]:
+            return _list_of_str(entry.get(key, []), where, (*path, key))
+
+        networks = tuple(parse_network(n, where.at((*path, "from"))) for n in strings("from"))
         clients = tuple(
-            _pattern(parse_subject_pattern, c, f"{where}.client")
-            for c in _list_of_str(entry.get("client", []), f"{where}.client")
+            _pattern(parse_subject_pattern, c, where.at((*path, "client")))
+            for c in strings("client")
         )
         sans = tuple(
-            _pattern(parse_san_pattern, c, f"{where}.san")
-            for c in _list_of_str(entry.get("san", []), f"{where}.san")
+            _pattern(parse_san_pattern, c, where.at((*path, "san"))) for c in strings("san")
         )
         if not (networks or clients or sans):
-            raise ConfigError(f"{where}: 'from', 'client' and 'san' are all empty")
+            raise where.error(path, "'from', 'client' and 'san' are all empty")
         devices = tuple(
-            parse_device_pattern(d, f"{where}.devices")
-            for d in _list_of_str(entry.get("devices", []), f"{where}.devices")
+            parse_device_pattern(d, where.at((*path, "devices"))) for d in strings("devices")
         )
         max_devices = entry.get("max_devices")
         if max_devices is not None:
-            max_devices = _positive(max_devices, f"{where}.max_devices")
+            max_devices = _count(max_devices, where, (*path, "max_devices"))
         rules.append(AllowRule(networks, devices, max_devices, clients, sans))
-    kwargs["allow"] = tuple(rules)
-    limits = data.get("limits") or {}
+    return rules
+
+
+def _parse_limits(limits: Any, where: _Where) -> Limits:
     if not isinstance(limits, dict):
-        raise ConfigError(f"{filename}: limits: expected a mapping")
-    _check_keys(limits, _LIMIT_KEYS, f"{filename}: limits")
-    kwargs["limits"] = Limits(
-        control_timeout=_positive(
-            limits.get("control_timeout", Limits.control_timeout), "limits.control_timeout", float
-        ),
-        per_peer_connections=_positive(
-            limits.get("per_peer_connections", Limits.per_peer_connections),
-            "limits.per_peer_connections",
-        ),
-        per_prefix_connections=_positive(
-            limits.get("per_prefix_connections", Limits.per_prefix_connections),
-            "limits.per_prefix_connections",
-        ),
-        max_connections=_positive(
-            limits.get("max_connections", Limits.max_connections), "limits.max_connections"
-        ),
-        enumeration_timeout=_positive(
-            limits.get("enumeration_timeout", Limits.enumeration_timeout),
-            "limits.enumeration_timeout",
-            float,
-        ),
+        raise where.error(("limits",), "expected a mapping")
+    _check_keys(limits, _LIMIT_KEYS, where, ("limits",))
+
+    def seconds(key: str) -> float:
+        return _positive(limits.get(key, getattr(Limits, key)), where, ("limits", key))
+
+    def count(key: str) -> int:
+        return _count(limits.get(key, getattr(Limits, key)), where, ("limits", key))
+
+    return Limits(
+        control_timeout=seconds("control_timeout"),
+        per_peer_connections=count("per_peer_connections"),
+        per_prefix_connections=count("per_prefix_connections"),
+        max_connections=count("max_connections"),
+        enumeration_timeout=seconds("enumeration_timeout"),
     )
-    if "state_dir" in data:
-        kwargs["state_dir"] = str(data["state_dir"])
-    if data.get("tls") is not None:
-        kwargs["tls"] = _parse_tls(data["tls"], f"{filename}: tls")
-    if data.get("wss") is not None:
-        kwargs["wss"] = _parse_wss(data["wss"], f"{filename}: wss")
-    return AppdConfig(**kwargs)
 
 
 def _pattern(parse: Callable[[str], _P], text: str, where: str) -> _P:
@@ -327,24 +410,25 @@ def _pattern(parse: Callable[[str], _P], text: str, where: str) -> _P:
         raise ConfigError(f"{where}: {exc}") from exc
 
 
-def _parse_tls(data: Any, where: str) -> TlsServer:
+def _parse_tls(data: Any, where: _Where) -> TlsServer:
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping with cert, key, client_ca")
-    _check_keys(data, _TLS_KEYS, where)
-    missing = [k for k in ("cert", "key", "client_ca") if not isinstance(data.get(k), str)]
-    if missing:
-        raise ConfigError(f"{where}: missing '{missing[0]}' (a PEM file path)")
+        raise where.error(("tls",), "expected a mapping with cert, key, client_ca")
+    _check_keys(data, _TLS_KEYS, where, ("tls",))
+    for key in ("cert", "key", "client_ca"):
+        if key not in data:
+            raise where.error(("tls",), f"missing '{key}' (a PEM file path)")
+        if not isinstance(data[key], str) or not data[key]:
+            raise where.error(("tls", key), f"expected a PEM file path, got {data[key]!r}")
     return TlsServer(data["cert"], data["key"], data["client_ca"])
 
 
-def _parse_wss(data: Any, where: str) -> WssListener:
+def _parse_wss(data: Any, where: _Where) -> WssListener:
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping with port and path")
-    _check_keys(data, _WSS_KEYS, where)
-    port = data.get("port", WssListener.port)
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port < 65536:
-        raise ConfigError(f"{where}.port: expected 1..65535, got {port!r}")
-    return WssListener(port, parse_wss_path(data.get("path", WssListener.path), f"{where}.path"))
+        raise where.error(("wss",), "expected a mapping with port and path")
+    _check_keys(data, _WSS_KEYS, where, ("wss",))
+    port = _port(data.get("port", WssListener.port), where, ("wss", "port"), low=0)
+    path = parse_wss_path(data.get("path", WssListener.path), where.at(("wss", "path")))
+    return WssListener(port, path)
 
 
 def parse_wss_path(path: Any, where: str) -> str:

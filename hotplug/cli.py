@@ -24,8 +24,9 @@ from hotplug.export import (
 )
 from hotplug.kernel import KernelError, make_stub
 from hotplug.kernel.stub import STUB_DRIVER, StubStatus, UsbipHost
-from hotplug.kernel.sysfs import list_devices, validate_busid
-from hotplug.kernel.vudc import Vudc
+from hotplug.kernel.sysfs import BUSID_RE, list_devices, validate_busid
+from hotplug.kernel.vudc import VUDC_RE, Vudc
+from hotplug.printable import printable
 from hotplug.state import RecordDir, RecordTaken, StateError, default_dir, writer_alive
 from hotplug.transport import Remote, parse_remote
 
@@ -295,7 +296,8 @@ def cmd_list(args: argparse.Namespace) -> int:
             print("no usbip-vudc UDCs (modprobe usbip-vudc)")
         for row in [] if args.json else grows:
             what = f"gadget {row['vid_pid']}" if row["gadget"] else "no gadget bound"
-            print(f" - {row['busid']}: {what}, {row['usbip_status'] or 'not exportable'}")
+            status = row["usbip_status"] or "not exportable"
+            print(printable(f" - {row['busid']}: {what}, {status}"))
         return 0
     rows = device_rows()
     if args.json:
@@ -306,10 +308,13 @@ def cmd_list(args: argparse.Namespace) -> int:
         return 0
     for row in rows:
         names = f"{row['vendor'] or 'unknown vendor'} : {row['product'] or 'unknown product'}"
-        print(f" - busid {row['busid']} ({row['vid_pid']})")
-        print(f"   {names}")
         where = f", exported to {row['exported_to']}" if row["exported_to"] else ""
-        print(f"   driver: {row['driver'] or '(none)'}{where}")
+        for line in (
+            f" - busid {row['busid']} ({row['vid_pid']})",
+            f"   {names}",
+            f"   driver: {row['driver'] or '(none)'}{where}",
+        ):
+            print(printable(line))  # USB strings are the device's word: no escapes reach the tty
         print()
     return 0
 
@@ -353,7 +358,10 @@ def add_common_net(parser: argparse.ArgumentParser, remote_required: bool) -> No
         help="tunnel through this HTTP CONNECT proxy (default: $https_proxy, minus $no_proxy)",
     )
     parser.add_argument(
-        "-b", "--busid", help="the device's busid, e.g. 1-1.2 (with --device: usbip-vudc.N)"
+        "-b",
+        "--busid",
+        type=busid_arg,
+        help="the device's busid, e.g. 1-1.2 (with --device: usbip-vudc.N)",
     )
     parser.add_argument(
         "--device",
@@ -366,6 +374,15 @@ def add_common_net(parser: argparse.ArgumentParser, remote_required: bool) -> No
         default=5.0,
         metavar="SECONDS",
         help="connect and handshake timeout (default 5)",
+    )
+
+
+def busid_arg(text: str) -> str:
+    """-b's value: a busid or a vUDC name, checked before it names a file anywhere."""
+    if BUSID_RE.match(text) or VUDC_RE.match(text):
+        return text
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is not a USB busid (e.g. 1-1 or 3-2.4) or a vUDC (usbip-vudc.N)"
     )
 
 

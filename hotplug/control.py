@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from hotplug import log
+from hotplug.privdir import ensure_private_dir
+from hotplug.state import StateError
 
 logger = log.get("hotplug.control")
 
@@ -44,9 +46,9 @@ def socket_path(state_dir: Path) -> Path:
 def bind_control_socket(path: Path) -> socket.socket:
     """Bind the control socket, 0600. A live socket there means another daemon runs."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    except OSError as exc:
-        raise ControlError(f"cannot create {path.parent}: {exc.strerror} (run as root)") from exc
+        ensure_private_dir(path.parent)
+    except StateError as exc:
+        raise ControlError(f"{exc} (run as root)") from exc
     if path.exists() or path.is_symlink():
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -131,13 +133,21 @@ def request(path: Path, message: dict[str, Any], timeout: float = 5.0) -> dict[s
             ) from exc
         except PermissionError as exc:
             raise ControlError(f"permission denied on {path}: run as root") from exc
-        sock.sendall(json.dumps(message).encode() + b"\n")
         data = bytearray()
-        while not data.endswith(b"\n"):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
+        try:
+            sock.sendall(json.dumps(message).encode() + b"\n")
+            while not data.endswith(b"\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        except TimeoutError as exc:
+            raise ControlError(
+                f"the daemon did not answer on {path} within {timeout:g} s (busy or stuck; "
+                "see 'journalctl -u usbip-hotplug')"
+            ) from exc
+        except OSError as exc:
+            raise ControlError(f"lost the connection to the daemon on {path}: {exc}") from exc
     try:
         reply = json.loads(data)
     except ValueError as exc:

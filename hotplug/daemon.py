@@ -34,7 +34,15 @@ from hotplug.export import Attempt, ExportError, Timeouts, export, unexport
 from hotplug.kernel.stub import STUB_DRIVER, TABLE_SLOTS, StubStatus, UsbipHost
 from hotplug.kernel.sysfs import KernelError, busid_sort_key, driver_name
 from hotplug.notify import Notifier
-from hotplug.policy import Policy, PolicyError, Target, TlsOptions, load_policy, parse_address
+from hotplug.policy import (
+    DEFAULT_CONFIG_DIR,
+    Policy,
+    PolicyError,
+    Target,
+    TlsOptions,
+    load_policy,
+    parse_address,
+)
 from hotplug.reconcile import (
     Abort,
     Action,
@@ -66,6 +74,10 @@ OnStop = Literal["unexport", "keep"]
 # much on top of a target's own connect and handshake timeouts.
 KERNEL_SLACK = 10.0
 STOP_GRACE = 20.0  # within systemd's TimeoutStopSec (30 s in our unit)
+# Per busid: this many plug, unplug and decision lines every window, then a count.
+EVENT_LOG_BURST = 10
+EVENT_LOG_WINDOW = 10.0
+RELOAD_SLOW = 10.0  # a policy parse this long is logged (it goes on: the loop does not wait)
 RECORD_BY = "daemon"
 # `status` warns when this few of usbip-host's busid slots are left.
 TABLE_LOW = 4
@@ -161,8 +173,20 @@ class Daemon:
         self.wake_at: float | None = None
         self.watchdog_interval = Notifier.watchdog_interval()
         self.last_ping = 0.0
+        # A device that plugs and unplugs itself over and over (a bad cable, a
+        # hostile gadget) would write lines per udev event (issue 12, finding 15).
+        self.event_log = log.Throttle(
+            logger,
+            EVENT_LOG_BURST,
+            EVENT_LOG_WINDOW,
+            "{kind}: {count} more plug/unplug lines in {window:g} s not logged "
+            "(it keeps coming and going: cable, hub or the device itself?)",
+            kind_field="busid",
+        )
         self._wake: asyncio.Event | None = None
         self._stop: asyncio.Event | None = None
+        self._reloading: asyncio.Task[None] | None = None
+        self._reload_again: str | None = None  # why, if asked again during a reload
 
     # ------------------------------------------------------------------ life cycle
 
@@ -197,6 +221,8 @@ class Daemon:
                 await self._main_loop()
             finally:
                 watch.cancel()
+                if self._reloading is not None:
+                    self._reloading.cancel()  # its thread may block on a file: not waited for
                 loop.remove_reader(source.fileno())
             await self._shutdown()
         finally:
@@ -289,6 +315,7 @@ class Daemon:
 
     def _step(self) -> None:
         now = time.monotonic()
+        self.event_log.flush(now)
         for busid, deadline in list(self.settling.items()):
             if now >= deadline:
                 del self.settling[busid]
@@ -458,10 +485,11 @@ class Daemon:
             # export a keyboard that an `interface_class: hid` rule keeps here.
             # Wait for the "bind" event (or settle_time) before deciding.
             self.settling[device.busid] = time.monotonic() + self.options.settle_time
-            log.event(
-                logger,
+            self.event_log.log(
                 logging.INFO,
+                device.busid,
                 f"{prefix}{device.busid}: waiting for the kernel to configure it",
+                time.monotonic(),
                 busid=device.busid,
                 event="settling",
             )
@@ -481,10 +509,11 @@ class Daemon:
             message = f"{what}: export to {wanted.chain[0].name}: {wanted.reason}"
         else:
             message = f"{what}: not exporting: {wanted.reason}"
-        log.event(
-            logger,
+        self.event_log.log(
             logging.INFO,
+            device.busid,
             prefix + message,
+            time.monotonic(),
             busid=device.busid,
             event="decided",
             rule=wanted.rule,
@@ -492,7 +521,14 @@ class Daemon:
         )
 
     def _log_unplugged(self, busid: str) -> None:
-        log.event(logger, logging.INFO, f"{busid} unplugged", busid=busid, event="unplugged")
+        self.event_log.log(
+            logging.INFO,
+            busid,
+            f"{busid} unplugged",
+            time.monotonic(),
+            busid=busid,
+            event="unplugged",
+        )
 
     # ------------------------------------------------------------------ re-adoption
 
@@ -947,33 +983,64 @@ class Daemon:
     # ------------------------------------------------------------------ policy
 
     def reload(self, why: str) -> None:
+        """Re-read the policy (SIGHUP, a file change).
+
+        The files are read and parsed in a thread of their own: a slow parse
+        (a big file, a slow disk) must not stop `status` or the watchdog pings.
+        A reload asked for while one runs is done once more after it.
+        """
         if self._stop is not None and self._stop.is_set():
             return  # stopping: a new policy would only start work we are about to undo
+        if self._reloading is not None:
+            self._reload_again = why
+            return
         self.notifier.reloading()
+        self._reloading = asyncio.get_running_loop().create_task(self._reload(why), name="reload")
+
+    async def _reload(self, why: str) -> None:
+        path = self.options.policy_path
         try:
-            policy = load_policy(self.options.policy_path)
-        except PolicyError as exc:
-            self.policy_error = str(exc)
+            while True:
+                self.watcher.mark()  # before reading: an edit made meanwhile is seen again
+                policy: Policy | None = None
+                error: PolicyError | None = None
+                try:
+                    policy = await self._blocking("reload", lambda: load_policy(path), RELOAD_SLOW)
+                except PolicyError as exc:
+                    error = exc
+                except Exception as exc:  # a bug in reading must not leave systemd "reloading"
+                    where = str(path or DEFAULT_CONFIG_DIR)
+                    error = PolicyError(where, None, None, f"cannot load: {exc!r}")
+                if self._stop is not None and self._stop.is_set():
+                    return
+                self._apply(policy, error, why)
+                self._step()
+                if self._reload_again is None:
+                    break
+                why, self._reload_again = self._reload_again, None
+        finally:
+            self._reloading = None
+        self.notifier.ready(self.status_text())  # READY=1 after RELOADING=1: reload done
+
+    def _apply(self, policy: Policy | None, error: PolicyError | None, why: str) -> None:
+        if policy is None:
+            self.policy_error = str(error)
             log.event(
                 logger,
                 logging.ERROR,
-                f"policy not reloaded ({why}), the previous one stays in force: {exc}",
+                f"policy not reloaded ({why}), the previous one stays in force: {error}",
                 event="policy-error",
             )
-        else:
-            self.policy = policy
-            self.policy_error = None
-            self.slots = retry_now(self.slots, time.monotonic())
-            log.event(
-                logger,
-                logging.INFO,
-                f"policy reloaded ({why}): {len(policy.rules)} rules, "
-                f"{len(policy.targets)} targets",
-                event="policy-reloaded",
-            )
-        self.watcher.mark()
-        self._step()
-        self.notifier.ready(self.status_text())  # READY=1 after RELOADING=1: reload done
+            return
+        self.policy = policy
+        self.policy_error = None
+        self.slots = retry_now(self.slots, time.monotonic())
+        log.event(
+            logger,
+            logging.INFO,
+            f"policy reloaded ({why}): {len(policy.rules)} rules, {len(policy.targets)} targets",
+            event="policy-reloaded",
+        )
 
     # ------------------------------------------------------------------ status
 

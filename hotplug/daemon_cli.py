@@ -20,6 +20,7 @@ from hotplug.faultpoints import reach
 from hotplug.kernel import make_stub
 from hotplug.kernel.stub import STUB_DRIVER
 from hotplug.policy import DEFAULT_CONFIG_DIR, Policy, PolicyError, load_policy
+from hotplug.printable import printable
 from hotplug.reconcile import desire
 from hotplug.state import InstanceLock, StateError, default_dir
 from hotplug.udev import UdevSource, enumerate_devices
@@ -46,7 +47,7 @@ def _policy_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def _policy_error(exc: PolicyError) -> int:
-    print(f"usbip-hotplug: the policy has errors:\n{exc}", file=sys.stderr)
+    print(printable(f"usbip-hotplug: the policy has errors:\n{exc}", keep="\n"), file=sys.stderr)
     return 1
 
 
@@ -154,7 +155,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         policy = load_policy(Path(given) if given else None)
     except PolicyError as exc:
         return _policy_error(exc)
-    print(_policy_summary(policy))
+    print(printable(_policy_summary(policy), keep="\n"))
     if args.quiet:
         return 0
     stub = make_stub()
@@ -164,7 +165,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         print("no USB devices plugged in")
     for device in devices:
         foreign = device.driver == STUB_DRIVER and device.busid not in ours
-        print(_check_line(policy, device, foreign))
+        print(_check_line(policy, device, foreign))  # escaped line by line
     return 0
 
 
@@ -197,7 +198,7 @@ def _check_line(policy: Policy, device: Device, foreign: bool) -> str:
         lines.append(
             "         but it is bound to usbip-host by another tool: the daemon leaves it alone"
         )
-    return "\n".join(lines)
+    return "\n".join(printable(line) for line in lines)
 
 
 # --------------------------------------------------------------------------- status
@@ -256,7 +257,7 @@ def render_status(reply: dict[str, Any]) -> str:
     rows = reply.get("devices") or []
     if not rows:
         lines.append("no USB devices")
-        return "\n".join(lines)
+        return "\n".join(printable(line) for line in lines)
     header = ("BUSID", "VID:PID", "STATE", "TARGET", "SINCE", "RULE")
     lines.append(_columns(*header) + " DEVICE")
     now = time.time()
@@ -276,4 +277,6 @@ def render_status(reply: dict[str, Any]) -> str:
             details.append(f"next retry in {max(0.0, row['next_retry'] - now):.1f} s")
         if details:
             lines.append(" " * 9 + "; ".join(details))
-    return "\n".join(lines)
+    # Each line is ours; what is in it (USB strings, error texts) is escaped, a
+    # newline in a product name included.
+    return "\n".join(printable(line) for line in lines)

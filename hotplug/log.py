@@ -19,6 +19,8 @@ import struct
 import sys
 from typing import Any
 
+from hotplug.printable import printable
+
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 FIELDS_ATTR = "usbip_fields"
 
@@ -54,18 +56,24 @@ class StderrFormatter(logging.Formatter):
         parts = []
         if self.with_time:
             parts.append(self.formatTime(record, "%H:%M:%S"))
-        parts.append(f"{record.name}: {record.getMessage()}")
+        parts.append(f"{record.name}: {_message(record.getMessage())}")
         fields = _fields_of(record)
         if fields:
             parts.append(" ".join(f"{k}={_quote(v)}" for k, v in fields.items()))
         text = " ".join(parts)
         if record.exc_info:
-            text += "\n" + self.formatException(record.exc_info)
+            text += "\n" + printable(self.formatException(record.exc_info), keep="\n")
         return text
 
 
+def _message(text: str) -> str:
+    """Escaped (USB strings reach messages); a message of several lines (a list of
+    policy errors) keeps them, indented, so no line of it reads as a log line."""
+    return printable(text, keep="\n").replace("\n", "\n  ")
+
+
 def _quote(value: object) -> str:
-    text = str(value)
+    text = printable(str(value))
     return repr(text) if (" " in text or not text) else text
 
 
@@ -85,7 +93,7 @@ class JournalHandler(logging.Handler):
             if record.exc_info:
                 message += "\n" + logging.Formatter().formatException(record.exc_info)
             fields: dict[str, object] = {
-                "MESSAGE": message,
+                "MESSAGE": printable(message, keep="\n"),
                 "PRIORITY": _PRIORITY.get(record.levelno, 6),
                 "SYSLOG_IDENTIFIER": self.identifier,
                 "CODE_FILE": record.pathname,
@@ -94,7 +102,7 @@ class JournalHandler(logging.Handler):
                 "LOGGER": record.name,
             }
             for key, value in _fields_of(record).items():
-                fields[journal_field_name(key)] = value
+                fields[journal_field_name(key)] = printable(str(value))
             self.sock.sendto(encode_journal(fields), self.path)
         except Exception:
             self.handleError(record)
@@ -141,3 +149,63 @@ def get(name: str) -> logging.Logger:
 def fields_for_test(record: logging.LogRecord) -> dict[str, Any]:
     """The structured fields of a record (for tests asserting on log content)."""
     return _fields_of(record)
+
+
+class Throttle:
+    """At most `burst` lines per kind every `window` seconds, then one line with
+    how many were left out: a flood (refused strangers, a device that plugs and
+    unplugs itself over and over) must not flood the log.
+
+    `summary` is a format string with {count}, {kind} and {window}; if
+    `kind_field` is given, the kind goes into that journal field as well
+    (e.g. "busid", so `journalctl USBIP_BUSID=...` shows the count too).
+    """
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        burst: int,
+        window: float,
+        summary: str,
+        kind_field: str | None = None,
+    ) -> None:
+        self.logger = logger
+        self.burst = burst
+        self.window = window
+        self.summary = summary
+        self.kind_field = kind_field
+        self.windows: dict[str, tuple[float, int, int]] = {}  # kind -> (start, logged, dropped)
+
+    def log(self, level: int, kind: str, message: str, now: float, **fields: object) -> None:
+        """`now` is time.monotonic() (given, so tests and callers share one clock)."""
+        start, logged, dropped = self.windows.get(kind, (now, 0, 0))
+        if now - start >= self.window:
+            self._report(kind, dropped)
+            start, logged, dropped = now, 0, 0
+        if logged < self.burst:
+            self.logger.log(level, message, extra={FIELDS_ATTR: _clean(fields)}, stacklevel=2)
+            logged += 1
+        else:
+            dropped += 1
+        self.windows[kind] = (start, logged, dropped)
+
+    def flush(self, now: float) -> None:
+        """Report the windows that are over (call it now and then: a flood that
+        stopped sends no more lines to trigger its count)."""
+        for kind, (start, _, dropped) in list(self.windows.items()):
+            if now - start >= self.window:
+                self._report(kind, dropped)
+                del self.windows[kind]
+
+    def _report(self, kind: str, dropped: int) -> None:
+        if not dropped:
+            return
+        fields: dict[str, object] = {"event": "throttled"}
+        if self.kind_field is not None:
+            fields[self.kind_field] = kind
+        message = self.summary.format(count=dropped, kind=kind, window=self.window)
+        self.logger.log(logging.WARNING, message, extra={FIELDS_ATTR: fields})
+
+
+def _clean(fields: dict[str, object]) -> dict[str, object]:
+    return {k: v for k, v in fields.items() if v is not None}

@@ -38,6 +38,7 @@ import yaml
 from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from hotplug import yamlsafe
 from hotplug.device import Device
 
 __all__ = [
@@ -766,7 +767,9 @@ class _FileParser:
 
     def compose(self, text: str) -> Node | None:
         try:
-            return yaml.compose(text, Loader=yaml.SafeLoader)
+            return yamlsafe.compose(text)
+        except yamlsafe.YamlRefused as e:
+            self.errors.append(PolicyError(self.file, e.line, None, e.message))
         except yaml.MarkedYAMLError as e:
             mark = e.problem_mark or e.context_mark
             message = f"invalid YAML: {e.problem or e.context or 'syntax error'}"
@@ -1379,9 +1382,12 @@ def load_policy(path: str | Path | None = None) -> Policy:
     sources: list[tuple[str, str]] = []
     for file in files:
         try:
-            data = file.read_bytes()
+            with file.open("rb") as f:
+                data = yamlsafe.read_limited(f)  # parse_policy refuses a larger file
         except OSError as e:
             raise PolicyError(str(file), None, None, f"cannot read: {e.strerror}") from e
+        if len(data) > yamlsafe.MAX_FILE_BYTES:
+            raise PolicyError(str(file), None, None, yamlsafe.TOO_LARGE)
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as e:

@@ -16,8 +16,9 @@ from pathlib import Path
 
 from hotplug.device import SYSFS_SPEEDS, Device, Interface, Speed
 
-# A USB device (not a root hub "usb1", not an interface "1-1:1.0").
-BUSID_RE = re.compile(r"^\d+-\d+(\.\d+)*$")
+# A USB device (not a root hub "usb1", not an interface "1-1:1.0"). ASCII digits
+# and \Z, not \d and $: "1-1\n" and fullwidth or Arabic-Indic digits are not busids.
+BUSID_RE = re.compile(r"\A[0-9]+-[0-9]+(?:\.[0-9]+)*\Z")
 
 
 class KernelError(Exception):

@@ -20,7 +20,7 @@ from hotplug.device import Speed
 from hotplug.kernel.sysfs import KernelError, SysfsPaths, SysfsWriter, read_attr
 from hotplug.protocol import DeviceRecord
 
-VUDC_RE = re.compile(r"^usbip-vudc\.\d+$")
+VUDC_RE = re.compile(r"\Ausbip-vudc\.[0-9]+\Z")
 DESCRIPTOR = struct.Struct("<BBHBBBBHHHBBBB")
 
 # usb_speed_string() in the kernel's drivers/usb/common/common.c

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pickle
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from hotplug.policy import (
     parse_address,
     parse_policy,
 )
+from hotplug.yamlsafe import MAX_FILE_BYTES, MAX_NODES
 
 REPO = Path(__file__).resolve().parents[2]
 CASES = Path(__file__).with_name("policy_cases")
@@ -718,20 +720,52 @@ def test_broken_target_does_not_cause_unknown_target_noise() -> None:
     ]
 
 
-def test_aliases_are_followed() -> None:
-    p = policy(
-        """\
-        version: 1
-        targets:
-          a: &t {address: h, connect_timeout: 2}
-          b: *t
-        rules:
-          - {match: &m {vendor: '076b'}, export: a}
-          - {match: *m, export: b}
-        """
+def alias_bomb(reuses: int = 2000) -> str:
+    """The issue's file: one anchored rule with a long serial list, aliased `reuses` times."""
+    serials = ", ".join(f"s{i:03d}" for i in range(200))
+    rule = f"  - &r {{match: {{vendor: '076b', serial: [{serials}]}}, export: lab}}\n"
+    return HEAD + "rules:\n" + rule + "  - *r\n" * reuses
+
+
+def test_alias_bomb_is_refused_quickly_with_file_and_line() -> None:
+    """Issue 12, finding 12: 2,000 aliases of one anchored rule took 22 s of CPU;
+    anchors and aliases are refused at once, naming the file, line and construct."""
+    started = time.process_time()
+    assert only_error(alias_bomb()) == (
+        "policy.yaml:5: YAML anchors (&r) are not supported; write the value out where it is used"
     )
-    assert p.targets["b"].connect_timeout == 2
-    assert p.rules[1].conditions == p.rules[0].conditions
+    assert time.process_time() - started < 2.0  # CPU time, not wall: load does not matter
+
+
+def test_an_alias_without_an_anchor_in_this_file_is_named_too() -> None:
+    """Issue 12, finding 12: the alias itself (here of a key) is named with its line."""
+    text = HEAD + "rules:\n  - {match: {vendor: '076b'}, export: lab}\n  - *m\n"
+    assert only_error(text) == (
+        "policy.yaml:6: YAML aliases (*m) are not supported; write the value out"
+    )
+
+
+def test_too_many_yaml_values_are_refused() -> None:
+    """Issue 12, finding 12: the node cap bounds a file that is small but dense."""
+    many = ", ".join("s" for _ in range(MAX_NODES))
+    found = only_error(HEAD + f"rules:\n  - {{match: {{serial: [{many}]}}, export: lab}}\n")
+    assert found == (
+        f"policy.yaml:5: more than {MAX_NODES:,} YAML values in one file; split it or simplify it"
+    )
+
+
+def test_an_oversized_policy_file_is_refused_before_parsing(tmp_path: Path) -> None:
+    """Issue 12, finding 12: 20 MB of comments took 14 s; a file over 1 MiB is
+    refused with the limit in the message (and is not read to its end)."""
+    path = tmp_path / "policy.yaml"
+    path.write_text("version: 1\n" + ("#" * 1023 + "\n") * (MAX_FILE_BYTES // 1024))
+    with pytest.raises(PolicyError) as info:
+        load_policy(path)
+    assert str(info.value) == (
+        f"{path}: file too large: more than 1 MiB (1,048,576 bytes), the limit"
+    )
+    with pytest.raises(PolicyError, match="file too large: more than 1 MiB"):
+        parse_policy([("big.yaml", path.read_text())])
 
 
 # --------------------------------------------------------------------------

@@ -1,0 +1,95 @@
+"""usbipa's config file as untrusted input: issue 12, findings 12 and 15."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from hotplug.appd_config import ConfigError, parse_config
+from hotplug.yamlsafe import MAX_FILE_BYTES
+
+
+def config_error(text: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "usbipa.yaml")
+    return str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("port: true\n", "usbipa.yaml:1: port: expected 1..65535, got True"),
+        ("port: 3240.5\n", "usbipa.yaml:1: port: expected 1..65535, got 3240.5"),
+        (
+            "allow:\n  - from: 10.0.0.0/8\n    max_devices: 1.5\n",
+            "usbipa.yaml:3: allow[0].max_devices: expected a positive whole number, got 1.5",
+        ),
+        (
+            "allow:\n  - from: 10.0.0.0/8\n    max_devices: true\n",
+            "usbipa.yaml:3: allow[0].max_devices: expected a positive whole number, got True",
+        ),
+        (
+            "state_dir: [a, b]\n",
+            "usbipa.yaml:1: state_dir: expected an absolute directory path, got ['a', 'b']",
+        ),
+        (
+            "limits:\n  control_timeout: 2\n  max_connections: 2.5\n",
+            "usbipa.yaml:3: limits.max_connections: expected a positive whole number, got 2.5",
+        ),
+        (
+            "tls: {cert: /a, key: /b, client_ca: /c}\nwss:\n  port: false\n",
+            "usbipa.yaml:3: wss.port: expected 0..65535, got False",
+        ),
+        (
+            "tls:\n  cert: /a\n  key: [/b]\n  client_ca: /c\n",
+            "usbipa.yaml:3: tls.key: expected a PEM file path, got ['/b']",
+        ),
+        (
+            "allow:\n  - from: 10.0.0.0/8\n  - form: 10.0.0.0/8\n",
+            "usbipa.yaml:3: allow[1]: unknown key 'form' (expected one of client, devices, "
+            "from, max_devices, san)",
+        ),
+    ],
+)
+def test_wrong_types_are_file_line_errors_naming_the_field(text: str, message: str) -> None:
+    """Issue 12, finding 15: `port: true` listened on port 1, `max_devices: 1.5` and
+    `state_dir: [a, b]` were taken; each is now an error with file:line and the field."""
+    assert config_error(text) == message
+
+
+def test_anchors_and_aliases_are_refused_with_file_and_line() -> None:
+    """Issue 12, finding 12: no anchors or aliases in usbipa's config either."""
+    entry = "  - &e {from: 10.0.0.0/8, devices: [" + ", ".join(["'1d6b:*'"] * 200) + "]}\n"
+    started = time.process_time()
+    assert config_error("allow:\n" + entry + "  - *e\n" * 2000) == (
+        "usbipa.yaml:2: YAML anchors (&e) are not supported; write the value out where it is used"
+    )
+    assert time.process_time() - started < 2.0
+    assert config_error("limits: {control_timeout: 2}\nport: *p\n") == (
+        "usbipa.yaml:2: YAML aliases (*p) are not supported; write the value out"
+    )
+
+
+def test_merge_keys_are_refused_with_file_and_line() -> None:
+    """Issue 12, finding 12: merges are refused in usbipa's config as in the policy."""
+    assert config_error("limits:\n  <<: {control_timeout: 2}\n") == (
+        "usbipa.yaml:2: limits: YAML merge keys (<<) are not supported; repeat the keys"
+    )
+
+
+def test_an_oversized_config_is_refused() -> None:
+    """Issue 12, finding 12: a config over 1 MiB is refused before it is parsed."""
+    assert config_error("#" * MAX_FILE_BYTES + "\nport: 1\n") == (
+        "usbipa.yaml: file too large: more than 1 MiB (1,048,576 bytes), the limit"
+    )
+
+
+def test_the_shipped_example_still_parses() -> None:
+    config = parse_config(
+        "listen: [127.0.0.1]\nport: 3241\nstate_dir: /run/usbipa\n"
+        "allow:\n  - from: 10.0.0.0/8\n    max_devices: 2\nlimits: {control_timeout: 2.5}\n",
+        "usbipa.yaml",
+    )
+    assert config.port == 3241 and config.allow[0].max_devices == 2
+    assert config.state_dir == "/run/usbipa" and config.limits.control_timeout == 2.5
