@@ -795,7 +795,8 @@ class Daemon:
         threading.Thread(target=runner, name=name, daemon=True).start()
         done, _ = await asyncio.wait({future}, timeout=limit)
         if not done:
-            logger.warning("%s: still running after %.0f s; cutting it short", name, limit)
+            cut = "; cutting it short" if canceller is not None else ""
+            logger.warning("%s: still running after %.0f s%s", name, limit, cut)
             if canceller is not None:
                 canceller.fire()
         return await future  # the kernel layer and socket timeouts bound the rest
