@@ -293,8 +293,8 @@ def export(
     fields = {"busid": busid, **log_where(endpoint)}
     bound_here = before.driver != STUB_DRIVER
     attempt.bound = bound_here
-    stub.bind(busid, before)
     try:
+        stub.bind(busid, before)
         # Binding changes the driver, not the ids or bus/dev numbers the record
         # carries: a stat says the device is still there, without reading it all.
         if not stub.paths.device_dir(busid).exists():
@@ -309,6 +309,20 @@ def export(
         if bound_here:
             with contextlib.suppress(KernelError):
                 stub.release(busid)
+        if (
+            isinstance(exc, (KernelError, ExportError, OSError))
+            and not stub.paths.device_dir(busid).exists()
+        ):
+            # Pulled out mid-export: whichever write or check came next failed with
+            # a message about sysfs, not about what the user did.
+            gone = KernelError(
+                f"{busid} was unplugged while it was being exported to {endpoint};"
+                " plug it in again to retry"
+            )
+            log.event(
+                logger, logging.WARNING, f"export failed: {gone}", event="export-failed", **fields
+            )
+            raise gone from exc
         log.event(logger, logging.WARNING, f"export failed: {exc}", event="export-failed", **fields)
         raise
     log.event(logger, logging.INFO, f"exported {busid} to {endpoint}", event="exported", **fields)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -21,7 +23,7 @@ from hotplug.protocol import (
     ExportStatus,
     encode,
 )
-from tests.helpers import run_cli, running_usbipa, wait_for
+from tests.helpers import env_for, run_cli, running_usbipa, wait_for
 from tests.integration.conftest import DISK
 from tests.integration.test_connect_usbipa import driver, stub_status, used_ports
 
@@ -271,3 +273,60 @@ def test_a_full_busid_table_is_explained(tree: FakeTree, state: Path) -> None:
     assert "usbip-host's table of 16 busids is full" in result.stderr
     assert "modprobe -r usbip-host && modprobe usbip-host" in result.stderr
     assert_untouched(tree)
+
+
+STEPS_OF_EXPORT = [
+    "bind.after-match-add",
+    "bind.after-driver-unbind",
+    "bind.after-stub-bind",
+    "export.after-connect",
+    "export.after-reply",
+    "export.after-hand-over",
+]
+
+
+@pytest.mark.parametrize("point", STEPS_OF_EXPORT)
+def test_unplugged_mid_export_says_so(
+    tree: FakeTree, state: Path, tmp_path: Path, point: str
+) -> None:
+    """Issue 11, item 3 (the real-kernel fault matrix): a device pulled out at a
+    step of `connect` was reported as whatever kernel write failed next
+    ("/sys/.../driver/unbind does not exist", "1-1 is not bound to usbip-host",
+    "usbip-host did not take the connection"...). Now one line says what happened."""
+    faults = tmp_path / "faults"
+    faults.mkdir()
+    (faults / f"{point}.pause").touch()
+    tree.add_device(DISK)
+    with running_usbipa(tree, state) as (_, port):
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "hotplug.cli",
+                "connect",
+                "-r",
+                f"127.0.0.1:{port}",
+                "-b",
+                "1-1",
+            ],
+            env=env_for(tree, state, USBIP_HOTPLUG_FAULTPOINTS=str(faults)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            wait_for(
+                lambda: (faults / f"{point}.reached").exists() or proc.poll() is not None,
+                timeout=30,
+                what=f"connect at {point}",
+            )
+            tree.remove_device("1-1")
+        finally:
+            (faults / f"{point}.pause").unlink()
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 1, err
+        assert err.strip().splitlines()[-1] == (
+            f"usbip-hotplug: 1-1 was unplugged while it was being exported to 127.0.0.1:{port};"
+            " plug it in again to retry"
+        ), err
+        wait_for(lambda: not used_ports(tree), what="the far side's port freed")

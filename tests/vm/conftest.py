@@ -83,6 +83,8 @@ def pytest_collection_modifyitems(
     session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
 ) -> None:
     # tryfirst: before -m/-k deselection, which must see the vm marker.
+    if not IN_VM:  # the guest runs exactly the node ids the host chose
+        _deselect_by_hand_only(config, items)
     for i, item in enumerate(items):
         path = Path(str(item.path)).resolve()
         if not _under(path, HERE):
@@ -91,6 +93,20 @@ def pytest_collection_modifyitems(
         if IN_VM or not _under(path, GUEST_DIR):
             continue
         items[i] = GuestTestProxy.from_original(session, item)
+
+
+# Tests too slow for CI's budget, run by hand: `pytest -m fault_matrix_full`.
+BY_HAND_MARK = "fault_matrix_full"
+
+
+def _deselect_by_hand_only(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Drop tests marked BY_HAND_MARK unless the -m expression names that mark."""
+    if BY_HAND_MARK in (config.getoption("markexpr", "") or ""):
+        return
+    dropped = [item for item in items if item.get_closest_marker(BY_HAND_MARK)]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = [item for item in items if not item.get_closest_marker(BY_HAND_MARK)]
 
 
 # ---------------------------------------------------------------------------
@@ -496,6 +512,8 @@ class VmSession:
                     "USBIP_VM_RESULTS": GUEST_RESULTS,
                     # the checkout is read-only in the guest (if hypothesis is used)
                     "HYPOTHESIS_STORAGE_DIRECTORY": "/tmp/hypothesis",
+                    # knobs of guest tests, e.g. the fault matrix's storm seed
+                    **{k: v for k, v in os.environ.items() if k.startswith("USBIP_FAULT_")},
                 },
                 prefix="[guest] ",
             )

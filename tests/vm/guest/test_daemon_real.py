@@ -170,6 +170,10 @@ class Rig:
             try:
                 notify.wait("READY", timeout=90, proc=proc)
             except AssertionError as exc:
+                # Not left running: a daemon that got READY late would answer on
+                # the control socket and make the next start fail as "another daemon".
+                proc.kill()
+                proc.wait(timeout=30)
                 raise AssertionError(f"{exc}\n{name} log:\n{log.read_text()}") from None
         finally:
             notify.close()  # later notifications are dropped (the sender does not block)
