@@ -48,6 +48,7 @@ __all__ = [
     "modprobe",
     "remove_all_gadgets",
     "udcs",
+    "unplug_all",
     "usb_devices",
     "wait_until",
 ]
@@ -542,6 +543,27 @@ class Gadget:
         return None
 
 
+def unplug_all(gadgets: Sequence[Gadget], *, timeout: float = DEFAULT_TIMEOUT) -> None:
+    """Pull several gadgets at once: every cable first (soft_connect), then wait
+    until each local device is gone, then unbind each, as `Gadget.unplug` does
+    for one."""
+    pulled: list[Gadget] = []
+    try:
+        for g in gadgets:
+            udc = g.udc
+            if udc and udc.startswith("dummy_udc."):
+                pulled.append(g)
+                with contextlib.suppress(OSError):
+                    _write(UDC_CLASS / udc / "soft_connect", "disconnect")
+            else:
+                g.unplug(timeout=timeout)
+        for g in pulled:
+            g.wait_gone(timeout=timeout)
+    finally:
+        for g in pulled:
+            _write(g.path / "UDC", "\n")
+
+
 class MassStorageGadget(Gadget):
     """A configfs mass-storage gadget backed by a file.
 
@@ -701,15 +723,6 @@ class HidKeyboardGadget(Gadget):
 
     def wait_hidg_device(self, *, timeout: float = DEFAULT_TIMEOUT) -> str:
         return wait_until(self.hidg_device, timeout=timeout, what=f"/dev/hidg* of {self.name}")
-
-    def press(self, hidg: str, usage: int = HID_KEY_A) -> None:
-        """Queue one key press and its release on the gadget's interrupt IN endpoint.
-
-        f_hid holds one report at a time: the release waits (bounded) until the
-        host took the press, so both must be read by the host for this to return.
-        """
-        self.send_report(hidg, bytes([0, 0, usage, 0, 0, 0, 0, 0]))
-        self.send_report(hidg, bytes(8))
 
     @staticmethod
     def send_report(hidg: str, report: bytes, *, timeout: float = DEFAULT_TIMEOUT) -> None:
