@@ -29,10 +29,12 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 __all__ = [
     "BlockDevice",
+    "Gadget",
+    "HidKeyboardGadget",
     "MassStorageGadget",
     "UdevWatcher",
     "UsbDevice",
@@ -46,6 +48,7 @@ __all__ = [
     "modprobe",
     "remove_all_gadgets",
     "udcs",
+    "unplug_all",
     "usb_devices",
     "wait_until",
 ]
@@ -352,61 +355,54 @@ def _new_serial() -> str:
     return f"UT{os.getpid():06d}{next(_counter):04d}"
 
 
-class MassStorageGadget:
-    """A configfs mass-storage gadget backed by a file; a context manager.
+class Gadget:
+    """A configfs gadget with one configuration and one function; a context manager.
 
-    >>> load_gadget_modules()                                  # doctest: +SKIP
-    >>> with MassStorageGadget(size=4 << 20) as g:             # doctest: +SKIP
-    ...     g.plug("dummy_udc.0")
-    ...     busid = g.wait_busid()
-    ...     disk = g.wait_block_device()
-    ...     g.unplug()
+    The plumbing every kind shares: ids, strings, the configuration, plugging
+    into a UDC and finding what the kernel made of it. A subclass names its
+    function (`FUNCTION`, e.g. `mass_storage.0`) and fills its configfs
+    directory in `_make_function`.
 
-    Leaving the context unplugs it and removes the configfs tree and the
-    backing file, in the order configfs requires.
+    Leaving the context unplugs it and removes the configfs tree (and whatever
+    the subclass made, `_remove_extras`), in the order configfs requires.
     """
+
+    FUNCTION = ""
+    CONFIGURATION = ""
+    # bmAttributes of the configuration: bus powered (0x80 is required).
+    BM_ATTRIBUTES = 0x80
 
     def __init__(
         self,
         *,
         serial: str | None = None,
-        size: int = 4 << 20,
         id_vendor: int = 0x1D6B,  # Linux Foundation
         id_product: int = 0x0104,  # Multifunction Composite Gadget
         bcd_device: int = 0x0100,
         manufacturer: str = "usbip-hotplug",
-        product: str = "Test Disk",
-        backing_dir: str | Path | None = None,
-        removable: bool = True,
+        product: str = "Test Gadget",
         name: str | None = None,
     ) -> None:
         self.serial = serial or _new_serial()
-        self.size = size
         self.id_vendor = id_vendor
         self.id_product = id_product
         self.bcd_device = bcd_device
         self.manufacturer = manufacturer
         self.product = product
-        self.removable = removable
         self.name = name or f"{NAME_PREFIX}{re.sub(r'[^A-Za-z0-9_]', '_', self.serial)}"
         self.path = GADGETS / self.name
-        self._backing_dir = Path(backing_dir) if backing_dir else None
-        self._own_dir: str | None = None
-        self.backing_file: Path | None = None
         self.created = False
 
     # -- configfs tree -------------------------------------------------------
 
-    def create(self) -> MassStorageGadget:
-        """Make the backing file and the configfs tree (not plugged yet)."""
+    @property
+    def function_dir(self) -> Path:
+        return self.path / "functions" / self.FUNCTION
+
+    def create(self) -> Self:
+        """Make the configfs tree (not plugged yet)."""
         ensure_configfs()
-        if self._backing_dir is None:
-            # /run is a tmpfs in the guest: no 9p or overlay below the disk.
-            self._own_dir = tempfile.mkdtemp(prefix="usbip-gadget-", dir="/run")
-            self._backing_dir = Path(self._own_dir)
-        self.backing_file = self._backing_dir / f"{self.name}.img"
-        with open(self.backing_file, "wb") as f:
-            f.truncate(self.size)
+        self._prepare()
         g = self.path
         g.mkdir()
         self.created = True
@@ -420,27 +416,34 @@ class MassStorageGadget:
         _write(g / "strings/0x409/product", self.product)
         (g / "configs/c.1").mkdir()
         (g / "configs/c.1/strings/0x409").mkdir()
-        _write(g / "configs/c.1/strings/0x409/configuration", "mass storage")
+        _write(g / "configs/c.1/strings/0x409/configuration", self.CONFIGURATION)
         _write(g / "configs/c.1/MaxPower", "100")
-        fn = g / "functions/mass_storage.0"
-        fn.mkdir()
-        _write(fn / "stall", "1")
-        _write(fn / "lun.0/removable", "1" if self.removable else "0")
-        _write(fn / "lun.0/file", str(self.backing_file))
-        (g / "configs/c.1/mass_storage.0").symlink_to(fn)
+        _write(g / "configs/c.1/bmAttributes", f"0x{self.BM_ATTRIBUTES:02x}")
+        self.function_dir.mkdir()
+        self._make_function(self.function_dir)
+        (g / "configs/c.1" / self.FUNCTION).symlink_to(self.function_dir)
         return self
 
+    def _prepare(self) -> None:
+        """Before the tree exists: load the function's module, make files."""
+
+    def _make_function(self, fn: Path) -> None:
+        raise NotImplementedError
+
+    def _remove_extras(self) -> None:
+        """After the tree is gone: delete what `_prepare` made."""
+
     def remove(self, *, timeout: float = DEFAULT_TIMEOUT) -> None:
-        """Unplug and delete the gadget tree and backing file (idempotent)."""
+        """Unplug and delete the gadget tree (idempotent)."""
         g = self.path
         if g.is_dir():
             if self.udc:
                 self.unplug(timeout=timeout)
             steps: list[Callable[[], None]] = [
-                (g / "configs/c.1/mass_storage.0").unlink,
+                (g / "configs/c.1" / self.FUNCTION).unlink,
                 (g / "configs/c.1/strings/0x409").rmdir,
                 (g / "configs/c.1").rmdir,
-                (g / "functions/mass_storage.0").rmdir,
+                self.function_dir.rmdir,
                 (g / "strings/0x409").rmdir,
                 g.rmdir,
             ]
@@ -448,15 +451,9 @@ class MassStorageGadget:
                 with contextlib.suppress(FileNotFoundError):
                     step()
         self.created = False
-        if self.backing_file is not None:
-            with contextlib.suppress(FileNotFoundError):
-                self.backing_file.unlink()
-        if self._own_dir is not None:
-            with contextlib.suppress(OSError):
-                os.rmdir(self._own_dir)
-            self._own_dir = None
+        self._remove_extras()
 
-    def __enter__(self) -> MassStorageGadget:
+    def __enter__(self) -> Self:
         if not self.created:
             self.create()
         return self
@@ -553,6 +550,104 @@ class MassStorageGadget:
         """Copies of this device attached through vhci_hcd (import side)."""
         return [d for d in usb_devices(serial=self.serial) if d.on_vhci]
 
+    def vudc_platform_dir(self) -> Path | None:
+        """/sys/devices/platform/usbip-vudc.N when bound to a vUDC."""
+        udc = self.udc
+        if udc and udc.startswith("usbip-vudc."):
+            return SYS / "devices" / "platform" / udc
+        return None
+
+
+def unplug_all(gadgets: Sequence[Gadget], *, timeout: float = DEFAULT_TIMEOUT) -> None:
+    """Pull several gadgets at once: every cable first (soft_connect), then wait
+    until each local device is gone, then unbind each, as `Gadget.unplug` does
+    for one."""
+    pulled: list[Gadget] = []
+    try:
+        for g in gadgets:
+            udc = g.udc
+            if udc and udc.startswith("dummy_udc."):
+                pulled.append(g)
+                with contextlib.suppress(OSError):
+                    _write(UDC_CLASS / udc / "soft_connect", "disconnect")
+            else:
+                g.unplug(timeout=timeout)
+        for g in pulled:
+            g.wait_gone(timeout=timeout)
+    finally:
+        for g in pulled:
+            _write(g.path / "UDC", "\n")
+
+
+class MassStorageGadget(Gadget):
+    """A configfs mass-storage gadget backed by a file.
+
+    >>> load_gadget_modules()                                  # doctest: +SKIP
+    >>> with MassStorageGadget(size=4 << 20) as g:             # doctest: +SKIP
+    ...     g.plug("dummy_udc.0")
+    ...     busid = g.wait_busid()
+    ...     disk = g.wait_block_device()
+    ...     g.unplug()
+
+    Removing it deletes the backing file too.
+    """
+
+    FUNCTION = "mass_storage.0"
+    CONFIGURATION = "mass storage"
+
+    def __init__(
+        self,
+        *,
+        serial: str | None = None,
+        size: int = 4 << 20,
+        id_vendor: int = 0x1D6B,  # Linux Foundation
+        id_product: int = 0x0104,  # Multifunction Composite Gadget
+        bcd_device: int = 0x0100,
+        manufacturer: str = "usbip-hotplug",
+        product: str = "Test Disk",
+        backing_dir: str | Path | None = None,
+        removable: bool = True,
+        name: str | None = None,
+    ) -> None:
+        super().__init__(
+            serial=serial,
+            id_vendor=id_vendor,
+            id_product=id_product,
+            bcd_device=bcd_device,
+            manufacturer=manufacturer,
+            product=product,
+            name=name,
+        )
+        self.size = size
+        self.removable = removable
+        self._backing_dir = Path(backing_dir) if backing_dir else None
+        self._own_dir: str | None = None
+        self.backing_file: Path | None = None
+
+    def _prepare(self) -> None:
+        if self._backing_dir is None:
+            # /run is a tmpfs in the guest: no 9p or overlay below the disk.
+            self._own_dir = tempfile.mkdtemp(prefix="usbip-gadget-", dir="/run")
+            self._backing_dir = Path(self._own_dir)
+        self.backing_file = self._backing_dir / f"{self.name}.img"
+        with open(self.backing_file, "wb") as f:
+            f.truncate(self.size)
+
+    def _make_function(self, fn: Path) -> None:
+        assert self.backing_file is not None
+        _write(fn / "stall", "1")
+        _write(fn / "lun.0/removable", "1" if self.removable else "0")
+        _write(fn / "lun.0/file", str(self.backing_file))
+
+    def _remove_extras(self) -> None:
+        if self.backing_file is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.backing_file.unlink()
+        if self._own_dir is not None:
+            with contextlib.suppress(OSError):
+                os.rmdir(self._own_dir)
+            self._own_dir = None
+
     def wait_block_device(self, *, timeout: float = DEFAULT_TIMEOUT) -> BlockDevice:
         """The usb-storage disk of the locally enumerated device."""
         deadline = time.monotonic() + timeout
@@ -573,12 +668,102 @@ class MassStorageGadget:
             f.seek(offset)
             return f.read(length)
 
-    def vudc_platform_dir(self) -> Path | None:
-        """/sys/devices/platform/usbip-vudc.N when bound to a vUDC."""
-        udc = self.udc
-        if udc and udc.startswith("usbip-vudc."):
-            return SYS / "devices" / "platform" / udc
+
+# A boot keyboard (HID 1.11, appendix B.1): an 8-byte input report (modifier
+# bits, a reserved byte, six key codes) and a 1-byte LED output report.
+BOOT_KEYBOARD_REPORT_DESC = bytes.fromhex(
+    "05010906a101"  # Generic Desktop / Keyboard, Collection (Application)
+    "050719e029e71500250175019508 8102"  # 8 modifier bits
+    "95017508 8103"  # reserved byte
+    "95057501050819012905 9102"  # 5 LED bits (output)
+    "95017503 9103"  # LED padding
+    "9506750815002565050719002965 8100"  # 6 key codes (array)
+    "c0"
+)
+HID_KEY_A = 0x04  # usage of "a" on the keyboard page; Linux calls it KEY_A (30)
+
+
+class HidKeyboardGadget(Gadget):
+    """A configfs HID boot keyboard (`usb_f_hid`); reports are written to /dev/hidgN.
+
+    Its configuration is remote-wakeup capable, as real keyboards are: the
+    host then lets it autosuspend while its input device is open (usbhid asks
+    for remote wakeup), which is what USB/IP cannot carry (issue 16).
+    """
+
+    FUNCTION = "hid.usb0"
+    CONFIGURATION = "boot keyboard"
+    BM_ATTRIBUTES = 0xA0  # bus powered, remote wakeup
+
+    def __init__(
+        self,
+        *,
+        serial: str | None = None,
+        id_vendor: int = 0x1D6B,
+        id_product: int = 0x0104,
+        manufacturer: str = "usbip-hotplug",
+        product: str = "Test Keyboard",
+        name: str | None = None,
+    ) -> None:
+        super().__init__(
+            serial=serial,
+            id_vendor=id_vendor,
+            id_product=id_product,
+            manufacturer=manufacturer,
+            product=product,
+            name=name,
+        )
+
+    def _prepare(self) -> None:
+        modprobe("usb_f_hid")
+
+    def _make_function(self, fn: Path) -> None:
+        _write(fn / "protocol", "1")  # keyboard
+        _write(fn / "subclass", "1")  # boot interface
+        _write(fn / "report_length", "8")
+        with open(fn / "report_desc", "wb") as f:  # binary: one write, as configfs wants
+            f.write(BOOT_KEYBOARD_REPORT_DESC)
+
+    def hidg_device(self) -> str | None:
+        """/dev/hidgN of this function while plugged, once its node exists."""
+        dev = _read(self.function_dir / "dev")  # "major:minor"
+        hidg = SYS / "class" / "hidg"
+        if not dev or not hidg.is_dir():
+            return None
+        for entry in hidg.iterdir():
+            node = Path("/dev") / entry.name
+            if _read(entry / "dev") == dev and node.exists():
+                return str(node)
         return None
+
+    def wait_hidg_device(self, *, timeout: float = DEFAULT_TIMEOUT) -> str:
+        return wait_until(self.hidg_device, timeout=timeout, what=f"/dev/hidg* of {self.name}")
+
+    @staticmethod
+    def send_report(hidg: str, report: bytes, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+        """Write one report; wait (bounded) while the previous one is still queued."""
+        fd = os.open(hidg, os.O_WRONLY | os.O_NONBLOCK)
+        try:
+
+            def sent() -> bool:
+                try:
+                    return os.write(fd, report) == len(report)
+                except BlockingIOError:
+                    return False
+
+            wait_until(sent, timeout=timeout, what=f"{hidg} to take a report")
+        finally:
+            os.close(fd)
+
+    def vhci_event_devices(self) -> list[str]:
+        """/dev/input/eventN of the keyboard's copy behind vhci_hcd (nodes that exist)."""
+        out: list[str] = []
+        for d in self.vhci_devices():
+            for event in sorted(d.path.glob("*:*/*/input/input*/event*")):
+                node = Path("/dev/input") / event.name
+                if node.exists():
+                    out.append(str(node))
+        return out
 
 
 def remove_all_gadgets(prefix: str = NAME_PREFIX) -> list[str]:
@@ -589,9 +774,15 @@ def remove_all_gadgets(prefix: str = NAME_PREFIX) -> list[str]:
     for g in sorted(GADGETS.iterdir()):
         if not g.name.startswith(prefix):
             continue
-        gadget = MassStorageGadget(name=g.name, serial=_read(g / "strings/0x409/serialnumber"))
-        lun = _read(g / "functions/mass_storage.0/lun.0/file")
-        gadget.backing_file = Path(lun) if lun else None
+        serial = _read(g / "strings/0x409/serialnumber")
+        gadget: Gadget
+        if (g / "functions" / HidKeyboardGadget.FUNCTION).is_dir():
+            gadget = HidKeyboardGadget(name=g.name, serial=serial)
+        else:
+            storage = MassStorageGadget(name=g.name, serial=serial)
+            lun = _read(g / "functions/mass_storage.0/lun.0/file")
+            storage.backing_file = Path(lun) if lun else None
+            gadget = storage
         gadget.created = True
         gadget.remove()
         removed.append(g.name)

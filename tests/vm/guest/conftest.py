@@ -9,6 +9,8 @@ them in the VM (see tests/vm/conftest.py). Available here:
 - `make_gadget` (function): factory `make_gadget(**MassStorageGadget kwargs)`
   returning a created (not plugged) gadget with a unique serial; all of them
   are unplugged and removed after the test, in reverse order.
+- `make_keyboard` (function): the same for `HidKeyboardGadget` (a boot
+  keyboard whose reports are written to /dev/hidgN).
 - `plugged_gadget` (function): one 4 MiB mass-storage gadget plugged on a free
   dummy UDC, enumerated (busid known) and with its disk present.
 - `usbipd` (function): Debian's classic `usbipd -D` on 127.0.0.1:3240,
@@ -58,15 +60,10 @@ def usbip_modules() -> None:
 
 
 @pytest.fixture
-def make_gadget(gadget_modules: list[str]) -> Iterator[Callable[..., gd.MassStorageGadget]]:
-    made: list[gd.MassStorageGadget] = []
-
-    def factory(**kwargs: Any) -> gd.MassStorageGadget:
-        g = gd.MassStorageGadget(**kwargs)
-        made.append(g)
-        return g.create()
-
-    yield factory
+def gadgets(gadget_modules: list[str]) -> Iterator[list[gd.Gadget]]:
+    """The gadgets a test made; all unplugged and removed after it, newest first."""
+    made: list[gd.Gadget] = []
+    yield made
     errors: list[str] = []
     for g in reversed(made):
         try:
@@ -75,6 +72,26 @@ def make_gadget(gadget_modules: list[str]) -> Iterator[Callable[..., gd.MassStor
             errors.append(f"{g.name}: {e}")
     if errors:
         raise RuntimeError("gadget clean-up failed: " + "; ".join(errors))
+
+
+@pytest.fixture
+def make_gadget(gadgets: list[gd.Gadget]) -> Callable[..., gd.MassStorageGadget]:
+    def factory(**kwargs: Any) -> gd.MassStorageGadget:
+        g = gd.MassStorageGadget(**kwargs)
+        gadgets.append(g)
+        return g.create()
+
+    return factory
+
+
+@pytest.fixture
+def make_keyboard(gadgets: list[gd.Gadget]) -> Callable[..., gd.HidKeyboardGadget]:
+    def factory(**kwargs: Any) -> gd.HidKeyboardGadget:
+        g = gd.HidKeyboardGadget(**kwargs)
+        gadgets.append(g)
+        return g.create()
+
+    return factory
 
 
 @pytest.fixture

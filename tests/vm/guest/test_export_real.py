@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -57,7 +57,9 @@ class Usbipa:
         return f"127.0.0.1:{self.port}"
 
 
-def start_usbipa(tmp: Path, allow: str = "127.0.0.0/8", port: int = USBIPA_PORT) -> Usbipa:
+def start_usbipa(
+    tmp: Path, allow: str = "127.0.0.0/8", port: int = USBIPA_PORT, extra: Sequence[str] = ()
+) -> Usbipa:
     notify = NotifySocket(tmp)
     state = tmp / "usbipa-state"
     env = dict(os.environ, NOTIFY_SOCKET=str(notify.path))
@@ -74,6 +76,7 @@ def start_usbipa(tmp: Path, allow: str = "127.0.0.0/8", port: int = USBIPA_PORT)
             allow,
             "--state-dir",
             str(state),
+            *extra,
         ],
         env=env,
         stderr=subprocess.PIPE,

@@ -1,0 +1,176 @@
+"""Issue 16, item 5: many exports in a row through the daemon, on the real kernel.
+
+Four gadgets at once, two disks and two keyboards, each on its own dummy UDC,
+are plugged and unplugged round after round while `usbip-hotplug run` exports
+them to `usbipa` on the same guest. Before the fix (usbipa attached before it
+replied) about one export in 18-24 read the kernel's first URB as the reply
+("bad reply: bad version 0x0000"), and the root hub's stall on that dead port
+made usbipa's enumeration timer detach healthy devices. Here every export must
+work the first time: no bad reply in either log, no failed attempt, no second
+"exporting" for one plug, nothing detached by the enumeration timer, and each
+device enumerated behind vhci_hcd in every round.
+
+Not part of the suite yet (the file name keeps pytest from collecting it):
+its wall time is not measured on a quiet machine. It was written on a host at
+load average 9-13 (several helpers' VMs and test suites on 2 cores), where one
+round took about 80 s (the daemon's four exports 6-20 s apart) and starting
+usbipa and the daemon 145 s, so no run got past round 2 within the guest's
+300 s per-test timeout (a `@pytest.mark.timeout` on the test was not honoured
+in the guest: it still stopped at 300 s). The aim is at most ~3 minutes in
+TCG; measure `s_rounds` on an idle runner, adjust ROUNDS, then rename it to
+tests/vm/guest/test_repeat_real.py. Run it by hand:
+
+    USBIP_VM_TEST_TIMEOUT=1200 pytest -m vm -o python_files=repeat_exports.py \
+        tests/vm/guest/pending/repeat_exports.py
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from hotplug.testvm import gadget as gd
+from tests.helpers import disk_policy
+from tests.vm.guest.test_daemon_real import ENUM, Rig, used_ports
+
+USBIPA_PORT = 3255  # 3240 usbipd, 3250/3251 export, 3252 daemon, 3253 matrix, 3254 hid
+TARGET = f"127.0.0.1:{USBIPA_PORT}"
+WORK = Path("/run/uhr")
+SERIAL_PREFIX = "RPT"
+ROUNDS = 13  # x 4 gadgets = 52 exports
+
+
+class RepeatRig(Rig):
+    """test_daemon_real's rig on a port and a policy of its own."""
+
+    def start_usbipa(self) -> None:
+        assert self.usbipa is None or self.usbipa.poll() is not None
+        argv = [sys.executable, "-m", "hotplug.appd_cli", "--listen", "127.0.0.1"]
+        argv += ["-t", str(USBIPA_PORT), "--allow", "127.0.0.0/8"]
+        argv += ["--state-dir", str(self.usbipa_state)]
+        self.usbipa = self._start("usbipa", argv, self.usbipa_logs)
+
+
+@pytest.fixture
+def rig(usbip_modules: None, gadget_modules: list[str]) -> Iterator[RepeatRig]:
+    shutil.rmtree(WORK, ignore_errors=True)
+    WORK.mkdir(parents=True)
+    r = RepeatRig(WORK)
+    r.write_policy(
+        disk_policy(
+            TARGET,
+            f"{SERIAL_PREFIX}*",
+            rule="repeat",
+            connect_timeout="2",
+            handshake_timeout="10",
+            retry="{initial: 0.5, max: 2}",
+        )
+    )
+    try:
+        yield r
+    finally:
+        r.close()
+        for port in used_ports():  # never leave a port behind for other modules
+            with contextlib.suppress(Exception):
+                gd.run(["usbip", "detach", "-p", str(port.port)])
+        shutil.rmtree(WORK, ignore_errors=True)
+
+
+def exported_and_enumerated(g: gd.Gadget, busid: str) -> bool:
+    """The kernel holds the export and the copy behind vhci_hcd enumerated."""
+    return gd.exported_port(busid) is not None and bool(g.vhci_devices())
+
+
+def withdrawn(rig: RepeatRig, g: gd.Gadget, busid: str) -> bool:
+    """Unplugged and fully handled: no port holds it, no copy behind vhci, the
+    daemon dropped its record."""
+    return (
+        g.find_device() is None
+        and not g.vhci_devices()
+        and not rig.record(busid).exists()
+        and not used_ports()
+    )
+
+
+def assert_clean(rig: RepeatRig, when: str = "") -> None:
+    """Neither log shows a bad reply, a failed (so retried) export, or a device
+    detached by usbipa's enumeration timer."""
+    daemon, usbipa = rig.daemon_text(), rig.usbipa_text()
+    bad = [ln for ln in (daemon + usbipa).splitlines() if "bad reply" in ln]
+    assert not bad, when + "bad replies:\n" + "\n".join(bad)
+    failed = [
+        ln
+        for ln in daemon.splitlines()
+        if re.search(r"export of \S+ to lab (failed|stopped)", ln) or "export failed" in ln
+    ]
+    assert not failed, when + "exports that failed (and were retried):\n" + "\n".join(failed)
+    timer = [ln for ln in usbipa.splitlines() if "never enumerated" in ln]
+    assert not timer, when + "detached by the enumeration timer:\n" + "\n".join(timer)
+
+
+def test_repeated_exports_of_mixed_devices_never_fail_or_detach(
+    rig: RepeatRig,
+    make_gadget: Callable[..., gd.MassStorageGadget],
+    make_keyboard: Callable[..., gd.HidKeyboardGadget],
+    record_property: Callable[[str, object], None],
+) -> None:
+    """Issue 16, item 5: 13 rounds of plugging two disks and two keyboards at once
+    (52 exports through the daemon to usbipa): each export succeeds at the first
+    attempt, no bad reply in either log, no device detached by usbipa's
+    enumeration timer, every device enumerates behind vhci_hcd every round."""
+    udcs = gd.free_udcs()
+    assert len(udcs) >= 4, f"need 4 free dummy UDCs, have {udcs}"
+    serial = iter(range(1, 100))
+    gadgets: list[gd.Gadget] = [
+        make_gadget(size=1 << 20, serial=f"{SERIAL_PREFIX}{next(serial)}"),
+        make_keyboard(serial=f"{SERIAL_PREFIX}{next(serial)}"),
+        make_gadget(size=1 << 20, serial=f"{SERIAL_PREFIX}{next(serial)}"),
+        make_keyboard(serial=f"{SERIAL_PREFIX}{next(serial)}"),
+    ]
+    t0 = time.monotonic()
+    rig.ensure(usbipa=True)
+    record_property("s_start_usbipa_and_daemon", f"{time.monotonic() - t0:.1f}")
+    t0 = time.monotonic()
+    busids: dict[str, str] = {}  # serial -> busid (the same socket every round)
+    rounds: list[float] = []
+    for round_no in range(1, ROUNDS + 1):
+        started = time.monotonic()
+        for g, udc in zip(gadgets, udcs, strict=False):
+            g.plug(udc)
+        for g in gadgets:
+            busid = g.wait_busid(timeout=ENUM)
+            assert busids.setdefault(g.serial, busid) == busid
+            gd.wait_until(
+                lambda g=g, busid=busid: exported_and_enumerated(g, busid),
+                timeout=ENUM,
+                what=f"round {round_no}: {g.serial} ({busid}) exported and enumerated",
+            )
+        gd.unplug_all(gadgets, timeout=ENUM)
+        for g in gadgets:
+            busid = busids[g.serial]
+            gd.wait_until(
+                lambda g=g, busid=busid: withdrawn(rig, g, busid),
+                timeout=ENUM,
+                what=f"round {round_no}: {g.serial} ({busid}) withdrawn",
+            )
+        rounds.append(time.monotonic() - started)
+        assert_clean(rig, f"after round {round_no}: ")
+    took = time.monotonic() - t0
+    record_property("s_rounds", f"{took:.1f}")
+    record_property("s_round_min", f"{min(rounds):.1f}")
+    record_property("s_round_max", f"{max(rounds):.1f}")
+    record_property("exports", ROUNDS * len(gadgets))
+
+    assert_clean(rig)
+    daemon, usbipa = rig.daemon_text(), rig.usbipa_text()
+    for busid in busids.values():
+        b = re.escape(busid)
+        assert len(re.findall(rf"exporting {b} to lab", daemon)) == ROUNDS, busid
+        assert len(re.findall(rf"attached {b} from 127\.0\.0\.1 on port", usbipa)) == ROUNDS
