@@ -32,6 +32,7 @@ from hotplug.appd_config import (
     prefix_of,
 )
 from hotplug.appd_link import LinkRefused, PlainLink, SecureLink, SecureServer
+from hotplug.appd_metrics import AppdMetrics
 from hotplug.device import Speed
 from hotplug.export import Timeouts, tune_socket
 from hotplug.kernel.sysfs import KernelError
@@ -336,6 +337,7 @@ class Appd:
         self.stopping = asyncio.Event()
         # Ports promised to an export whose reply is being sent, not yet attached.
         self.reserved: dict[int, _Reservation] = {}
+        self.metrics = AppdMetrics(self)
 
     # ---------------------------------------------------------------- listening
 
@@ -475,6 +477,7 @@ class Appd:
             # Closing the link is what tells the device side: its stub leaves
             # "used", and a hotplug daemon there exports the device again.
             self._detach(session.port, f"never enumerated within {timeout:g} s")
+            self.metrics.enumeration_timeout()
 
     def _reap(self) -> None:
         try:
@@ -508,6 +511,7 @@ class Appd:
             peer = str(peer_address(addr[0]))
             refusal = self._slot_refusal(peer)
             if refusal is not None:
+                self.metrics.refused(refusal)
                 message = f"refused connection from {peer}: {refusal}"
                 self.throttle.warn("connection", message, event="refused", peer=peer)
                 conn.close()
@@ -573,6 +577,7 @@ class Appd:
             tune_socket(conn, Timeouts())
         handed_over = False
         link: PlainLink | SecureLink = PlainLink(conn)
+        started, request = time.monotonic(), None  # for the control-phase histogram
         try:
             async with asyncio.timeout(self.config.limits.control_timeout):
                 if kind != "tcp" and self.secure is not None:
@@ -580,6 +585,7 @@ class Appd:
                 request = await self._read_request(link)
                 handed_over = await self._dispatch(link, request, peer, peer_port)
         except LinkRefused as exc:
+            self.metrics.refused("tls")
             self.throttle.warn(
                 "link", f"refused {kind} connection from {peer}: {exc}", event="refused", peer=peer
             )
@@ -603,6 +609,7 @@ class Appd:
         finally:
             self._count_out(peer)
             link.finish(handed_over)
+            self.metrics.control_phase(request, started)
         if handed_over and isinstance(link, SecureLink):
             await self._relay(link)
 
@@ -610,7 +617,7 @@ class Appd:
         """The data phase of a TLS or wss session: ours to carry, the kernel's to use."""
         port = link.port
         session = self.sessions.by_port.get(port) if port is not None else None
-        why = await link.relay()
+        why = await link.relay(self.metrics.relayed)
         if port is not None and session is not None and self.sessions.by_port.get(port) is session:
             # Its vhci socket is closed already, so the kernel frees the port by
             # itself; detaching now makes that immediate and says why.
@@ -676,6 +683,7 @@ class Appd:
         who = f"{peer} ({client.name})" if client is not None else peer
         reason = self._admit_export(record, peer, client)
         if reason is not None:
+            self.metrics.refused(reason)
             self.throttle.warn(
                 "export", f"refused export from {who}: {reason}", event="refused", **fields
             )
@@ -684,6 +692,7 @@ class Appd:
         port = self.vhci.find_free_port(speed, exclude=self.reserved)
         if port is None:
             kind = "SuperSpeed" if speed.needs_superspeed_port else "high-speed"
+            self.metrics.refused("no_free_port")
             log.event(
                 logger,
                 logging.WARNING,
@@ -761,6 +770,7 @@ class Appd:
                 path=record.path,
             )
         )
+        self.metrics.attached(r.port, r.peer, record, r.client)
         log.event(
             logger,
             logging.INFO,
@@ -808,6 +818,7 @@ class Appd:
         reason = authorize_peer(self.config, _ip(peer), client)
         who = f"{peer} ({client.name})" if client is not None else peer
         if reason is not None:
+            self.metrics.refused(reason)
             self.throttle.warn(
                 "unexport",
                 f"refused unexport from {who}: {reason}",

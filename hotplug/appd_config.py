@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from hotplug.address import DEFAULT_PORT
+from hotplug.address import DEFAULT_PORT, AddressError, Endpoint, parse_listen
 from hotplug.peercert import (
     PatternError,
     PeerCert,
@@ -109,6 +109,7 @@ class AppdConfig:
     state_dir: str | None = None
     tls: TlsServer | None = None
     wss: WssListener | None = None
+    metrics_listen: Endpoint | None = None  # where to serve Prometheus metrics; None: off
 
 
 def peer_address(host: str) -> IPAddress:
@@ -195,7 +196,8 @@ def parse_device_pattern(text: str, where: str) -> str:
     return f"{vendor}:{product}"
 
 
-_TOP_KEYS = {"listen", "port", "allow", "limits", "state_dir", "tls", "wss"}
+_TOP_KEYS = {"listen", "port", "allow", "limits", "state_dir", "tls", "wss", "metrics"}
+_METRICS_KEYS = {"listen"}
 _ALLOW_KEYS = {"from", "client", "san", "devices", "max_devices"}
 _TLS_KEYS = {"cert", "key", "client_ca"}
 _WSS_KEYS = {"port", "path"}
@@ -317,7 +319,23 @@ def parse_config(text: str, filename: str) -> AppdConfig:
         kwargs["tls"] = _parse_tls(data["tls"], f"{filename}: tls")
     if data.get("wss") is not None:
         kwargs["wss"] = _parse_wss(data["wss"], f"{filename}: wss")
+    if data.get("metrics") is not None:
+        kwargs["metrics_listen"] = _parse_metrics(data["metrics"], f"{filename}: metrics")
     return AppdConfig(**kwargs)
+
+
+def _parse_metrics(data: Any, where: str) -> Endpoint | None:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping with listen")
+    _check_keys(data, _METRICS_KEYS, where)
+    if data.get("listen") is None:
+        return None
+    if not isinstance(data["listen"], str):
+        raise ConfigError(f"{where}.listen: expected host:port, e.g. '127.0.0.1:9101'")
+    try:
+        return parse_listen(data["listen"])
+    except AddressError as exc:
+        raise ConfigError(f"{where}.listen: {exc}") from None
 
 
 def _pattern(parse: Callable[[str], _P], text: str, where: str) -> _P:
@@ -376,6 +394,7 @@ def with_cli(
     tls: tuple[str | None, str | None, str | None] = (None, None, None),
     wss_port: int | None = None,
     wss_path: str | None = None,
+    metrics_listen: Endpoint | None = None,
 ) -> AppdConfig:
     """Command-line flags add to (allow) or override (listen, port, tls, wss) the file's.
 
@@ -414,6 +433,7 @@ def with_cli(
         state_dir=config.state_dir,
         tls=server,
         wss=wss,
+        metrics_listen=metrics_listen or config.metrics_listen,
     )
     _check_secure(result, "configuration")
     return result

@@ -27,7 +27,9 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from hotplug import log, usbids
+from hotplug.address import Endpoint
 from hotplug.control import ControlError, bind_control_socket, serve, socket_path
+from hotplug.daemon_metrics import DeviceMetrics
 from hotplug.device import Device
 from hotplug.events import DeviceEvent, EventSource
 from hotplug.export import ExportError, Timeouts, export, unexport
@@ -81,6 +83,7 @@ class Options:
     # How long a device without a driver may take to get one before we decide
     # anyway (see _device_present).
     settle_time: float = 2.0
+    metrics_listen: Endpoint | None = None  # --metrics-listen: over settings.metrics.listen
 
 
 class Canceller:
@@ -159,6 +162,7 @@ class Daemon:
         self.last_ping = 0.0
         self._wake: asyncio.Event | None = None
         self._stop: asyncio.Event | None = None
+        self.metrics = DeviceMetrics(stub, display_state)
 
     # ------------------------------------------------------------------ life cycle
 
@@ -166,6 +170,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
+        self.metrics.serve(self.metrics_listen())  # first: a MetricsError leaves nothing to undo
         control_path = socket_path(self.options.state_dir)
         server = await serve(bind_control_socket(control_path), self.handle_request)
         source = self.make_source()  # the monitor listens before we enumerate
@@ -196,6 +201,7 @@ class Daemon:
                 loop.remove_reader(source.fileno())
             await self._shutdown()
         finally:
+            self.metrics.stop()
             source.close()
             server.close()
             control_path.unlink(missing_ok=True)
@@ -285,6 +291,7 @@ class Daemon:
         self.wake_at = plan.wake_at
         for note in plan.notes:
             level = logging.WARNING if note.level == "warning" else logging.INFO
+            self.metrics.note(note)
             log.event(
                 logger,
                 level,
@@ -296,6 +303,7 @@ class Daemon:
             )
         for action in plan.actions:
             self._start(action)
+        self.metrics.devices(wanted, self.slots, self.settling)
         self.notifier.status(self.status_text())
         self._watchdog(now)
 
@@ -383,6 +391,8 @@ class Daemon:
             # was plugged in, or a `driver:` rule would flap once we bind it.
             device = replace(device, driver=old.driver)
         self.devices[device.busid] = device
+        if old is None and not coldplug:
+            self.metrics.plugged(device.busid)
         if old is None and device.busid in self.leftovers:
             self.leftovers.discard(device.busid)
             if device.driver == STUB_DRIVER and self._claimed_by_leftover(device.busid):
@@ -439,6 +449,7 @@ class Daemon:
         )
 
     def _log_unplugged(self, busid: str) -> None:
+        self.metrics.unplugged(busid)
         log.event(logger, logging.INFO, f"{busid} unplugged", busid=busid, event="unplugged")
 
     # ------------------------------------------------------------------ re-adoption
@@ -683,6 +694,7 @@ class Daemon:
         rule = self._rule_of(busid)
         if error is None:
             self.slots[busid] = export_succeeded(slot, target, now)
+            self.metrics.exported(busid, target)
             self._record(busid, target, "exported", since=time.time())
             return
         device = self.devices.get(busid)
@@ -691,6 +703,7 @@ class Daemon:
         bound = self._bound(busid)
         new = export_failed(slot, chain, error, bound, now, random.random())
         self.slots[busid] = new
+        self.metrics.export_failed(target, chain, cut, new, now)
         if bound:
             self._record(busid, target, "retrying")
         else:
@@ -731,6 +744,7 @@ class Daemon:
         except Exception as exc:
             logger.exception("unexport of %s failed unexpectedly", busid)
             error = f"internal error: {exc!r}"
+        self.metrics.unexport_done(target, error)
         if error is not None:
             log.event(
                 logger,
@@ -811,6 +825,7 @@ class Daemon:
         else:
             self.policy = policy
             self.policy_error = None
+            self.metrics.reconfigure(self.metrics_listen())
             self.slots = retry_now(self.slots, time.monotonic())
             log.event(
                 logger,
@@ -822,6 +837,9 @@ class Daemon:
         self.watcher.mark()
         self._step()
         self.notifier.ready(self.status_text())  # READY=1 after RELOADING=1: reload done
+
+    def metrics_listen(self) -> Endpoint | None:
+        return self.options.metrics_listen or self.policy.settings.metrics_listen
 
     # ------------------------------------------------------------------ status
 
