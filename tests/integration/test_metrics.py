@@ -8,10 +8,13 @@ never slept for.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
+import signal
 import socket
+import ssl
 import subprocess
 import sys
 import urllib.parse
@@ -35,9 +38,12 @@ from tests.integration.test_daemon import (
     target,
     used_ports,
 )
+from tests.integration.tls_support import cli, client_flags, secure_usbipa
+from tests.tlscerts import Pki
 
 daemons = test_daemon.daemons  # the fixture
 KEY = FakeUsbDevice("1-2", 0x2222, 0x0001, serial="KEY01", product_name="Key")
+LOOPBACK_ANY_PORT = ("--listen", "127.0.0.1", "-t", "0")
 URL = re.compile(r"serving metrics on (http://\S+/metrics)")
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -343,3 +349,98 @@ def test_a_real_prometheus_scrapes_both_daemons_during_plug_and_unplug(
                 },
                 "unplugged",
             )
+
+
+# --------------------------------------------------------------------------- edges
+
+
+def test_a_metrics_port_in_use_stops_the_start_with_the_reason(
+    tree: FakeTree, state: Path, tmp_path: Path
+) -> None:
+    """Both programs refuse to start (exit 1, one line saying where and why)
+    rather than run without the metrics the admin asked for; nothing is left."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = f"127.0.0.1:{taken.getsockname()[1]}"
+        metrics = ("--metrics-listen", busy)
+        policy = tmp_path / "policy.yaml"
+        policy.write_text(policy_text({"lab": target(9)}, [rule("d", "1d6b", "lab")]))
+        env = env_for(tree, state)
+        device = subprocess.run(
+            [sys.executable, "-m", "hotplug.cli", "run", "-c", str(policy), *metrics],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        app = subprocess.run(
+            [sys.executable, "-m", "hotplug.appd_cli", *LOOPBACK_ANY_PORT, *metrics],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    why = f"cannot serve metrics on {busy}: Address already in use"
+    assert (device.returncode, device.stderr.strip()) == (1, f"usbip-hotplug: {why}")
+    assert (app.returncode, app.stderr.strip()) == (1, f"usbipa: {why}")
+    assert not list((state / "device").glob("*.sock"))  # no control socket left behind
+
+
+def test_a_reload_moves_the_metrics_endpoint(
+    tree: FakeTree, state: Path, daemons: Any, tmp_path: Path
+) -> None:
+    """settings.metrics.listen follows `systemctl reload`: off, on, elsewhere."""
+    rules = [rule("disks", "1d6b", "lab")]
+    daemon = daemons(policy_text({"lab": target(9)}, rules))
+    daemon.start()
+    assert not URL.search(daemon.text())  # off by default
+
+    def reload(settings: str) -> str:
+        daemon.policy.write_text(policy_text({"lab": target(9)}, rules, settings=settings))
+        before = len(URL.findall(daemon.text()))
+        daemon.signal(signal.SIGHUP)
+        urls = wait_for(
+            lambda: (found := URL.findall(daemon.text()))[before:] and found,
+            10,
+            "the metrics endpoint announced",
+        )
+        return str(urls[-1])
+
+    first = reload("metrics: {listen: '127.0.0.1:0'}")
+    assert value(scrape(first), "usbip_hotplug_busid_table_slots") == 16
+    elsewhere = "[::1]:0" if socket.has_ipv6 else "localhost:0"
+    second = reload(f"metrics: {{listen: '{elsewhere}'}}")
+    assert value(scrape(second), "usbip_hotplug_busid_table_slots") == 16
+    try:
+        scrape(first)
+    except OSError:
+        pass
+    else:
+        raise AssertionError(f"{first} still served after the move")
+
+
+def test_tls_sessions_are_labelled_by_allow_entry_and_fingerprint(
+    tree: FakeTree, state: Path, pki: Pki
+) -> None:
+    """Not by address; and a client without a certificate counts as a tls refusal."""
+    tree.add_device(DISK, devnum=5)
+    args = ("--metrics-listen", "127.0.0.1:0", "--allow-client", "CN=lab-*")
+    with secure_usbipa(tree, state, pki, *args, allow=None) as (proc, ports):
+        assert proc.stderr is not None
+        url = wait_for(lambda: URL.search(proc.stderr.readline()), 10, "the metrics URL")[1]
+        remote = f"tls://127.0.0.1:{ports['tls']}"
+        no_cert = ["--ca", str(pki.ca)]
+        assert cli(tree, state, "connect", "-r", remote, "-b", "1-1", *no_cert).returncode == 1
+        eventually(
+            url,
+            lambda s: value(s, "usbipa_refusals_total", reason="tls") == 1,
+            "the handshake without a certificate counted",
+        )
+        result = cli(tree, state, "connect", "-r", remote, "-b", "1-1", *client_flags(pki))
+        assert result.returncode == 0, result.stderr
+        der = ssl.PEM_cert_to_DER_cert(pki.client.cert.read_text())
+        prefix = hashlib.sha256(der).hexdigest()[:16]
+        samples = scrape(url)
+        assert value(samples, "usbipa_attached_ports", allow="0", client=prefix) == 1
+        assert not [k for k in samples if "127.0.0.1" in str(k)]
