@@ -43,6 +43,7 @@ from tests.tlscerts import Pki
 
 daemons = test_daemon.daemons  # the fixture
 KEY = FakeUsbDevice("1-2", 0x2222, 0x0001, serial="KEY01", product_name="Key")
+ROOT = Path(__file__).resolve().parents[2]
 LOOPBACK_ANY_PORT = ("--listen", "127.0.0.1", "-t", "0")
 URL = re.compile(r"serving metrics on (http://\S+/metrics)")
 
@@ -349,6 +350,12 @@ def test_a_real_prometheus_scrapes_both_daemons_during_plug_and_unplug(
                 },
                 "unplugged",
             )
+            # The Grafana dashboard's queries are PromQL this Prometheus accepts.
+            dashboard = json.loads((ROOT / "contrib" / "grafana-dashboard.json").read_text())
+            for panel in dashboard["panels"]:
+                for query_target in panel.get("targets", []):
+                    expr = query_target["expr"].replace("$__rate_interval", "5s")
+                    query(re.sub(r"\$\w+", ".*", expr))  # asserts status "success"
 
 
 # --------------------------------------------------------------------------- edges

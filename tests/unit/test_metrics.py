@@ -10,6 +10,7 @@ bytes.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import socket
 import time
@@ -302,3 +303,51 @@ def test_relay_bytes_are_counted_both_ways(tmp_path: Path, pki: Pki) -> None:
     run(main())
     assert sample(appd, "usbipa_relay_bytes_total", direction="from_peer") == 10
     assert sample(appd, "usbipa_relay_bytes_total", direction="to_peer") == 256 * 1024
+
+
+# --------------------------------------------------------------------------- docs
+
+
+class StandInStub:
+    def table(self) -> list[str]:
+        return []
+
+    def leftovers(self) -> list[str]:
+        return []
+
+
+def exposed() -> dict[str, set[str]]:
+    """Our families as a scrape names them -> the sample names each has."""
+    from hotplug.daemon import display_state
+    from hotplug.daemon_metrics import DeviceMetrics
+
+    appd = Appd(AppdConfig(), StandInVhci({}))  # type: ignore[arg-type]
+    device = DeviceMetrics(StandInStub(), display_state)  # type: ignore[arg-type]
+    found: dict[str, set[str]] = {}
+    for registry in (device.registry, appd.metrics.registry):
+        for family in registry.collect():
+            if not family.name.startswith(("usbip_hotplug_", "usbipa_")):
+                continue
+            name = family.name + ("_total" if family.type == "counter" else "")
+            suffixes = ("_bucket", "_sum", "_count") if family.type == "histogram" else ("",)
+            found[name] = {family.name + s for s in suffixes} | {name}
+    return found
+
+
+def test_the_readme_lists_every_metric() -> None:
+    """Issue 15, item 3: README's "Metrics" lists each family, and only those."""
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    listed = set(re.findall(r"^\| `((?:usbip_hotplug|usbipa)_\w+)` \|", text, re.M))
+    assert listed == set(exposed())
+
+
+def test_the_grafana_dashboard_asks_only_for_metrics_that_exist() -> None:
+    path = Path(__file__).resolve().parents[2] / "contrib" / "grafana-dashboard.json"
+    dashboard = json.loads(path.read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    assert len(exprs) >= 10
+    names = {n for samples in exposed().values() for n in samples}
+    asked = {m for e in exprs for m in re.findall(r"(?<![$\w])(?:usbip_hotplug|usbipa)_\w+", e)}
+    assert asked and asked <= names, sorted(asked - names)
+    families = {f for f, samples in exposed().items() if samples & asked}
+    assert families == set(exposed()), sorted(set(exposed()) - families)  # one panel each
