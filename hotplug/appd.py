@@ -32,7 +32,6 @@ from hotplug.appd_config import (
     prefix_of,
 )
 from hotplug.appd_link import LinkRefused, PlainLink, SecureLink, SecureServer
-from hotplug.appd_metrics import AppdMetrics
 from hotplug.device import Speed
 from hotplug.export import Timeouts, tune_socket
 from hotplug.kernel.sysfs import KernelError
@@ -337,6 +336,8 @@ class Appd:
         self.stopping = asyncio.Event()
         # Ports promised to an export whose reply is being sent, not yet attached.
         self.reserved: dict[int, _Reservation] = {}
+        from hotplug.appd_metrics import AppdMetrics  # the library: not for `usbipa status`
+
         self.metrics = AppdMetrics(self)
 
     # ---------------------------------------------------------------- listening

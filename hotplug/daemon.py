@@ -29,7 +29,6 @@ from typing import Any, Literal, TypeVar
 from hotplug import log, usbids
 from hotplug.address import Endpoint
 from hotplug.control import ControlError, bind_control_socket, serve, socket_path
-from hotplug.daemon_metrics import DeviceMetrics
 from hotplug.device import Device
 from hotplug.events import DeviceEvent, EventSource
 from hotplug.export import ExportError, Timeouts, export, unexport
@@ -162,6 +161,8 @@ class Daemon:
         self.last_ping = 0.0
         self._wake: asyncio.Event | None = None
         self._stop: asyncio.Event | None = None
+        from hotplug.daemon_metrics import DeviceMetrics  # the library: for the daemon alone
+
         self.metrics = DeviceMetrics(stub, display_state)
 
     # ------------------------------------------------------------------ life cycle

@@ -25,26 +25,17 @@ How it serves, and why so:
 from __future__ import annotations
 
 import argparse
-import socket
-import socketserver
 import threading
-from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
-
-from prometheus_client import (
-    CollectorRegistry,
-    GCCollector,
-    PlatformCollector,
-    ProcessCollector,
-    make_wsgi_app,
-)
+from typing import TYPE_CHECKING
 
 from hotplug.address import AddressError, Endpoint, parse_listen
 
-__all__ = ["MetricsError", "MetricsServer", "listen_arg", "new_registry"]
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
-# A client that sends nothing for this long loses its connection (and thread).
-CLIENT_TIMEOUT = 10.0
+    from hotplug._metrics_http import Server
+
+__all__ = ["MetricsError", "MetricsServer", "listen_arg", "new_registry"]
 
 
 class MetricsError(Exception):
@@ -61,6 +52,15 @@ def listen_arg(text: str) -> Endpoint:
 
 def new_registry() -> CollectorRegistry:
     """A registry with the library's standard process_* and python_* families."""
+    # Imported here, by the daemons only: every other command (and each tab
+    # completion) imports the daemon's module too, and need not pay for it.
+    from prometheus_client import (
+        CollectorRegistry,
+        GCCollector,
+        PlatformCollector,
+        ProcessCollector,
+    )
+
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
@@ -68,34 +68,10 @@ def new_registry() -> CollectorRegistry:
     return registry
 
 
-class _Handler(WSGIRequestHandler):
-    timeout = CLIENT_TIMEOUT
-
-    def log_message(self, format: str, *args: Any) -> None:
-        """Scrapes come every few seconds: not worth a journal line each."""
-
-
-class _Server(socketserver.ThreadingMixIn, WSGIServer):
-    daemon_threads = True  # a scrape in flight never holds up the daemon's exit
-    allow_reuse_address = True
-
-    def __init__(self, address: tuple[Any, ...], family: socket.AddressFamily) -> None:
-        self.address_family = family
-        super().__init__(address, _Handler)
-
-    def server_bind(self) -> None:
-        # HTTPServer.server_bind asks DNS for our own name (getfqdn): a stall
-        # at start on a machine whose resolver is down, for a name no one reads.
-        socketserver.TCPServer.server_bind(self)
-        host, port = self.server_address[:2]
-        self.server_name, self.server_port = str(host), int(port)
-        self.setup_environ()
-
-
 class MetricsServer:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
-        self._server: _Server | None = None
+        self._server: Server | None = None
         self._thread: threading.Thread | None = None
         self.listen: Endpoint | None = None  # as asked for
         self.url: str | None = None  # as bound: the port, when 0 was asked for
@@ -106,18 +82,12 @@ class MetricsServer:
 
     def start(self, listen: Endpoint) -> str:
         """Bind `listen` and serve /metrics from a thread; returns the URL."""
+        from hotplug._metrics_http import bind
+
         try:
-            infos = socket.getaddrinfo(
-                listen.host, listen.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-            )
-        except socket.gaierror as exc:
-            raise MetricsError(f"metrics listen address {listen}: {exc.strerror}") from exc
-        family, _, _, _, address = infos[0]
-        try:
-            server = _Server(address, family)
+            server = bind(listen, self.registry)
         except OSError as exc:
             raise MetricsError(f"cannot serve metrics on {listen}: {exc.strerror or exc}") from exc
-        server.set_app(make_wsgi_app(self.registry))
         host, port = str(server.server_address[0]), int(server.server_address[1])
         shown = f"[{host}]" if ":" in host else host
         self._server, self.listen, self.url = server, listen, f"http://{shown}:{port}/metrics"

@@ -13,6 +13,8 @@ import asyncio
 import json
 import re
 import socket
+import subprocess
+import sys
 import time
 import urllib.request
 from dataclasses import replace
@@ -22,6 +24,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter
 
 from hotplug import appd_cli, cli
+from hotplug._metrics_http import MAX_CLIENTS
 from hotplug.address import AddressError, Endpoint, parse_listen
 from hotplug.appd import Appd, _record_problem
 from hotplug.appd_config import (
@@ -42,6 +45,7 @@ from hotplug.metrics import MetricsError, MetricsServer
 from hotplug.peercert import PeerCert, parse_subject_pattern
 from hotplug.policy import PolicyError, parse_policy
 from hotplug.relay import loopback_pair, relay
+from tests.helpers import wait_for
 from tests.tlscerts import Pki
 from tests.unit.test_appd_sessions import StandInVhci, session
 from tests.unit.test_protocol import DEV_A
@@ -196,8 +200,58 @@ def test_a_port_in_use_is_a_clear_error() -> None:
 
 
 def test_an_unknown_host_is_a_clear_error() -> None:
-    with pytest.raises(MetricsError, match=r"metrics listen address no-such-host\.invalid:9100"):
+    match = r"cannot serve metrics on no-such-host\.invalid:9100: unknown host: "
+    with pytest.raises(MetricsError, match=match):
         MetricsServer(CollectorRegistry()).start(Endpoint("no-such-host.invalid", 9100))
+
+
+def test_a_flood_of_idle_connections_is_bounded_and_goes_away() -> None:
+    """Each client holds a thread: past MAX_CLIENTS a connection is closed unread,
+    and once the idle ones leave, scrapes are served again."""
+    registry = CollectorRegistry()
+    Counter("demo_things", "Things.", registry=registry).inc()
+    server = MetricsServer(registry)
+    url = server.start(Endpoint("127.0.0.1", 0))
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(MAX_CLIENTS)]
+    try:
+        # Polled: until the server has accepted every idle one, an extra one is served.
+        def refused() -> bool:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as extra:
+                extra.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+                try:
+                    return extra.recv(100) == b""
+                except ConnectionResetError:
+                    return True
+
+        wait_for(refused, 10, "a connection past MAX_CLIENTS closed unread")
+    finally:
+        for sock in idle:
+            sock.close()
+    try:
+
+        def served() -> bool:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as reply:
+                    return "demo_things_total 1.0" in reply.read().decode()
+            except OSError:
+                return False
+
+        wait_for(served, 10, "scrapes served again")
+    finally:
+        server.stop()
+
+
+def test_commands_other_than_the_daemons_do_not_load_the_library() -> None:
+    """`status`, `check`, `connect` and every tab completion import the daemon's
+    module: prometheus_client (and its HTTP server) load only when a daemon starts."""
+    code = (
+        "import sys; from hotplug import appd_cli, cli; cli._load_extras(); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('prometheus_client', "
+        "'wsgiref')))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout.strip()) == (0, "[]"), done.stderr
 
 
 # --------------------------------------------------------------------------- usbipa's families
