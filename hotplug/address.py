@@ -59,3 +59,29 @@ def _port(port_text: str, text: str) -> int:
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise AddressError(f"'{text}': port must be a number from 1 to 65535, got '{port_text}'")
     return int(port_text)
+
+
+def parse_listen(text: str) -> Endpoint:
+    """Where a server listens: `host:port`, `[v6]:port`. The port is required (0
+    picks a free one); an IPv6 address needs brackets, so `::1:9100` is no guess."""
+    text = text.strip()
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep:
+            raise AddressError(f"'{text}': missing ']' after IPv6 address")
+        _require_ipv6(host, text)
+        port_text = rest[1:] if rest.startswith(":") else None
+    elif text.count(":") > 1:
+        raise AddressError(f"'{text}': put an IPv6 address in brackets, e.g. '[::1]:9100'")
+    else:
+        host, sep, port_text_or_empty = text.partition(":")
+        port_text = port_text_or_empty if sep else None
+    if not host:
+        raise AddressError(
+            f"'{text}': missing host (0.0.0.0 for every IPv4 address, [::] for every address)"
+        )
+    if port_text is None:
+        raise AddressError(f"'{text}': expected host:port, e.g. '127.0.0.1:9100'")
+    if not port_text.isdigit() or not 0 <= int(port_text) < 65536:
+        raise AddressError(f"'{text}': port must be a number from 0 to 65535, got '{port_text}'")
+    return Endpoint(host, int(port_text))

@@ -338,6 +338,9 @@ class Appd:
         self.stopping = asyncio.Event()
         # Ports promised to an export whose reply is being sent, not yet attached.
         self.reserved: dict[int, _Reservation] = {}
+        from hotplug.appd_metrics import AppdMetrics  # the library: not for `usbipa status`
+
+        self.metrics = AppdMetrics(self)
 
     # ---------------------------------------------------------------- listening
 
@@ -477,6 +480,7 @@ class Appd:
             # Closing the link is what tells the device side: its stub leaves
             # "used", and a hotplug daemon there exports the device again.
             self._detach(session.port, f"never enumerated within {timeout:g} s")
+            self.metrics.enumeration_timeout()
 
     def _reap(self) -> None:
         try:
@@ -510,6 +514,7 @@ class Appd:
             peer = str(peer_address(addr[0]))
             refusal = self._slot_refusal(peer)
             if refusal is not None:
+                self.metrics.refused(refusal)
                 message = f"refused connection from {peer}: {refusal}"
                 self.throttle.warn("connection", message, event="refused", peer=peer)
                 conn.close()
@@ -575,6 +580,7 @@ class Appd:
             tune_socket(conn, Timeouts())
         handed_over = False
         link: PlainLink | SecureLink = PlainLink(conn)
+        started, request = time.monotonic(), None  # for the control-phase histogram
         try:
             async with asyncio.timeout(self.config.limits.control_timeout):
                 if kind != "tcp" and self.secure is not None:
@@ -582,6 +588,7 @@ class Appd:
                 request = await self._read_request(link)
                 handed_over = await self._dispatch(link, request, peer, peer_port)
         except LinkRefused as exc:
+            self.metrics.refused("tls")
             self.throttle.warn(
                 "link", f"refused {kind} connection from {peer}: {exc}", event="refused", peer=peer
             )
@@ -605,6 +612,7 @@ class Appd:
         finally:
             self._count_out(peer)
             link.finish(handed_over)
+            self.metrics.control_phase(request, started)
         if handed_over and isinstance(link, SecureLink):
             await self._relay(link)
 
@@ -612,7 +620,7 @@ class Appd:
         """The data phase of a TLS or wss session: ours to carry, the kernel's to use."""
         port = link.port
         session = self.sessions.by_port.get(port) if port is not None else None
-        why = await link.relay()
+        why = await link.relay(self.metrics.relayed)
         if port is not None and session is not None and self.sessions.by_port.get(port) is session:
             # Its vhci socket is closed already, so the kernel frees the port by
             # itself; detaching now makes that immediate and says why.
@@ -678,6 +686,7 @@ class Appd:
         who = f"{peer} ({client.name})" if client is not None else peer
         reason = self._admit_export(record, peer, client)
         if reason is not None:
+            self.metrics.refused(reason)
             self.throttle.warn(
                 "export", f"refused export from {who}: {reason}", event="refused", **fields
             )
@@ -686,6 +695,7 @@ class Appd:
         port = self.vhci.find_free_port(speed, exclude=self.reserved)
         if port is None:
             kind = "SuperSpeed" if speed.needs_superspeed_port else "high-speed"
+            self.metrics.refused("no_free_port")
             log.event(
                 logger,
                 logging.WARNING,
@@ -763,6 +773,7 @@ class Appd:
                 path=record.path,
             )
         )
+        self.metrics.attached(r.port, r.peer, record, r.client)
         log.event(
             logger,
             logging.INFO,
@@ -810,6 +821,7 @@ class Appd:
         reason = authorize_peer(self.config, _ip(peer), client)
         who = f"{peer} ({client.name})" if client is not None else peer
         if reason is not None:
+            self.metrics.refused(reason)
             self.throttle.warn(
                 "unexport",
                 f"refused unexport from {who}: {reason}",

@@ -16,6 +16,7 @@ from hotplug import log, usbids, yamlsafe
 from hotplug.appd import Appd, Session, Sessions
 from hotplug.appd_config import AppdConfig, ConfigError, parse_config, with_cli
 from hotplug.kernel import KernelError, make_vhci
+from hotplug.metrics import MetricsError, listen_arg
 from hotplug.notify import Notifier
 from hotplug.printable import printable
 from hotplug.state import StateError, default_dir
@@ -55,6 +56,14 @@ def run_parser() -> argparse.ArgumentParser:
         help="limit the --allow peers to these devices (globs allowed), repeatable",
     )
     parser.add_argument("--state-dir", help="where sessions are recorded (default /run/usbipa)")
+    parser.add_argument(
+        "--metrics-listen",
+        type=listen_arg,
+        metavar="ADDR:PORT",
+        help="serve Prometheus metrics at http://ADDR:PORT/metrics, e.g. 127.0.0.1:9101 or "
+        "[::1]:9101 (default: metrics.listen in the config; off without either). "
+        "No authentication: keep it on loopback or behind a firewall",
+    )
     tls = parser.add_argument_group(
         "TLS (then -t/--tcp-port speaks TLS only) and WebSocket listeners"
     )
@@ -113,6 +122,7 @@ def load_config(args: argparse.Namespace) -> AppdConfig:
         tls=(args.tls_cert, args.tls_key, args.tls_client_ca),
         wss_port=args.wss_port,
         wss_path=args.wss_path,
+        metrics_listen=args.metrics_listen,
     )
     if args.state_dir:
         config = dataclasses.replace(config, state_dir=args.state_dir)
@@ -134,8 +144,12 @@ def run(argv: list[str]) -> int:
         appd = Appd(config, make_vhci(), Notifier())
         appd.vhci.require_loaded()
         appd.open_listeners()
-        asyncio.run(_run(appd))
-    except (ConfigError, KernelError, CertError, StateError) as exc:
+        appd.metrics.serve(config.metrics_listen)
+        try:
+            asyncio.run(_run(appd))
+        finally:
+            appd.metrics.stop()
+    except (ConfigError, KernelError, CertError, StateError, MetricsError) as exc:
         print(f"usbipa: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -20,7 +20,7 @@ from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from hotplug import yamlsafe
-from hotplug.address import DEFAULT_PORT
+from hotplug.address import DEFAULT_PORT, AddressError, Endpoint, parse_listen
 from hotplug.peercert import (
     PatternError,
     PeerCert,
@@ -113,6 +113,7 @@ class AppdConfig:
     state_dir: str | None = None
     tls: TlsServer | None = None
     wss: WssListener | None = None
+    metrics_listen: Endpoint | None = None  # where to serve Prometheus metrics; None: off
 
 
 def peer_address(host: str) -> IPAddress:
@@ -199,7 +200,8 @@ def parse_device_pattern(text: str, where: str) -> str:
     return f"{vendor}:{product}"
 
 
-_TOP_KEYS = {"listen", "port", "allow", "limits", "state_dir", "tls", "wss"}
+_TOP_KEYS = {"listen", "port", "allow", "limits", "state_dir", "tls", "wss", "metrics"}
+_METRICS_KEYS = {"listen"}
 _ALLOW_KEYS = {"from", "client", "san", "devices", "max_devices"}
 _TLS_KEYS = {"cert", "key", "client_ca"}
 _WSS_KEYS = {"port", "path"}
@@ -341,6 +343,8 @@ def parse_config(text: str, filename: str) -> AppdConfig:
         kwargs["tls"] = _parse_tls(data["tls"], where)
     if data.get("wss") is not None:
         kwargs["wss"] = _parse_wss(data["wss"], where)
+    if data.get("metrics") is not None:
+        kwargs["metrics_listen"] = _parse_metrics(data["metrics"], where)
     return AppdConfig(**kwargs)
 
 
@@ -403,6 +407,20 @@ def _parse_limits(limits: Any, where: _Where) -> Limits:
     )
 
 
+def _parse_metrics(data: Any, where: _Where) -> Endpoint | None:
+    if not isinstance(data, dict):
+        raise where.error(("metrics",), "expected a mapping with listen")
+    _check_keys(data, _METRICS_KEYS, where, ("metrics",))
+    if data.get("listen") is None:
+        return None
+    if not isinstance(data["listen"], str):
+        raise where.error(("metrics", "listen"), "expected host:port, e.g. '127.0.0.1:9101'")
+    try:
+        return parse_listen(data["listen"])
+    except AddressError as exc:
+        raise where.error(("metrics", "listen"), str(exc)) from None
+
+
 def _pattern(parse: Callable[[str], _P], text: str, where: str) -> _P:
     try:
         return parse(text)
@@ -460,6 +478,7 @@ def with_cli(
     tls: tuple[str | None, str | None, str | None] = (None, None, None),
     wss_port: int | None = None,
     wss_path: str | None = None,
+    metrics_listen: Endpoint | None = None,
 ) -> AppdConfig:
     """Command-line flags add to (allow) or override (listen, port, tls, wss) the file's.
 
@@ -498,6 +517,7 @@ def with_cli(
         state_dir=config.state_dir,
         tls=server,
         wss=wss,
+        metrics_listen=metrics_listen or config.metrics_listen,
     )
     _check_secure(result, "configuration")
     return result

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import socket
 import ssl
+from collections.abc import Callable
 
 from hotplug import log
 from hotplug.appd_config import AppdConfig
@@ -87,10 +88,11 @@ class SecureLink:
                 self.pair[1].close()
             self.channel.abort()
 
-    async def relay(self) -> str:
-        """Run the data phase until either side ends it; returns why it ended."""
+    async def relay(self, count: Callable[[str, int], None] | None = None) -> str:
+        """Run the data phase until either side ends it; returns why it ended.
+        `count(direction, size)` sees every chunk ("from_peer", "to_peer")."""
         assert self.pair is not None
-        return await relay(self.channel, self.pair[1], self.inbox.leftover())
+        return await relay(self.channel, self.pair[1], self.inbox.leftover(), count)
 
 
 class SecureServer:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from hotplug import log, usbids
+from hotplug.address import Endpoint
 from hotplug.control import ControlError, bind_control_socket, serve, socket_path
 from hotplug.device import Device
 from hotplug.events import DeviceEvent, EventSource
@@ -93,6 +94,7 @@ class Options:
     # How long a device without a driver may take to get one before we decide
     # anyway (see _device_present).
     settle_time: float = 2.0
+    metrics_listen: Endpoint | None = None  # --metrics-listen: over settings.metrics.listen
 
 
 class Canceller:
@@ -187,6 +189,9 @@ class Daemon:
         self._stop: asyncio.Event | None = None
         self._reloading: asyncio.Task[None] | None = None
         self._reload_again: str | None = None  # why, if asked again during a reload
+        from hotplug.daemon_metrics import DeviceMetrics  # the library: for the daemon alone
+
+        self.metrics = DeviceMetrics(stub, display_state)
 
     # ------------------------------------------------------------------ life cycle
 
@@ -194,6 +199,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
+        self.metrics.serve(self.metrics_listen())  # first: a MetricsError leaves nothing to undo
         control_path = socket_path(self.options.state_dir)
         server = await serve(bind_control_socket(control_path), self.handle_request)
         source = self.make_source()  # the monitor listens before we enumerate
@@ -226,6 +232,7 @@ class Daemon:
                 loop.remove_reader(source.fileno())
             await self._shutdown()
         finally:
+            self.metrics.stop()
             source.close()
             server.close()
             control_path.unlink(missing_ok=True)
@@ -330,6 +337,7 @@ class Daemon:
         self.wake_at = plan.wake_at
         for note in plan.notes:
             level = logging.WARNING if note.level == "warning" else logging.INFO
+            self.metrics.note(note)
             log.event(
                 logger,
                 level,
@@ -341,6 +349,7 @@ class Daemon:
             )
         for action in plan.actions:
             self._start(action)
+        self.metrics.devices(wanted, self.slots, self.settling)
         self.notifier.status(self.status_text())
         self._watchdog(now)
 
@@ -463,6 +472,8 @@ class Daemon:
             # was plugged in, or a `driver:` rule would flap once we bind it.
             device = replace(device, driver=old.driver)
         self.devices[device.busid] = device
+        if old is None and not coldplug:
+            self.metrics.plugged(device.busid)
         if old is None and device.busid in self.leftovers:
             self.leftovers.discard(device.busid)
             if device.driver == STUB_DRIVER and self._claimed_by_leftover(device.busid):
@@ -521,6 +532,7 @@ class Daemon:
         )
 
     def _log_unplugged(self, busid: str) -> None:
+        self.metrics.unplugged(busid)
         self.event_log.log(
             logging.INFO,
             busid,
@@ -869,6 +881,7 @@ class Daemon:
         rule = self._rule_of(busid)
         if error is None:
             self.slots[busid] = export_succeeded(slot, target, now)
+            self.metrics.exported(busid, target)
             self._record(busid, target, "exported", since=time.time())
             return
         device = self.devices.get(busid)
@@ -880,6 +893,7 @@ class Daemon:
         ours = self._bound(busid) and (owned_before or attempt.bound)
         new = export_failed(slot, chain, error, ours, now, random.random())
         self.slots[busid] = new
+        self.metrics.export_failed(target, chain, cut, new, now)
         if ours:
             self._record(busid, target, "retrying")
         elif recorded:
@@ -920,6 +934,7 @@ class Daemon:
         except Exception as exc:
             logger.exception("unexport of %s failed unexpectedly", busid)
             error = f"internal error: {exc!r}"
+        self.metrics.unexport_done(target, error)
         if error is not None:
             log.event(
                 logger,
@@ -1035,6 +1050,7 @@ class Daemon:
             return
         self.policy = policy
         self.policy_error = None
+        self.metrics.reconfigure(self.metrics_listen())
         self.slots = retry_now(self.slots, time.monotonic())
         log.event(
             logger,
@@ -1042,6 +1058,9 @@ class Daemon:
             f"policy reloaded ({why}): {len(policy.rules)} rules, {len(policy.targets)} targets",
             event="policy-reloaded",
         )
+
+    def metrics_listen(self) -> Endpoint | None:
+        return self.options.metrics_listen or self.policy.settings.metrics_listen
 
     # ------------------------------------------------------------------ status
 

@@ -19,6 +19,7 @@ from hotplug.events import EventSource, JsonLinesSource
 from hotplug.faultpoints import reach
 from hotplug.kernel import make_stub
 from hotplug.kernel.stub import STUB_DRIVER
+from hotplug.metrics import MetricsError, listen_arg
 from hotplug.policy import DEFAULT_CONFIG_DIR, Policy, PolicyError, load_policy
 from hotplug.printable import printable
 from hotplug.reconcile import desire
@@ -77,6 +78,14 @@ def _configure_run(p: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="how often to look for changed policy files (default 2)",
     )
+    p.add_argument(
+        "--metrics-listen",
+        type=listen_arg,
+        metavar="ADDR:PORT",
+        help="serve Prometheus metrics at http://ADDR:PORT/metrics, e.g. 127.0.0.1:9100 or "
+        "[::1]:9100 (default: the policy's settings.metrics.listen; off without either). "
+        "No authentication: keep it on loopback or behind a firewall",
+    )
     # Tests feed device events as JSON lines through a FIFO instead of udev,
     # and shorten the wait for a device without a driver.
     p.add_argument("--events", metavar="FIFO", help=argparse.SUPPRESS)
@@ -127,11 +136,12 @@ def _run(args: argparse.Namespace) -> int:
         poll_interval=args.poll_interval,
         watch_interval=args.watch_interval,
         settle_time=args.settle_time,
+        metrics_listen=args.metrics_listen,
     )
     daemon = Daemon(options, policy, stub, source, exports_dir())
     try:
         return asyncio.run(daemon.run())
-    except ControlError as exc:
+    except (ControlError, MetricsError) as exc:
         print(f"usbip-hotplug: {exc}", file=sys.stderr)
         return 1
 

@@ -39,6 +39,7 @@ from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from hotplug import yamlsafe
+from hotplug.address import AddressError, Endpoint, parse_listen
 from hotplug.device import Device
 
 __all__ = [
@@ -239,6 +240,7 @@ class Settings:
 
     on_stop: Literal["unexport", "keep"] = "unexport"  # what stopping the daemon does
     coldplug: bool = True  # apply the policy to devices present at start
+    metrics_listen: Endpoint | None = None  # where to serve Prometheus metrics; None: off
 
 
 @dataclass(frozen=True)
@@ -494,7 +496,8 @@ _TARGET_KEYS = (
     "ca",
 )
 _RETRY_KEYS = ("initial", "max", "factor", "jitter")
-_SETTINGS_KEYS = ("on_stop", "coldplug")
+_SETTINGS_KEYS = ("on_stop", "coldplug", "metrics")
+_METRICS_KEYS = ("listen",)
 _RULE_KEYS = ("name", "match", "export", "action")
 _MATCH_KEYS = (
     "vendor",
@@ -976,7 +979,27 @@ class _FileParser:
             got = self.boolean(items["coldplug"][1], "settings.coldplug")
             if got is not None:
                 coldplug = got
-        return None if len(self.errors) > before else Settings(on_stop=on_stop, coldplug=coldplug)
+        listen = self.metrics(items["metrics"][1]) if "metrics" in items else None
+        if len(self.errors) > before:
+            return None
+        return Settings(on_stop=on_stop, coldplug=coldplug, metrics_listen=listen)
+
+    def metrics(self, node: Node) -> Endpoint | None:
+        key = "settings.metrics"
+        if node.tag == _NULL:
+            return None  # `metrics:` with its keys commented out: off
+        items = self.mapping(node, key, "a mapping with 'listen'", _METRICS_KEYS)
+        if items is None or "listen" not in items:
+            return None
+        vnode = items["listen"][1]
+        text = self.text(vnode, f"{key}.listen", "host:port, e.g. '127.0.0.1:9100'")
+        if text is None:
+            return None
+        try:
+            return parse_listen(text)
+        except AddressError as exc:
+            self.error(vnode, f"{key}.listen", str(exc))
+            return None
 
     # -- rules ----------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+from collections.abc import Callable
 
 from hotplug.channel import CHUNK, STREAM_LIMIT, WRITE_HIGH_WATER, Channel, ChannelError
 
@@ -58,10 +59,21 @@ def loopback_pair() -> tuple[socket.socket, socket.socket]:
     return kernel_end, relay_end
 
 
-async def relay(outer: Channel, inner: socket.socket, pending: bytes = b"") -> str:
+async def relay(
+    outer: Channel,
+    inner: socket.socket,
+    pending: bytes = b"",
+    count: Callable[[str, int], None] | None = None,
+) -> str:
     """Move bytes between `outer` and the kernel's loopback peer `inner` until
     either ends; `pending` (bytes that followed the control reply) goes to the
-    kernel first. Closes both; returns why it ended, for the log."""
+    kernel first. Closes both; returns why it ended, for the log. `count`
+    (direction, size) is told of each chunk: "from_peer" or "to_peer"."""
+
+    def counted(direction: str, size: int) -> None:
+        if count is not None:
+            count(direction, size)
+
     reader, writer = await asyncio.open_connection(sock=inner, limit=STREAM_LIMIT)
     writer.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
 
@@ -70,15 +82,18 @@ async def relay(outer: Channel, inner: socket.socket, pending: bytes = b"") -> s
             data = await reader.read(CHUNK)
             if not data:
                 return "the local kernel closed the connection"
+            counted("to_peer", len(data))
             await outer.send(data)
 
     async def to_kernel() -> str:
         if pending:
+            counted("from_peer", len(pending))
             writer.write(pending)
         while True:
             data = await outer.recv()
             if not data:
                 return "the peer closed the connection"
+            counted("from_peer", len(data))
             writer.write(data)
             await writer.drain()
 

@@ -149,6 +149,7 @@ def test_every_policy_key_is_in_the_policy_page() -> None:
         *policy._TARGET_KEYS,
         *policy._RETRY_KEYS,
         *policy._SETTINGS_KEYS,
+        *policy._METRICS_KEYS,
         *policy._RULE_KEYS,
         *policy._MATCH_KEYS,
     }
@@ -163,6 +164,7 @@ def test_every_usbipa_config_key_is_in_its_page() -> None:
         *appd_config._TLS_KEYS,
         *appd_config._WSS_KEYS,
         *appd_config._LIMIT_KEYS,
+        *appd_config._METRICS_KEYS,
     }
     missing = sorted(keys - key_terms(source("usbipa.yaml.5")))
     assert not missing, f"usbipa.yaml keys not in man/usbipa.yaml.5.scd: {missing}"

@@ -514,7 +514,7 @@ ERROR_CASES: list[tuple[str, str, str]] = [
         "settings-unknown-key",
         "version: 1\nsettings: {on-stop: keep}\n",
         "policy.yaml:2: settings.on-stop: unknown key; did you mean 'on_stop'? "
-        "(allowed here: on_stop, coldplug)",
+        "(allowed here: on_stop, coldplug, metrics)",
     ),
     (
         "settings-on-stop",
