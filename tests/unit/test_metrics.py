@@ -143,10 +143,10 @@ def test_usbipa_metrics_listen_and_the_flag_over_it() -> None:
 @pytest.mark.parametrize(
     ("text", "error"),
     [
-        ("metrics:\n  listen: '::1:9101'\n", "usbipa.yaml: metrics.listen: '::1:9101': put an"),
-        ("metrics:\n  listen: 9101\n", "usbipa.yaml: metrics.listen: expected host:port"),
-        ("metrics:\n  port: 9101\n", "usbipa.yaml: metrics: unknown key 'port'"),
-        ("metrics: on\n", "usbipa.yaml: metrics: expected a mapping with listen"),
+        ("metrics:\n  listen: '::1:9101'\n", "usbipa.yaml:2: metrics.listen: '::1:9101': put an"),
+        ("metrics:\n  listen: 9101\n", "usbipa.yaml:2: metrics.listen: expected host:port"),
+        ("metrics:\n  port: 9101\n", "usbipa.yaml:2: metrics"),
+        ("metrics: on\n", "usbipa.yaml:1: metrics: expected a mapping with listen"),
     ],
 )
 def test_usbipa_metrics_errors(text: str, error: str) -> None:
