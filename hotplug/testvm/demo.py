@@ -41,7 +41,9 @@ rules:
     export: apps
 """
 
-_T0 = time.monotonic()
+# The guest continues the host's clock (it gets the host's elapsed time when it
+# starts), so the timestamps run on from the boot instead of restarting at 0.
+_T0 = time.monotonic() - float(os.environ.get("USBIP_DEMO_ELAPSED", "0"))
 
 
 def say(text: str) -> None:
@@ -61,13 +63,39 @@ def _pump(stream: IO[str], prefix: str) -> None:
         print(f"    {prefix} {line.rstrip()}", flush=True)
 
 
+# Python starts slowly under emulation, and more so on a busy host.
+READY_TIMEOUT = 150.0
+
+
+def _wait_ready(notify: socket.socket, proc: subprocess.Popen[str], name: str) -> None:
+    """Wait for READY=1 as systemd would (Type=notify), not by probing the daemon."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    while (left := deadline - time.monotonic()) > 0:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with status {proc.returncode} before it was ready")
+        notify.settimeout(min(left, 0.5))
+        try:
+            message = notify.recv(4096).decode(errors="replace")
+        except TimeoutError:
+            continue
+        if "READY=1" in message.splitlines():
+            return
+    raise RuntimeError(f"{name} did not report READY=1 within {READY_TIMEOUT:.0f} s")
+
+
 @contextmanager
-def daemon(name: str, argv: list[str]) -> Iterator[subprocess.Popen[str]]:
-    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+def daemon(name: str, argv: list[str]) -> Iterator[Callable[[], None]]:
+    """Run a daemon with its log shown; yields a function that waits for its READY=1."""
+    path = DEMO_DIR / f"{name}.notify"
+    path.unlink(missing_ok=True)
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(path))
+    env = dict(os.environ, NOTIFY_SOCKET=str(path))
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=env)
     assert proc.stderr is not None
     threading.Thread(target=_pump, args=(proc.stderr, f"{name:>7} |"), daemon=True).start()
     try:
-        yield proc
+        yield lambda: _wait_ready(notify, proc, name)
     finally:
         proc.terminate()
         try:
@@ -75,6 +103,7 @@ def daemon(name: str, argv: list[str]) -> Iterator[subprocess.Popen[str]]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        notify.close()
 
 
 def _used_port_busid() -> str | None:
@@ -114,20 +143,13 @@ def guest_main() -> int:
                 "--allow",
                 "127.0.0.0/8",
             ],
-        ),
-        daemon("hotplug", [*me, "hotplug.cli", "run", "-c", str(DEMO_DIR / "policy.yaml")]),
+        ) as usbipa_ready,
+        daemon(
+            "hotplug", [*me, "hotplug.cli", "run", "-c", str(DEMO_DIR / "policy.yaml")]
+        ) as hotplug_ready,
     ):
-        gd.wait_until(lambda: _listening(DEMO_PORT), timeout=60, what="usbipa to listen")
-        gd.wait_until(
-            lambda: (
-                subprocess.run(
-                    [*me, "hotplug.cli", "status"], capture_output=True, timeout=30
-                ).returncode
-                == 0
-            ),
-            timeout=60,
-            what="the daemon's control socket",
-        )
+        usbipa_ready()
+        hotplug_ready()
         say("started usbipa (application side) and usbip-hotplug run (device side)")
         g = gd.MassStorageGadget(serial=DEMO_SERIAL, size=8 << 20, product="Demo Disk")
         try:
@@ -186,12 +208,6 @@ def guest_main() -> int:
     return 0 if landed else 1
 
 
-def _listening(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(1)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
 def _status(busid: str) -> str | None:
     try:
         return Path(f"/sys/bus/usb/devices/{busid}/usbip_status").read_text().strip()
@@ -224,7 +240,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         with GuestVM(kernel, output=lambda line: print(line, flush=True), prefix="") as vm:
             say(f"VM up in {vm.boot_seconds or 0:.0f} s ({vm.accel})")
             result = vm.run(
-                [sys.executable, "-m", "hotplug.testvm.demo", "--guest"], timeout=args.timeout
+                [sys.executable, "-m", "hotplug.testvm.demo", "--guest"],
+                timeout=args.timeout,
+                env={"USBIP_DEMO_ELAPSED": f"{time.monotonic() - _T0:.3f}"},
             )
             if args.keep:
                 _shell(vm, lambda line: vm.run(line, timeout=600))
