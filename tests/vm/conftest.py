@@ -482,7 +482,8 @@ class VmSession:
             self.deb_error = f"scripts/build-deb: exit {r.returncode}\n{r.stdout}{r.stderr}"[-3000:]
             return
         self.deb = Path(lines[-1])
-        self.deb_info = f"package {self.deb.name}: {lines[0]} ({time.monotonic() - t0:.1f}s)"
+        said = lines[-2] if len(lines) > 1 else ""  # "built in N s ..." or "source unchanged ..."
+        self.deb_info = f"package {self.deb.name}: {said} ({time.monotonic() - t0:.1f}s)"
         self.write(f"[vm] {self.deb_info}")
 
     def _deb_env(self, vm: Any) -> dict[str, str]:
