@@ -21,16 +21,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import socket
 import ssl
-from typing import Any, TypeVar
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from websockets.client import ClientProtocol
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
-from websockets.protocol import Protocol, State
-from websockets.server import ServerProtocol
 from websockets.uri import parse_uri
+
+# The sans-I/O classes were renamed in websockets 11 (Connection -> Protocol);
+# Debian 12 ships 10.4, with the same API under the first names. Type-checked
+# against the new ones.
+if TYPE_CHECKING or importlib.util.find_spec("websockets.protocol") is not None:
+    from websockets.client import ClientProtocol
+    from websockets.protocol import Protocol, State
+    from websockets.server import ServerProtocol
+else:  # websockets 10.x
+    from websockets.client import ClientConnection as ClientProtocol
+    from websockets.connection import Connection as Protocol
+    from websockets.connection import State
+    from websockets.server import ServerConnection as ServerProtocol
 
 from hotplug import __version__
 
@@ -216,7 +228,8 @@ class WebSocketChannel(Channel):
             raise ChannelError(f"bad WebSocket upgrade request: {why}")
         asked = request.path.split("?", 1)[0]
         if asked != path:
-            protocol.send_response(protocol.reject(404, "no USB/IP service at this path\n"))
+            refusal = protocol.reject(HTTPStatus.NOT_FOUND, "no USB/IP service at this path\n")
+            protocol.send_response(refusal)
             await self._flush()
             raise ChannelError(f"WebSocket request for {asked!r}, which is not {path!r}")
         protocol.send_response(protocol.accept(request))

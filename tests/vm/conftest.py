@@ -44,6 +44,11 @@ HERE = Path(__file__).resolve().parent
 GUEST_DIR = HERE / "guest"
 # The guest's /tmp is its own (an overlay): the host reads this via the agent.
 GUEST_RESULTS = "/tmp/usbip-vm-results.jsonl"
+# The Debian package, built on the host (scripts/build-deb) for the guest tests of
+# DEB_TESTS, is handed to the guest here (its /tmp is its own).
+DEB_TESTS = "tests/vm/guest/test_deb_package.py"
+GUEST_DEB = "/tmp/usbip-hotplug-test.deb"
+BUILD_DEB_TIMEOUT = 900.0
 # Marks evaluated inside the guest, never on the host proxy.
 _GUEST_ONLY_MARKS = {"skip", "skipif", "xfail", "usefixtures", "parametrize", "timeout"}
 
@@ -362,6 +367,9 @@ class VmSession:
         self.boot_info = ""
         self.ran = 0
         self.reboots = 0
+        self.deb: Path | None = None  # built for DEB_TESTS
+        self.deb_error: str | None = None
+        self.deb_info = ""
         # A private copy of the terminal: pytest's fd capture cannot swallow
         # what the VM threads print, whenever they print it.
         self._term: IO[str] | None = None
@@ -438,6 +446,8 @@ class VmSession:
         # The session's final items: after -m / -k / --deselect.
         nodeids = [i.nodeid for i in items if isinstance(i, GuestTestProxy)]
         self.ran = len(nodeids)
+        if any(n.startswith(DEB_TESTS) for n in nodeids):
+            self._build_deb()
         results: dict[str, GuestOutcome] = {}
         t0 = time.monotonic()
         pending = nodeids
@@ -468,6 +478,37 @@ class VmSession:
         if self.vm is not None:
             self._keep_failures(self.vm)
         return self.results
+
+    def _build_deb(self) -> None:
+        """The package from this checkout (cached by source hash), before the guest runs;
+        a failure is reported by the package's tests, the others still run."""
+        t0 = time.monotonic()
+        try:
+            r = subprocess.run(
+                [str(self.config.rootpath / "scripts/build-deb")],
+                capture_output=True,
+                text=True,
+                timeout=BUILD_DEB_TIMEOUT,
+            )
+        except subprocess.TimeoutExpired:
+            self.deb_error = f"scripts/build-deb took more than {BUILD_DEB_TIMEOUT:.0f}s"
+            return
+        lines = r.stdout.strip().splitlines()
+        if r.returncode != 0 or not lines or not lines[-1].endswith(".deb"):
+            self.deb_error = f"scripts/build-deb: exit {r.returncode}\n{r.stdout}{r.stderr}"[-3000:]
+            return
+        self.deb = Path(lines[-1])
+        said = lines[-2] if len(lines) > 1 else ""  # "built in N s ..." or "source unchanged ..."
+        self.deb_info = f"package {self.deb.name}: {said} ({time.monotonic() - t0:.1f}s)"
+        self.write(f"[vm] {self.deb_info}")
+
+    def _deb_env(self, vm: Any) -> dict[str, str]:
+        if self.deb_error:
+            return {"USBIP_VM_DEB_ERROR": self.deb_error}
+        if self.deb is None:
+            return {}
+        vm.write_file(GUEST_DEB, self.deb.read_bytes())
+        return {"USBIP_VM_DEB": GUEST_DEB}
 
     def _guest_command(self) -> list[str]:
         opt = self.config.option
@@ -514,6 +555,7 @@ class VmSession:
                     "HYPOTHESIS_STORAGE_DIRECTORY": "/tmp/hypothesis",
                     # knobs of guest tests, e.g. the fault matrix's storm seed
                     **{k: v for k, v in os.environ.items() if k.startswith("USBIP_FAULT_")},
+                    **self._deb_env(vm),
                 },
                 prefix="[guest] ",
             )
@@ -691,6 +733,8 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         tr.write_line(state.boot_info)
     if state.boot_error:
         tr.write_line(state.boot_error)
+    if state.deb_info:
+        tr.write_line(state.deb_info)
     if state.suite_seconds is not None:
         tr.write_line(f"guest pytest session: {state.suite_seconds:.1f}s for {state.ran} test(s)")
     if state.reboots:

@@ -90,15 +90,22 @@ class Systemd:
                 stderr=subprocess.STDOUT,
             )
         self.pid = gd.wait_until(self._child, timeout=30, what="systemd forked by unshare")
-        state = gd.wait_until(
-            lambda: (
-                self.run("systemctl", "is-system-running", check=False).stdout.strip()
-                in ("running", "degraded")
-            ),
-            timeout=ENUM,
-            what="systemd to finish starting",
-        )
-        assert state
+        try:
+            # Each probe is a process in an emulated guest: polled gently, so as not
+            # to slow down the start it waits for.
+            gd.wait_until(
+                lambda: (
+                    self.run("systemctl", "is-system-running", check=False).stdout.strip()
+                    in ("running", "degraded")
+                ),
+                timeout=2 * ENUM,
+                what="systemd to finish starting",
+                interval=0.5,
+            )
+        except gd.WaitTimeout as e:
+            jobs = self.run("systemctl", "list-jobs", "--no-pager", check=False).stdout
+            self.close()  # no caller gets this object to close
+            raise gd.WaitTimeout(f"{e}; its jobs still queued:\n{jobs}") from e
 
     def _child(self) -> int | None:
         try:
