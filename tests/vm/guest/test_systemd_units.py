@@ -123,8 +123,12 @@ class Systemd:
             text=True,
             timeout=timeout,
         )
-        if check:
-            assert r.returncode == 0, f"{argv}: exit {r.returncode}\n{r.stdout}\n{r.stderr}"
+        if check and r.returncode != 0:
+            why = f"{argv}: exit {r.returncode}\n{r.stdout}\n{r.stderr}"
+            if argv[:2] in (("systemctl", "start"), ("systemctl", "reload")):
+                log = self.run("journalctl", "-u", argv[2], "--no-pager", "-n", "40", check=False)
+                why += f"\n--- journalctl -u {argv[2]}:\n{log.stdout}"
+            raise AssertionError(why)
         return r
 
     def show(self, unit: str, prop: str) -> str:
