@@ -65,7 +65,7 @@ def _env_float(name: str, default: float) -> float:
 # (only its pytest plugin is off), not the `benchmark` fixture.
 # USBIP_VM_GUEST_PYTEST_ARGS adds arguments to the in-guest pytest command.
 GUEST_PYTEST_DISABLE = ("hypothesispytest", "benchmark")
-SUITE_TIMEOUT = _env_float("USBIP_VM_SUITE_TIMEOUT", 1200.0)  # the whole guest session
+SUITE_TIMEOUT = _env_float("USBIP_VM_SUITE_TIMEOUT", 2400.0)  # the whole guest session (~20 min in CI)
 GUEST_TEST_TIMEOUT = _env_float("USBIP_VM_TEST_TIMEOUT", 300.0)  # each guest test
 BOOT_TIMEOUT = _env_float("USBIP_VM_BOOT_TIMEOUT", 240.0)
 
