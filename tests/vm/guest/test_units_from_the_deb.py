@@ -159,6 +159,7 @@ def _admin_writes_the_configuration() -> None:
 
 
 # Its setup starts systemd and installs the package: minutes under emulation on a busy host.
+@pytest.mark.vm_package_install
 @pytest.mark.timeout(1500)
 @pytest.mark.usefixtures("journal_on_failure")
 def test_installed_package_exports_over_wss_reloads_and_purges_clean(
