@@ -35,7 +35,6 @@ from typing import Any
 
 from bench.harness import machine, percentile, proc_stats
 from hotplug.channel import Channel, Inbox, TlsStream, WebSocketChannel
-from hotplug.device import Speed
 from hotplug.export import Timeouts
 from hotplug.policy import TlsOptions
 from hotplug.protocol import (
@@ -50,6 +49,7 @@ from hotplug.protocol import (
 from hotplug.relay import loopback_pair, relay
 from hotplug.tlsconfig import server_context
 from hotplug.transport import Remote, run_tunnel
+from hotplug.usb import Speed
 
 CHUNK = 256 * 1024
 PING = 48

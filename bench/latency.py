@@ -66,11 +66,11 @@ from hotplug import log
 from hotplug.address import Endpoint
 from hotplug.appd import Appd
 from hotplug.appd_config import AllowRule, AppdConfig, parse_network
-from hotplug.device import Device, Speed
 from hotplug.export import Timeouts, device_record, export, unexport
 from hotplug.kernel.sysfs import read_device
 from hotplug.policy import Policy, parse_policy
 from hotplug.protocol import DeviceRecord, ExportRequest
+from hotplug.usb import Device, Speed
 
 P = ParamSpec("P")
 R = TypeVar("R")

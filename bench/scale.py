@@ -47,7 +47,6 @@ from bench.harness import (
     summary,
     wait_for,
 )
-from hotplug.device import Speed
 from hotplug.protocol import (
     HEADER_SIZE,
     DeviceRecord,
@@ -57,6 +56,7 @@ from hotplug.protocol import (
     decode_header,
     encode,
 )
+from hotplug.usb import Speed
 
 PORTS_PER_HUB = 15  # USB_SS_MAXPORTS: the kernel's vhci_hcd allows no more per hub
 BARE_REQUEST = b"\x01\x11\x80\x06\x00\x00\x00\x00"

@@ -5,10 +5,12 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
+from hotplug.errors import HotplugError
+
 DEFAULT_PORT = 3240
 
 
-class AddressError(ValueError):
+class AddressError(HotplugError, ValueError):
     pass
 
 

@@ -32,7 +32,7 @@ from hotplug.appd_config import (
     prefix_of,
 )
 from hotplug.appd_link import LinkRefused, PlainLink, SecureLink, SecureServer
-from hotplug.device import Speed
+from hotplug.errors import HotplugError
 from hotplug.export import Timeouts, tune_socket
 from hotplug.kernel.sysfs import KernelError
 from hotplug.kernel.vhci import PortRecord, PortState, Vhci, VhciPort
@@ -60,6 +60,7 @@ from hotplug.protocol import (
     encode,
 )
 from hotplug.state import RecordDir, StateError, default_dir
+from hotplug.usb import Speed
 
 logger = log.get("usbipa")
 
@@ -312,7 +313,7 @@ class _Reservation:
     fields: dict[str, Any]
 
 
-class ControlError(Exception):
+class ControlError(HotplugError):
     """The peer broke the control phase; close its connection."""
 
 

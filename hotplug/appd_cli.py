@@ -12,15 +12,15 @@ import sys
 import time
 from pathlib import Path
 
-from hotplug import log, usbids, yamlsafe
+from hotplug import log, usbids, yamlnodes
 from hotplug.appd import Appd, Session, Sessions
 from hotplug.appd_config import AppdConfig, ConfigError, parse_config, with_cli
-from hotplug.kernel import KernelError, make_vhci
-from hotplug.metrics import MetricsError, listen_arg
+from hotplug.errors import HotplugError
+from hotplug.kernel import make_vhci
+from hotplug.metrics import listen_arg
 from hotplug.notify import Notifier
 from hotplug.printable import printable
-from hotplug.state import StateError, default_dir
-from hotplug.tlsconfig import CertError
+from hotplug.state import default_dir
 
 DEFAULT_CONFIG = "/etc/usbip-hotplug/usbipa.yaml"
 
@@ -101,11 +101,11 @@ def load_config(args: argparse.Namespace) -> AppdConfig:
     if path:
         try:
             with open(path, "rb") as f:
-                data = yamlsafe.read_limited(f)  # parse_config refuses a larger file
+                data = yamlnodes.read_limited(f)  # parse_config refuses a larger file
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
-        if len(data) > yamlsafe.MAX_FILE_BYTES:
-            raise ConfigError(f"{path}: {yamlsafe.TOO_LARGE}")
+        if len(data) > yamlnodes.MAX_FILE_BYTES:
+            raise ConfigError(f"{path}: {yamlnodes.TOO_LARGE}")
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -149,7 +149,7 @@ def run(argv: list[str]) -> int:
             asyncio.run(_run(appd))
         finally:
             appd.metrics.stop()
-    except (ConfigError, KernelError, CertError, StateError, MetricsError) as exc:
+    except HotplugError as exc:  # every expected failure; anything else is a bug
         print(f"usbipa: {exc}", file=sys.stderr)
         return 1
     return 0
@@ -188,7 +188,7 @@ def status(argv: list[str]) -> int:
     state_dir = Path(args.state_dir) if args.state_dir else default_dir("app")
     try:
         rows = session_rows(state_dir)
-    except (KernelError, StateError) as exc:
+    except HotplugError as exc:
         print(f"usbipa: {exc}", file=sys.stderr)
         return 1
     if args.json:

@@ -19,8 +19,9 @@ import yaml
 from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from hotplug import yamlsafe
+from hotplug import yamlnodes
 from hotplug.address import DEFAULT_PORT, AddressError, Endpoint, parse_listen
+from hotplug.errors import HotplugError
 from hotplug.peercert import (
     PatternError,
     PeerCert,
@@ -29,7 +30,7 @@ from hotplug.peercert import (
     parse_san_pattern,
     parse_subject_pattern,
 )
-from hotplug.yamlsafe import MERGE_TAG
+from hotplug.yamlnodes import MERGE_TAG
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -38,7 +39,7 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _P = TypeVar("_P", SubjectPattern, SanPattern)
 
 
-class ConfigError(Exception):
+class ConfigError(HotplugError):
     pass
 
 
@@ -303,10 +304,10 @@ def _port(value: Any, where: _Where, path: Path_, low: int = 1) -> int:
 
 def _load(text: str, filename: str) -> tuple[Any, _Where]:
     try:
-        root = yamlsafe.compose(text)
+        root = yamlnodes.compose(text)
         where = _Where(filename, root)  # before constructing, which flattens merges
         data = None if root is None else SafeConstructor().construct_document(root)
-    except yamlsafe.YamlRefused as exc:
+    except yamlnodes.YamlRefused as exc:
         line = "" if exc.line is None else f":{exc.line}"
         raise ConfigError(f"{filename}{line}: {exc.message}") from exc
     except yaml.YAMLError as exc:

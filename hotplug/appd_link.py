@@ -23,6 +23,7 @@ from collections.abc import Callable
 from hotplug import log
 from hotplug.appd_config import AppdConfig
 from hotplug.channel import Channel, ChannelError, Inbox, TlsStream, WebSocketChannel
+from hotplug.errors import HotplugError
 from hotplug.export import Timeouts, tune_socket
 from hotplug.peercert import PeerCert
 from hotplug.relay import loopback_pair, relay
@@ -31,7 +32,7 @@ from hotplug.tlsconfig import check_pair, describe, issued_by, server_context
 logger = log.get("usbipa")
 
 
-class LinkRefused(Exception):
+class LinkRefused(HotplugError):
     """The TLS or WebSocket handshake failed; the message says why."""
 
 

@@ -24,7 +24,6 @@ from prometheus_client.registry import Collector
 from hotplug import log
 from hotplug.address import Endpoint
 from hotplug.appd_config import AppdConfig, peer_address
-from hotplug.device import Speed
 from hotplug.metrics import MetricsServer, new_registry
 from hotplug.protocol import (
     DeviceRecord,
@@ -34,6 +33,7 @@ from hotplug.protocol import (
     Pdu,
     UnexportRequest,
 )
+from hotplug.usb import Speed
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric

@@ -45,6 +45,7 @@ else:  # websockets 10.x
     from websockets.server import ServerConnection as ServerProtocol
 
 from hotplug import __version__
+from hotplug.errors import HotplugError
 
 CHUNK = 256 * 1024  # bytes per read: large enough that per-chunk Python work is noise
 # The loopback side's asyncio buffers: reading stops above STREAM_LIMIT, drain()
@@ -60,7 +61,7 @@ CLOSE_TIMEOUT = 1.0
 _Event = TypeVar("_Event", Request, Response)
 
 
-class ChannelError(Exception):
+class ChannelError(HotplugError):
     """The outer connection broke its protocol (not TLS's or TCP's own errors)."""
 
 

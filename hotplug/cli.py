@@ -14,6 +14,7 @@ from typing import Any
 
 from hotplug import __version__, log, usbids
 from hotplug.address import AddressError, Endpoint, parse_endpoint
+from hotplug.errors import HotplugError
 from hotplug.export import (
     ExportError,
     Timeouts,
@@ -34,7 +35,7 @@ Handler = Callable[[argparse.Namespace], int]
 _COMMANDS: dict[str, Handler] = {}
 
 
-class UsageError(Exception):
+class UsageError(HotplugError):
     pass
 
 
@@ -470,7 +471,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in INTERRUPTIBLE:
             interrupt_on_signals()
         return handler(args)
-    except (UsageError, ExportError, KernelError, StateError) as exc:
+    except HotplugError as exc:  # every expected failure; anything else is a bug
         print(f"usbip-hotplug: {exc}", file=sys.stderr)
         return 1
     except Interrupted as exc:

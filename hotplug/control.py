@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from hotplug import log
+from hotplug.errors import HotplugError
 from hotplug.privdir import ensure_private_dir
 from hotplug.state import StateError
 
@@ -31,7 +32,7 @@ MAX_REQUEST = 4096
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
 
 
-class ControlError(Exception):
+class ControlError(HotplugError):
     pass
 
 

@@ -29,7 +29,6 @@ from typing import Any, Literal, TypeVar
 from hotplug import log, usbids
 from hotplug.address import Endpoint
 from hotplug.control import ControlError, bind_control_socket, serve, socket_path
-from hotplug.device import Device
 from hotplug.events import DeviceEvent, EventSource
 from hotplug.export import Attempt, ExportError, Timeouts, export, unexport
 from hotplug.kernel.stub import STUB_DRIVER, TABLE_SLOTS, StubStatus, UsbipHost
@@ -64,6 +63,7 @@ from hotplug.reconcile import (
 )
 from hotplug.state import RecordDir, RecordTaken, StateError, writer_alive
 from hotplug.transport import remote_for_target
+from hotplug.usb import Device
 from hotplug.watch import PolicyWatcher
 
 logger = log.get("hotplug.daemon")

@@ -14,7 +14,6 @@ from hotplug import usbids
 from hotplug.cli import exports_dir, register
 from hotplug.control import ControlError, request, socket_path
 from hotplug.daemon import Daemon, Options, address_of
-from hotplug.device import Device
 from hotplug.events import EventSource, JsonLinesSource
 from hotplug.faultpoints import reach
 from hotplug.kernel import make_stub
@@ -25,6 +24,7 @@ from hotplug.printable import printable
 from hotplug.reconcile import desire
 from hotplug.state import InstanceLock, StateError, default_dir
 from hotplug.udev import UdevSource, enumerate_devices
+from hotplug.usb import Device
 
 
 def _seconds(text: str) -> float:

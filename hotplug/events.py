@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 from hotplug import log
-from hotplug.device import Device
 from hotplug.kernel.sysfs import (
     BUSID_RE,
     DeviceNotFound,
@@ -30,6 +29,7 @@ from hotplug.kernel.sysfs import (
     list_devices,
     read_device,
 )
+from hotplug.usb import Device
 
 logger = log.get("hotplug.events")
 

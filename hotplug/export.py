@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 
 from hotplug import log
 from hotplug.address import Endpoint
-from hotplug.device import Device, Speed
+from hotplug.errors import HotplugError
 from hotplug.faultpoints import reach
 from hotplug.kernel.stub import STUB_DRIVER, StubStatus, UsbipHost
 from hotplug.kernel.sysfs import DeviceNotFound, KernelError, read_device
@@ -37,11 +37,12 @@ from hotplug.protocol import (
     encode,
 )
 from hotplug.transport import Remote, TransportError, run_tunnel
+from hotplug.usb import Device, Speed
 
 logger = log.get("hotplug.export")
 
 
-class ExportError(Exception):
+class ExportError(HotplugError):
     """An export or unexport did not happen; the message says why."""
 
 

@@ -29,6 +29,7 @@ import threading
 from typing import TYPE_CHECKING
 
 from hotplug.address import AddressError, Endpoint, parse_listen
+from hotplug.errors import HotplugError
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
 __all__ = ["MetricsError", "MetricsServer", "listen_arg", "new_registry"]
 
 
-class MetricsError(Exception):
+class MetricsError(HotplugError):
     """The metrics endpoint cannot be served; the message says why and where."""
 
 

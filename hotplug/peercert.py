@@ -31,6 +31,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from hotplug.errors import HotplugError
+
 # OpenSSL's long attribute names (as getpeercert() reports them) -> RFC 4514 short names.
 _SHORT = {
     "commonName": "CN",
@@ -50,7 +52,7 @@ _SAN_TYPES = {"DNS": "DNS", "IP Address": "IP", "URI": "URI", "email": "email"}
 _SAN_PREFIXES = {name.lower(): name for name in _SAN_TYPES.values()}
 
 
-class PatternError(ValueError):
+class PatternError(HotplugError, ValueError):
     pass
 
 

@@ -22,25 +22,32 @@ file order (first match wins), `settings` may appear in one file only.
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 import ipaddress
-import math
 import re
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Literal, TypeVar, cast
+from typing import Literal, cast
 
-import yaml
-from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from hotplug import yamlsafe
+from hotplug import yamlnodes
 from hotplug.address import AddressError, Endpoint, parse_listen
-from hotplug.device import Device
+from hotplug.usb import Device
+from hotplug.yamlnodes import (
+    INT,
+    NULL,
+    LocatedError,
+    NodeReader,
+    closest,
+    describe_node,
+    join_key,
+    line_of,
+    suggest,
+)
 
 __all__ = [
     "DEFAULT_CONFIG_DIR",
@@ -121,25 +128,9 @@ for _name, _code in USB_CLASSES.items():
 # Errors
 
 
-class PolicyError(Exception):
-    """One problem in a policy, located by file, line (1-based) and key path.
-
-    str() is ready for a user:
-    `policy.d/20-lab.yaml:12: rules[1].match.vendor: expected 4 hex digits
-    (glob allowed), got 'zz'`. `line` is None for problems with a whole file
-    (cannot read it), `key` is None for problems not tied to a key (YAML syntax).
-    """
-
-    def __init__(self, file: str, line: int | None, key: str | None, message: str) -> None:
-        super().__init__(file, line, key, message)
-        self.file = file
-        self.line = line
-        self.key = key
-        self.message = message
-
-    def __str__(self) -> str:
-        where = self.file if self.line is None else f"{self.file}:{self.line}"
-        return ": ".join(part for part in (where, self.key, self.message) if part)
+class PolicyError(LocatedError):
+    """One problem in a policy, located by file, line (1-based) and key path
+    (`rules[0].match.vendor`; list indexes count from 0): see `LocatedError`."""
 
 
 class PolicyErrors(PolicyError):
@@ -476,14 +467,6 @@ def _valid_host(host: str) -> bool:
 # --------------------------------------------------------------------------
 # Parsing one file: YAML nodes -> pieces, errors collected
 
-_TAG = "tag:yaml.org,2002:"
-_NULL = _TAG + "null"
-_STR = _TAG + "str"
-_INT = _TAG + "int"
-_FLOAT = _TAG + "float"
-_BOOL = _TAG + "bool"
-_MERGE = _TAG + "merge"
-
 _TOP_KEYS = ("version", "targets", "rules", "settings")
 _TARGET_KEYS = (
     "address",
@@ -519,39 +502,6 @@ _HEX_TOKEN_RE = re.compile(r"[0-9a-f?]|\*|\[!?[0-9a-f-]+\]")
 _BUSID_RE = re.compile(r"[0-9.*?!\[\]-]+")
 _PROPERTY_RE = re.compile(r"[A-Za-z0-9_.]+")
 _HEX_CLASS_RE = re.compile(r"0x([0-9a-f]{1,2})|([0-9a-f]{2})")
-
-T = TypeVar("T")
-
-
-def _line(node: Node) -> int | None:
-    mark = node.start_mark
-    return None if mark is None else mark.line + 1
-
-
-def _got(node: Node) -> str:
-    if isinstance(node, MappingNode):
-        return "a mapping"
-    if isinstance(node, SequenceNode):
-        return "a list"
-    if node.tag == _NULL:
-        return "nothing"
-    if node.tag == _STR:
-        return repr(node.value)
-    return str(node.value)
-
-
-def _join(path: str | None, key: str) -> str:
-    return f"{path}.{key}" if path else key
-
-
-def _closest(word: str, choices: Sequence[str]) -> str | None:
-    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
-    return close[0] if close else None
-
-
-def _suggest(word: str, choices: Sequence[str]) -> str:
-    close = _closest(word, choices)
-    return f"; did you mean '{close}'?" if close else ""
 
 
 @dataclass
@@ -591,136 +541,12 @@ class _FileResult:
     settings: tuple[Settings, int | None] | None = None
 
 
-class _FileParser:
-    """Walks one file's node tree; reports every problem instead of stopping."""
+class _FileParser(NodeReader[PolicyError]):
+    """Walks one policy file's node tree; reports every problem instead of stopping."""
 
     def __init__(self, file: str, errors: list[PolicyError]) -> None:
-        self.file = file
-        self.errors = errors
+        super().__init__(file, errors, PolicyError)
         self.result = _FileResult()
-        # Keys suggested for misspelt keys by the last `mapping` call. A key
-        # in here is not reported again as missing: one mistake, one error.
-        self.suggested: set[str] = set()
-
-    # -- generic helpers ----------------------------------------------------
-
-    def error(self, node: Node | None, key: str | None, message: str) -> None:
-        line = None if node is None else _line(node)
-        self.errors.append(PolicyError(self.file, line, key, message))
-
-    def where(self, node: Node) -> str:
-        return f"{self.file}:{_line(node)}"
-
-    def std_tag(self, node: Node, key: str | None) -> bool:
-        if node.tag.startswith(_TAG):
-            return True
-        self.error(node, key, f"custom YAML tags are not supported, got {node.tag!r}")
-        return False
-
-    def mapping(
-        self,
-        node: Node,
-        key: str | None,
-        expected: str,
-        allowed: Sequence[str] | None = None,
-        nested: tuple[str, Sequence[str]] | None = None,
-    ) -> dict[str, tuple[Node, Node]] | None:
-        """{key text: (key node, value node)} in file order, or None if not a mapping.
-
-        Bad, duplicate and (if `allowed` is given) unknown keys are reported
-        and left out. `nested` = (section, its keys): an unknown key that
-        belongs in that sub-section is reported as mis-indented.
-        """
-        self.suggested = set()
-        if not self.std_tag(node, key):
-            return None
-        if not isinstance(node, MappingNode):
-            self.error(node, key, f"expected {expected}, got {_got(node)}")
-            return None
-        items: dict[str, tuple[Node, Node]] = {}
-        for knode, vnode in cast("list[tuple[Node, Node]]", node.value):
-            if knode.tag == _MERGE:
-                self.error(knode, key, "merge keys (<<) are not supported; repeat the keys")
-                continue
-            if not isinstance(knode, ScalarNode) or knode.tag == _NULL:
-                self.error(knode, key, f"expected a plain key, got {_got(knode)}")
-                continue
-            name = str(knode.value)
-            path = _join(key, name)
-            if name in items:
-                first = _line(items[name][0])
-                self.error(knode, path, f"duplicate key '{name}' (first given at line {first})")
-                continue
-            if allowed is not None and name not in allowed:
-                self.suggested.add(_closest(name, allowed) or "")
-                if nested is not None and name in nested[1]:
-                    hint = f"; '{name}' belongs under '{nested[0]}:' (check the indentation)"
-                else:
-                    hint = _suggest(name, allowed)
-                self.error(knode, path, f"unknown key{hint} (allowed here: {', '.join(allowed)})")
-                continue
-            items[name] = (knode, vnode)
-        return items
-
-    def text(self, node: Node, key: str, expected: str) -> str | None:
-        """A scalar's text exactly as written (so `0763` stays "0763")."""
-        if not self.std_tag(node, key):
-            return None
-        if not isinstance(node, ScalarNode) or node.tag == _NULL or node.value == "":
-            self.error(node, key, f"expected {expected}, got {_got(node)}")
-            return None
-        return str(node.value)
-
-    def number(
-        self, node: Node, key: str, expected: str, ok: Callable[[float], bool]
-    ) -> float | None:
-        value: float | None = None
-        if isinstance(node, ScalarNode) and node.tag in (_INT, _FLOAT):
-            constructor = SafeConstructor()
-            try:
-                if node.tag == _INT:
-                    value = float(constructor.construct_yaml_int(node))
-                else:
-                    value = float(constructor.construct_yaml_float(node))
-            except (ValueError, OverflowError, yaml.YAMLError):
-                value = None
-        if value is None or not math.isfinite(value) or not ok(value):
-            self.error(node, key, f"expected {expected}, got {_got(node)}")
-            return None
-        return value
-
-    def boolean(self, node: Node, key: str) -> bool | None:
-        if isinstance(node, ScalarNode) and node.tag == _BOOL:
-            return SafeConstructor().construct_yaml_bool(node)
-        self.error(node, key, f"expected true or false, got {_got(node)}")
-        return None
-
-    def one_or_many(
-        self, node: Node, key: str, parse: Callable[[Node, str], T | None]
-    ) -> tuple[T, ...] | None:
-        """A single value, or a list of values meaning "any of these"."""
-        if not isinstance(node, SequenceNode):
-            one = parse(node, key)
-            return None if one is None else (one,)
-        if not self.std_tag(node, key):
-            return None
-        items = cast("list[Node]", node.value)
-        if not items:
-            self.error(node, key, "expected at least one value, got an empty list")
-            return None
-        results = [parse(item, f"{key}[{i}]") for i, item in enumerate(items)]
-        good = [r for r in results if r is not None]
-        return tuple(good) if len(good) == len(results) else None
-
-    def sequence(self, node: Node, key: str, expected: str) -> list[Node] | None:
-        if not self.std_tag(node, key):
-            return None
-        if node.tag == _NULL:
-            return []
-        if not isinstance(node, SequenceNode):
-            self.error(node, key, f"expected {expected}, got {_got(node)}")
-            return None
-        return cast("list[Node]", node.value)
 
     # -- the file -------------------------------------------------------------
 
@@ -734,7 +560,7 @@ class _FileParser:
         if top is None:
             return self.result
         unknown = [(name, knode) for name, (knode, _) in top.items() if name not in _TOP_KEYS]
-        suggested = {_closest(name, _TOP_KEYS) for name, _ in unknown}
+        suggested = {closest(name, _TOP_KEYS) for name, _ in unknown}
         if "version" not in top:
             if "version" not in suggested:
                 self.error(root, "version", "missing; every policy file starts with 'version: 1'")
@@ -742,20 +568,20 @@ class _FileParser:
             vnode = top["version"][1]
             if not (
                 isinstance(vnode, ScalarNode)
-                and vnode.tag == _INT
+                and vnode.tag == INT
                 and vnode.value == str(SUPPORTED_VERSION)
             ):
                 self.error(
                     vnode,
                     "version",
                     f"expected {SUPPORTED_VERSION} (the only version this usbip-hotplug "
-                    f"understands), got {_got(vnode)}",
+                    f"understands), got {describe_node(vnode)}",
                 )
                 return self.result  # another version's keys would only add noise
         for name, knode in unknown:
             allowed = ", ".join(_TOP_KEYS)
             self.error(
-                knode, name, f"unknown key{_suggest(name, _TOP_KEYS)} (allowed here: {allowed})"
+                knode, name, f"unknown key{suggest(name, _TOP_KEYS)} (allowed here: {allowed})"
             )
         if "targets" in top:
             self.targets(top["targets"][1])
@@ -765,55 +591,22 @@ class _FileParser:
             knode, snode = top["settings"]
             settings = self.settings(snode)
             if settings is not None:
-                self.result.settings = (settings, _line(knode))
+                self.result.settings = (settings, line_of(knode))
         return self.result
-
-    def compose(self, text: str) -> Node | None:
-        try:
-            return yamlsafe.compose(text)
-        except yamlsafe.YamlRefused as e:
-            self.errors.append(PolicyError(self.file, e.line, None, e.message))
-        except yaml.MarkedYAMLError as e:
-            mark = e.problem_mark or e.context_mark
-            message = f"invalid YAML: {e.problem or e.context or 'syntax error'}"
-            if e.context and e.problem and e.problem.startswith("but "):
-                message = f"invalid YAML: {e.context}, {e.problem}"
-            elif e.context and e.problem:
-                ctx_line = e.context_mark.line + 1 if e.context_mark else None
-                at = f" at line {ctx_line}" if ctx_line and ctx_line != _mark_line(mark) else ""
-                message += f" ({e.context}{at})"
-            if "'\\t'" in message:
-                message += "; indent with spaces, not tabs"
-            self.errors.append(PolicyError(self.file, _mark_line(mark), None, message))
-        except yaml.reader.ReaderError as e:
-            position = e.position if isinstance(e.position, int) else 0
-            line = text.count("\n", 0, position) + 1
-            char = e.character
-            shown = f"#x{char:04x}" if isinstance(char, int) else repr(char)
-            self.errors.append(
-                PolicyError(self.file, line, None, f"invalid YAML: character {shown}: {e.reason}")
-            )
-        except yaml.YAMLError as e:
-            self.errors.append(PolicyError(self.file, None, None, f"invalid YAML: {e}"))
-        except RecursionError:
-            self.errors.append(
-                PolicyError(self.file, None, None, "invalid YAML: nested too deeply")
-            )
-        return None
 
     # -- targets ------------------------------------------------------------
 
     def targets(self, node: Node) -> None:
-        if node.tag == _NULL:
+        if node.tag == NULL:
             return
         items = self.mapping(node, "targets", "a mapping of target names to targets")
         for name, (knode, vnode) in (items or {}).items():
             self.result.targets.append(
-                _TargetDef(name, self.file, _line(knode), self.target(name, knode, vnode))
+                _TargetDef(name, self.file, line_of(knode), self.target(name, knode, vnode))
             )
 
     def target(self, name: str, knode: Node, node: Node) -> Target | None:
-        path = _join("targets", name)
+        path = join_key("targets", name)
         before = len(self.errors)
         if not _TARGET_NAME_RE.fullmatch(name):
             self.error(
@@ -834,18 +627,18 @@ class _FileParser:
         address_text: str | None = None
         if "address" not in items:
             if "address" not in suggested:
-                self.error(knode, _join(path, "address"), "missing; expected 'host[:port]'")
+                self.error(knode, join_key(path, "address"), "missing; expected 'host[:port]'")
         else:
             anode = items["address"][1]
-            address_text = self.text(anode, _join(path, "address"), "'host[:port]'")
+            address_text = self.text(anode, join_key(path, "address"), "'host[:port]'")
             if address_text is not None:
                 try:
                     address = parse_address(address_text)
                 except ValueError as e:
-                    self.error(anode, _join(path, "address"), str(e))
+                    self.error(anode, join_key(path, "address"), str(e))
 
         if "fallback" in items:
-            fkey = _join(path, "fallback")
+            fkey = join_key(path, "fallback")
             fnode = items["fallback"][1]
             names = self.one_or_many(fnode, fkey, self.fallback_name)
             if names is not None:
@@ -860,32 +653,34 @@ class _FileParser:
                     elif fname in seen:
                         self.error(enode, ekey, f"'{fname}' is listed twice")
                     else:
-                        self.result.refs.append(_Ref(fname, self.file, _line(enode), ekey, name))
+                        self.result.refs.append(_Ref(fname, self.file, line_of(enode), ekey, name))
                     seen.add(fname)
                 fields["fallback"] = names
 
         for tkey in ("connect_timeout", "handshake_timeout"):
             if tkey in items:
                 fields[tkey] = self.number(
-                    items[tkey][1], _join(path, tkey), "a number of seconds > 0", lambda v: v > 0
+                    items[tkey][1], join_key(path, tkey), "a number of seconds > 0", lambda v: v > 0
                 )
 
         if "retry" in items:
-            fields["retry"] = self.retry(items["retry"][1], _join(path, "retry"))
+            fields["retry"] = self.retry(items["retry"][1], join_key(path, "retry"))
 
         tls: dict[str, str | None] = {}
         for tkey in ("cert", "key", "ca"):
             if tkey in items:
                 vnode = items[tkey][1]
-                value = self.text(vnode, _join(path, tkey), "an absolute file path")
+                value = self.text(vnode, join_key(path, tkey), "an absolute file path")
                 if value is not None and not value.startswith("/"):
                     self.error(
-                        vnode, _join(path, tkey), f"expected an absolute file path, got {value!r}"
+                        vnode,
+                        join_key(path, tkey),
+                        f"expected an absolute file path, got {value!r}",
                     )
                 elif address is not None and address[0] == "tcp":
                     self.error(
                         items[tkey][0],
-                        _join(path, tkey),
+                        join_key(path, tkey),
                         f"only tls:// and wss:// targets take '{tkey}', "
                         f"got a plain tcp address {address_text!r}",
                     )
@@ -893,7 +688,7 @@ class _FileParser:
         if ("cert" in tls) != ("key" in tls):
             have, missing = ("cert", "key") if "cert" in tls else ("key", "cert")
             self.error(
-                items[have][0], _join(path, missing), f"missing; '{have}' needs '{missing}' too"
+                items[have][0], join_key(path, missing), f"missing; '{have}' needs '{missing}' too"
             )
 
         if len(self.errors) > before or address is None:
@@ -931,7 +726,7 @@ class _FileParser:
         ok = True
         for key, (expected, check) in checks.items():
             if key in items:
-                got = self.number(items[key][1], _join(path, key), expected, check)
+                got = self.number(items[key][1], join_key(path, key), expected, check)
                 if got is None:
                     ok = False
                 else:
@@ -949,7 +744,7 @@ class _FileParser:
             key = "max" if "max" in items else "initial"
             self.error(
                 where,
-                _join(path, key),
+                join_key(path, key),
                 f"expected max >= initial, got initial {policy.initial:g} and max {policy.max:g}",
             )
             return None
@@ -958,7 +753,7 @@ class _FileParser:
     # -- settings -------------------------------------------------------------
 
     def settings(self, node: Node) -> Settings | None:
-        if node.tag == _NULL:
+        if node.tag == NULL:
             return None
         items = self.mapping(node, "settings", "a mapping", _SETTINGS_KEYS)
         if items is None:
@@ -986,7 +781,7 @@ class _FileParser:
 
     def metrics(self, node: Node) -> Endpoint | None:
         key = "settings.metrics"
-        if node.tag == _NULL:
+        if node.tag == NULL:
             return None  # `metrics:` with its keys commented out: off
         items = self.mapping(node, key, "a mapping with 'listen'", _METRICS_KEYS)
         if items is None or "listen" not in items:
@@ -1024,16 +819,16 @@ class _FileParser:
         name_line: int | None = None
         if "name" in items:
             knode, vnode = items["name"]
-            name = self.text(vnode, _join(path, "name"), "a rule name")
-            name_line = _line(knode)
+            name = self.text(vnode, join_key(path, "name"), "a rule name")
+            name_line = line_of(knode)
 
         conditions: tuple[Condition, ...] | None = None
         if "match" not in items:
             if "match" not in suggested:
                 message = "missing; use 'match: {}' to match every device"
-                self.error(node, _join(path, "match"), message)
+                self.error(node, join_key(path, "match"), message)
         else:
-            conditions = self.match(items["match"][1], _join(path, "match"))
+            conditions = self.match(items["match"][1], join_key(path, "match"))
 
         action: Action | None = None
         target: str | None = None
@@ -1045,21 +840,21 @@ class _FileParser:
             )
         elif "export" in items:
             enode = items["export"][1]
-            target = self.text(enode, _join(path, "export"), "a target name")
+            target = self.text(enode, join_key(path, "export"), "a target name")
             if target is not None:
                 action = "export"
                 self.result.refs.append(
-                    _Ref(target, self.file, _line(enode), _join(path, "export"))
+                    _Ref(target, self.file, line_of(enode), join_key(path, "export"))
                 )
         elif "action" in items:
             anode = items["action"][1]
-            value = self.text(anode, _join(path, "action"), "'ignore'")
+            value = self.text(anode, join_key(path, "action"), "'ignore'")
             if value == "ignore":
                 action = "ignore"
             elif value is not None:
                 self.error(
                     anode,
-                    _join(path, "action"),
+                    join_key(path, "action"),
                     f"expected 'ignore' (to export, write 'export: TARGET'), got {value!r}",
                 )
         elif not suggested & {"export", "action"}:
@@ -1068,7 +863,7 @@ class _FileParser:
         rule: Rule | None = None
         if len(self.errors) == before and conditions is not None and action is not None:
             rule = Rule(name or "", conditions, action, target, self.where(node))
-        self.result.rules.append(_RuleDef(name, self.file, _line(node), path, name_line, rule))
+        self.result.rules.append(_RuleDef(name, self.file, line_of(node), path, name_line, rule))
 
     def match(self, node: Node, path: str) -> tuple[Condition, ...] | None:
         items = self.mapping(
@@ -1079,7 +874,7 @@ class _FileParser:
         before = len(self.errors)
         conditions: list[Condition] = []
         for key, (_, vnode) in items.items():
-            kpath = _join(path, key)
+            kpath = join_key(path, key)
             if key == "property":
                 conditions.extend(self.properties(vnode, kpath))
                 continue
@@ -1119,7 +914,7 @@ class _FileParser:
             self.error(node, path, "expected at least one udev property, got an empty mapping")
         conditions: list[Condition] = []
         for name, (knode, vnode) in items.items():
-            kpath = _join(path, name)
+            kpath = join_key(path, name)
             if not _PROPERTY_RE.fullmatch(name):
                 self.error(
                     knode, kpath, f"expected a udev property name like ID_MODEL, got {name!r}"
@@ -1172,13 +967,9 @@ class _FileParser:
         m = _HEX_CLASS_RE.fullmatch(word)
         if m:
             return int(m.group(1) or m.group(2), 16)
-        hint = _suggest(word, list(USB_CLASSES))
+        hint = suggest(word, list(USB_CLASSES))
         self.error(node, key, f"expected {expected}, got {text!r}{hint}")
         return None
-
-
-def _mark_line(mark: yaml.Mark | None) -> int | None:
-    return None if mark is None else mark.line + 1
 
 
 def _is_hex_glob(text: str) -> bool:
@@ -1242,7 +1033,7 @@ def parse_policy(sources: Sequence[tuple[str, str]]) -> Policy:
                     PolicyError(
                         tdef.file,
                         tdef.line,
-                        _join("targets", tdef.name),
+                        join_key("targets", tdef.name),
                         f"target '{tdef.name}' is already defined at {declared[tdef.name]}; "
                         "target names must be unique across all policy files",
                     )
@@ -1277,7 +1068,7 @@ def parse_policy(sources: Sequence[tuple[str, str]]) -> Policy:
                         ref.file,
                         ref.line,
                         ref.key,
-                        f"unknown target '{ref.name}'{_suggest(ref.name, known)} ({listing})",
+                        f"unknown target '{ref.name}'{suggest(ref.name, known)} ({listing})",
                     )
                 )
     errors.extend(_cycle_errors(targets, [r for res in results for r in res.refs if r.owner]))
@@ -1293,7 +1084,7 @@ def parse_policy(sources: Sequence[tuple[str, str]]) -> Policy:
                 PolicyError(
                     rdef.file,
                     rdef.name_line or rdef.line,
-                    _join(rdef.key, "name"),
+                    join_key(rdef.key, "name"),
                     f"rule name '{name}' is already used at {rule_names[name]}; "
                     "give each rule its own name",
                 )
@@ -1406,11 +1197,11 @@ def load_policy(path: str | Path | None = None) -> Policy:
     for file in files:
         try:
             with file.open("rb") as f:
-                data = yamlsafe.read_limited(f)  # parse_policy refuses a larger file
+                data = yamlnodes.read_limited(f)  # parse_policy refuses a larger file
         except OSError as e:
             raise PolicyError(str(file), None, None, f"cannot read: {e.strerror}") from e
-        if len(data) > yamlsafe.MAX_FILE_BYTES:
-            raise PolicyError(str(file), None, None, yamlsafe.TOO_LARGE)
+        if len(data) > yamlnodes.MAX_FILE_BYTES:
+            raise PolicyError(str(file), None, None, yamlnodes.TOO_LARGE)
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as e:

@@ -65,7 +65,8 @@ from dataclasses import dataclass
 from enum import Enum, IntEnum
 from typing import Final, TypeAlias
 
-from hotplug.device import Speed
+from hotplug.errors import HotplugError
+from hotplug.usb import Speed
 
 __all__ = [
     "DEFAULT_PORT",
@@ -119,7 +120,7 @@ _INTERFACE = struct.Struct(">BBBB")
 _U32 = struct.Struct(">I")
 
 
-class ProtocolError(ValueError):
+class ProtocolError(HotplugError, ValueError):
     """The peer sent bytes that are not a valid USB/IP control PDU."""
 
 

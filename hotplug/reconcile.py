@@ -23,8 +23,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from hotplug.device import Device
 from hotplug.policy import Policy, Target
+from hotplug.usb import Device
 
 Phase = Literal["idle", "exporting", "exported", "backoff", "unexporting", "releasing", "foreign"]
 BUSY: frozenset[str] = frozenset({"exporting", "unexporting", "releasing"})

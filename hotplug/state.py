@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from hotplug.errors import HotplugError
+
 DEVICE_SIDE_DIR = "/run/usbip-hotplug"
 APP_SIDE_DIR = "/run/usbipa"
 
@@ -27,7 +29,7 @@ def default_dir(kind: str) -> Path:
     return Path(env or (DEVICE_SIDE_DIR if kind == "device" else APP_SIDE_DIR))
 
 
-class StateError(Exception):
+class StateError(HotplugError):
     pass
 
 

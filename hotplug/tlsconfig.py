@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from hotplug.errors import HotplugError
 from hotplug.peercert import PeerCert
 
 Role = Literal["client", "server"]
@@ -31,7 +32,7 @@ MIN_VERSION = ssl.TLSVersion.TLSv1_2
 _NO_CHECK_TIME = 0x200000
 
 
-class CertError(Exception):
+class CertError(HotplugError):
     """A certificate, key or CA file cannot be used; the message says which and why."""
 
 

@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
 from hotplug.address import AddressError, Endpoint, parse_endpoint
+from hotplug.errors import HotplugError
 from hotplug.policy import Scheme, Target, TlsOptions, parse_address
 from hotplug.spawn import CHILD_CWD, child_env, python_module
 
@@ -41,7 +42,7 @@ RELAY_LOG_ENV = "USBIP_HOTPLUG_RELAY_LOG"  # a file the relay process logs to (d
 STARTUP_MARGIN = 10.0  # seconds the relay process may take to start, on top of the timeouts
 
 
-class TransportError(Exception):
+class TransportError(HotplugError):
     """A secure connection could not be made or used; the message says why."""
 
 

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from hotplug import log
-from hotplug.device import SYSFS_SPEEDS, Device, Speed
 from hotplug.events import DeviceEvent
 from hotplug.kernel.sysfs import BUSID_RE, KernelError, SysfsPaths, list_devices, read_interfaces
+from hotplug.usb import SYSFS_SPEEDS, Device, Speed
 
 logger = log.get("hotplug.udev")
 

@@ -36,11 +36,11 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from hotplug.device import Speed
 from hotplug.kernel.stub import UsbipHost
 from hotplug.kernel.sysfs import KernelError, SysfsPaths, _explain_write_error
 from hotplug.kernel.vhci import PortState, Vhci, parse_status
 from hotplug.spawn import CHILD_CWD, child_env, python_module
+from hotplug.usb import Speed
 
 STATUS_HEADER = "hub port sta spd dev      sockfd local_busid"
 RX_CAP = 1 << 20

@@ -14,14 +14,15 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from hotplug.device import SYSFS_SPEEDS, Device, Interface, Speed
+from hotplug.errors import HotplugError
+from hotplug.usb import SYSFS_SPEEDS, Device, Interface, Speed
 
 # A USB device (not a root hub "usb1", not an interface "1-1:1.0"). ASCII digits
 # and \Z, not \d and $: "1-1\n" and fullwidth or Arabic-Indic digits are not busids.
 BUSID_RE = re.compile(r"\A[0-9]+-[0-9]+(?:\.[0-9]+)*\Z")
 
 
-class KernelError(Exception):
+class KernelError(HotplugError):
     """A kernel interface refused or is missing; the message says what to do."""
 
 

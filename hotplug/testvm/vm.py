@@ -57,6 +57,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
+from hotplug.errors import HotplugError
+
 __all__ = [
     "GuestCommandError",
     "GuestProcess",
@@ -119,7 +121,7 @@ FRAME_MARK = "\x1eUSBIPVM "
 OutputFn = Callable[[str], None]
 
 
-class VMError(Exception):
+class VMError(HotplugError):
     """Something went wrong with the test VM."""
 
 

@@ -13,9 +13,9 @@ from pathlib import Path
 from bench.harness import FakeKernel
 from hotplug.appd import Appd
 from hotplug.appd_config import AllowRule, AppdConfig, parse_network
-from hotplug.device import Speed
 from hotplug.export import Timeouts, export
 from hotplug.kernel.fake import FakeVhci
+from hotplug.usb import Speed
 from tests.fault.test_appd_bookkeeping import LoopThread
 
 

@@ -17,7 +17,6 @@ from hypothesis import strategies as st
 
 from bench.harness import FakeKernel, Usbipa
 from hotplug.appd import LOG_BURST, LOG_WINDOW, SESSION_POLL_INTERVAL
-from hotplug.device import Speed
 from hotplug.protocol import (
     DeviceRecord,
     DevlistRequest,
@@ -27,6 +26,7 @@ from hotplug.protocol import (
     UnexportRequest,
     encode,
 )
+from hotplug.usb import Speed
 from tests.fault.checks import (
     assert_no_leaks,
     assert_serves,

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 
-from hotplug.device import Device, Speed
 from hotplug.export import bare_record
 from hotplug.kernel.fake import FakeTree, FakeUsbDevice
 from hotplug.protocol import (
@@ -28,6 +27,7 @@ from hotplug.protocol import (
     UnexportStatus,
     encode,
 )
+from hotplug.usb import Device, Speed
 from tests.helpers import running_usbipa, wait_for
 from tests.integration.test_connect_usbipa import used_ports
 from tests.integration.tls_support import log_of, raw_tls_client, secure_usbipa

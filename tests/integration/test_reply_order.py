@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from hotplug.address import Endpoint
-from hotplug.device import Speed
 from hotplug.export import ExportError, Timeouts, device_record, export
 from hotplug.kernel.fake import USBIP_CMD_SUBMIT, FakeTree
 from hotplug.kernel.sysfs import read_device
@@ -27,6 +26,7 @@ from hotplug.protocol import (
     decode_header,
     encode,
 )
+from hotplug.usb import Speed
 from tests.helpers import running_usbipa, wait_for
 from tests.integration.conftest import DISK
 from tests.integration.test_connect_usbipa import driver, stub_status, used_ports

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from hotplug.appd_config import ConfigError, parse_config
-from hotplug.yamlsafe import MAX_FILE_BYTES
+from hotplug.yamlnodes import MAX_FILE_BYTES
 
 
 def config_error(text: str) -> str:

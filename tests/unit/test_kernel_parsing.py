@@ -9,11 +9,11 @@ import pytest
 
 from hotplug.address import AddressError, Endpoint, parse_endpoint
 from hotplug.appd_config import AllowRule, AppdConfig, ConfigError, authorize, parse_config
-from hotplug.device import Speed
 from hotplug.kernel import sysfs
 from hotplug.kernel.sysfs import SysfsPaths
 from hotplug.kernel.vhci import PortRecord, VhciStatusError, parse_status, pick_free_port
 from hotplug.log import encode_journal
+from hotplug.usb import Speed
 from hotplug.usbids import parse as parse_usbids
 
 # As printed by Debian's 6.1 kernel (8 ports per hub), one port used.

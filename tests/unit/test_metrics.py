@@ -39,12 +39,12 @@ from hotplug.appd_config import (
 )
 from hotplug.appd_metrics import REASONS, refusal_reason
 from hotplug.channel import Channel
-from hotplug.device import Speed
 from hotplug.kernel.vhci import PortState
 from hotplug.metrics import MetricsError, MetricsServer
 from hotplug.peercert import PeerCert, parse_subject_pattern
 from hotplug.policy import PolicyError, parse_policy
 from hotplug.relay import loopback_pair, relay
+from hotplug.usb import Speed
 from tests.helpers import wait_for
 from tests.tlscerts import Pki
 from tests.unit.test_appd_sessions import StandInVhci, session

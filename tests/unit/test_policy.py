@@ -14,7 +14,6 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hotplug.device import Device, Interface, Speed
 from hotplug.policy import (
     Decision,
     Policy,
@@ -28,7 +27,8 @@ from hotplug.policy import (
     parse_address,
     parse_policy,
 )
-from hotplug.yamlsafe import MAX_FILE_BYTES, MAX_NODES
+from hotplug.usb import Device, Interface, Speed
+from hotplug.yamlnodes import MAX_FILE_BYTES, MAX_NODES
 
 REPO = Path(__file__).resolve().parents[2]
 CASES = Path(__file__).with_name("policy_cases")

@@ -11,7 +11,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hotplug.device import Speed
 from hotplug.protocol import (
     DEFAULT_PORT,
     DEVICE_RECORD_SIZE,
@@ -43,6 +42,7 @@ from hotplug.protocol import (
     decode_header,
     encode,
 )
+from hotplug.usb import Speed
 
 
 def h(*parts: str) -> bytes:

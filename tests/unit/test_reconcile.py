@@ -6,7 +6,6 @@ from dataclasses import replace
 
 import pytest
 
-from hotplug.device import Device, Interface, Speed
 from hotplug.policy import RetryPolicy, Target, parse_policy
 from hotplug.reconcile import (
     Abort,
@@ -27,6 +26,7 @@ from hotplug.reconcile import (
     status_line,
     unexport_finished,
 )
+from hotplug.usb import Device, Interface, Speed
 
 LAB = Target(
     name="lab",

@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from hotplug.device import Interface, Speed
 from hotplug.events import DeviceEvent, JsonLinesSource, write_event
 from hotplug.kernel.fake import FakeTree, FakeUsbDevice
 from hotplug.udev import UdevSource, device_from_udev, event_from_udev
+from hotplug.usb import Interface, Speed
 
 
 @dataclass

@@ -405,9 +405,9 @@ class StallingDevice(threading.Thread):
 
     def __init__(self, address: tuple[str, int]) -> None:
         super().__init__(daemon=True)
-        from hotplug.device import Device, Speed
         from hotplug.export import device_record
         from hotplug.protocol import ExportRequest, encode
+        from hotplug.usb import Device, Speed
 
         record = device_record(
             Device(
