@@ -34,10 +34,11 @@ from pathlib import Path
 from typing import Any
 
 from bench.harness import machine, percentile, proc_stats
-from hotplug.channel import Channel, Inbox, TlsStream, WebSocketChannel
-from hotplug.export import Timeouts
 from hotplug.policy import TlsOptions
-from hotplug.protocol import (
+from hotplug.transport import Remote, run_tunnel
+from hotplug.usb import Speed
+from hotplug.wire.channel import Channel, Inbox, TlsStream, WebSocketChannel
+from hotplug.wire.protocol import (
     DEVICE_RECORD_SIZE,
     HEADER_SIZE,
     DeviceRecord,
@@ -46,10 +47,9 @@ from hotplug.protocol import (
     ExportStatus,
     encode,
 )
-from hotplug.relay import loopback_pair, relay
-from hotplug.tlsconfig import server_context
-from hotplug.transport import Remote, run_tunnel
-from hotplug.usb import Speed
+from hotplug.wire.relay import loopback_pair, relay
+from hotplug.wire.sockets import Timeouts
+from hotplug.wire.tls import server_context
 
 CHUNK = 256 * 1024
 PING = 48

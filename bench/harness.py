@@ -39,10 +39,10 @@ from typing import Any, cast
 
 import yaml
 
-from hotplug.address import Endpoint
 from hotplug.kernel.fake import FakeTree, FakeUsbDevice, FakeUsbipHost, FakeVhci
 from hotplug.kernel.sysfs import KernelError
 from hotplug.kernel.vhci import PortState
+from hotplug.wire.address import Endpoint
 from tests.helpers import NotifySocket, env_for, wait_for
 
 __all__ = [

@@ -63,14 +63,15 @@ from bench.harness import (
     wait_for,
 )
 from hotplug import log
-from hotplug.address import Endpoint
 from hotplug.appd import Appd
 from hotplug.appd_config import AllowRule, AppdConfig, parse_network
-from hotplug.export import Timeouts, device_record, export, unexport
+from hotplug.export import device_record, export, unexport
 from hotplug.kernel.sysfs import read_device
 from hotplug.policy import Policy, parse_policy
-from hotplug.protocol import DeviceRecord, ExportRequest
 from hotplug.usb import Device, Speed
+from hotplug.wire.address import Endpoint
+from hotplug.wire.protocol import DeviceRecord, ExportRequest
+from hotplug.wire.sockets import Timeouts
 
 P = ParamSpec("P")
 R = TypeVar("R")

@@ -4,7 +4,7 @@
 
 One asyncio client opens --connections TCP connections to a real usbipa at
 once, each sending OP_REQ_EXPORT for a distinct device (busid, busnum/devnum)
-built with hotplug.protocol; after a status-0 reply the fake vhci holds the
+built with hotplug.wire.protocol; after a status-0 reply the fake vhci holds the
 socket, and the client keeps its end open, as usbip-host would. Then it sends
 as many OP_REQ_UNEXPORT, each on a new connection, all at once.
 
@@ -47,7 +47,8 @@ from bench.harness import (
     summary,
     wait_for,
 )
-from hotplug.protocol import (
+from hotplug.usb import Speed
+from hotplug.wire.protocol import (
     HEADER_SIZE,
     DeviceRecord,
     ExportRequest,
@@ -56,7 +57,6 @@ from hotplug.protocol import (
     decode_header,
     encode,
 )
-from hotplug.usb import Speed
 
 PORTS_PER_HUB = 15  # USB_SS_MAXPORTS: the kernel's vhci_hcd allows no more per hub
 BARE_REQUEST = b"\x01\x11\x80\x06\x00\x00\x00\x00"

@@ -897,10 +897,11 @@ def floor_main(args: argparse.Namespace) -> int:
     one with the serial prefix appears, export it, print a JSON report),
     `release` (unexport it: usbipa detaches, the device goes back to its driver).
     """
-    from hotplug.address import parse_endpoint
-    from hotplug.export import ExportError, Timeouts, export, unexport
+    from hotplug.export import ExportError, export, unexport
     from hotplug.kernel.stub import UsbipHost
     from hotplug.kernel.sysfs import KernelError
+    from hotplug.wire.address import parse_endpoint
+    from hotplug.wire.sockets import Timeouts
 
     stub = UsbipHost()
     endpoint = parse_endpoint(args.target)

@@ -33,13 +33,14 @@ from hotplug.appd_config import (
 )
 from hotplug.appd_link import LinkRefused, PlainLink, SecureLink, SecureServer
 from hotplug.errors import HotplugError
-from hotplug.export import Timeouts, tune_socket
 from hotplug.kernel.sysfs import KernelError
 from hotplug.kernel.vhci import PortRecord, PortState, Vhci, VhciPort
 from hotplug.notify import Notifier
-from hotplug.peercert import PeerCert
 from hotplug.privdir import ensure_private_dir
-from hotplug.protocol import (
+from hotplug.state import RecordDir, StateError, default_dir
+from hotplug.usb import Speed
+from hotplug.wire.peercert import PeerCert
+from hotplug.wire.protocol import (
     Decoder,
     DeviceRecord,
     DevlistReply,
@@ -59,8 +60,7 @@ from hotplug.protocol import (
     UnexportStatus,
     encode,
 )
-from hotplug.state import RecordDir, StateError, default_dir
-from hotplug.usb import Speed
+from hotplug.wire.sockets import Timeouts, tune_socket
 
 logger = log.get("usbipa")
 

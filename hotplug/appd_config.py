@@ -20,9 +20,9 @@ from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from hotplug import yamlnodes
-from hotplug.address import DEFAULT_PORT, AddressError, Endpoint, parse_listen
 from hotplug.errors import HotplugError
-from hotplug.peercert import (
+from hotplug.wire.address import DEFAULT_PORT, AddressError, Endpoint, parse_listen
+from hotplug.wire.peercert import (
     PatternError,
     PeerCert,
     SanPattern,

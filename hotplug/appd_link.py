@@ -22,12 +22,12 @@ from collections.abc import Callable
 
 from hotplug import log
 from hotplug.appd_config import AppdConfig
-from hotplug.channel import Channel, ChannelError, Inbox, TlsStream, WebSocketChannel
 from hotplug.errors import HotplugError
-from hotplug.export import Timeouts, tune_socket
-from hotplug.peercert import PeerCert
-from hotplug.relay import loopback_pair, relay
-from hotplug.tlsconfig import check_pair, describe, issued_by, server_context
+from hotplug.wire.channel import Channel, ChannelError, Inbox, TlsStream, WebSocketChannel
+from hotplug.wire.peercert import PeerCert
+from hotplug.wire.relay import loopback_pair, relay
+from hotplug.wire.sockets import Timeouts, tune_socket
+from hotplug.wire.tls import check_pair, describe, issued_by, server_context
 
 logger = log.get("usbipa")
 

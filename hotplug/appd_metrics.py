@@ -22,10 +22,11 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from hotplug import log
-from hotplug.address import Endpoint
 from hotplug.appd_config import AppdConfig, peer_address
 from hotplug.metrics import MetricsServer, new_registry
-from hotplug.protocol import (
+from hotplug.usb import Speed
+from hotplug.wire.address import Endpoint
+from hotplug.wire.protocol import (
     DeviceRecord,
     DevlistRequest,
     ExportRequest,
@@ -33,13 +34,12 @@ from hotplug.protocol import (
     Pdu,
     UnexportRequest,
 )
-from hotplug.usb import Speed
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
     from hotplug.appd import Appd, Session
-    from hotplug.peercert import PeerCert
+    from hotplug.wire.peercert import PeerCert
 
 logger = log.get("usbipa")
 

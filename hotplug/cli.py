@@ -13,16 +13,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from hotplug import __version__, log, usbids
-from hotplug.address import AddressError, Endpoint, parse_endpoint
 from hotplug.errors import HotplugError
-from hotplug.export import (
-    ExportError,
-    Timeouts,
-    export,
-    export_gadget,
-    unexport,
-    unexport_gadget,
-)
+from hotplug.export import ExportError, export, export_gadget, unexport, unexport_gadget
 from hotplug.kernel import KernelError, make_stub
 from hotplug.kernel.stub import STUB_DRIVER, StubStatus, UsbipHost
 from hotplug.kernel.sysfs import BUSID_RE, list_devices, validate_busid
@@ -30,6 +22,8 @@ from hotplug.kernel.vudc import VUDC_RE, Vudc
 from hotplug.printable import printable
 from hotplug.state import RecordDir, RecordTaken, StateError, default_dir, writer_alive
 from hotplug.transport import Remote, parse_remote
+from hotplug.wire.address import AddressError, Endpoint, parse_endpoint
+from hotplug.wire.sockets import Timeouts
 
 Handler = Callable[[argparse.Namespace], int]
 _COMMANDS: dict[str, Handler] = {}
@@ -321,7 +315,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_cert_fingerprint(args: argparse.Namespace) -> int:
-    from hotplug.tlsconfig import CertError, check_pair, fingerprint
+    from hotplug.wire.tls import CertError, check_pair, fingerprint
 
     try:
         print(fingerprint(args.cert))

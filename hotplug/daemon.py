@@ -27,22 +27,13 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from hotplug import log, usbids
-from hotplug.address import Endpoint
 from hotplug.control import ControlError, bind_control_socket, serve, socket_path
 from hotplug.events import DeviceEvent, EventSource
-from hotplug.export import Attempt, ExportError, Timeouts, export, unexport
+from hotplug.export import Attempt, ExportError, export, unexport
 from hotplug.kernel.stub import STUB_DRIVER, TABLE_SLOTS, StubStatus, UsbipHost
 from hotplug.kernel.sysfs import KernelError, busid_sort_key, driver_name
 from hotplug.notify import Notifier
-from hotplug.policy import (
-    DEFAULT_CONFIG_DIR,
-    Policy,
-    PolicyError,
-    Target,
-    TlsOptions,
-    load_policy,
-    parse_address,
-)
+from hotplug.policy import DEFAULT_CONFIG_DIR, Policy, PolicyError, Target, TlsOptions, load_policy
 from hotplug.reconcile import (
     Abort,
     Action,
@@ -65,6 +56,8 @@ from hotplug.state import RecordDir, RecordTaken, StateError, writer_alive
 from hotplug.transport import remote_for_target
 from hotplug.usb import Device
 from hotplug.watch import PolicyWatcher
+from hotplug.wire.address import Endpoint, parse_address
+from hotplug.wire.sockets import Timeouts
 
 logger = log.get("hotplug.daemon")
 
@@ -305,8 +298,7 @@ class Daemon:
             log.event(
                 logger,
                 logging.ERROR,
-                f"stopping with the record of {busid} unwritten: the next start will not"
-                " adopt it",
+                f"stopping with the record of {busid} unwritten: the next start will not adopt it",
                 busid=busid,
                 event="state-error",
             )

@@ -20,11 +20,11 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from hotplug import log
-from hotplug.address import Endpoint
 from hotplug.kernel.stub import TABLE_SLOTS, UsbipHost
 from hotplug.kernel.sysfs import KernelError
 from hotplug.metrics import MetricsError, MetricsServer, new_registry
 from hotplug.reconcile import Note, Slot, Wanted
+from hotplug.wire.address import Endpoint
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric

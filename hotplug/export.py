@@ -17,13 +17,15 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from hotplug import log
-from hotplug.address import Endpoint
 from hotplug.errors import HotplugError
 from hotplug.faultpoints import reach
 from hotplug.kernel.stub import STUB_DRIVER, StubStatus, UsbipHost
 from hotplug.kernel.sysfs import DeviceNotFound, KernelError, read_device
 from hotplug.kernel.vudc import Vudc
-from hotplug.protocol import (
+from hotplug.transport import Remote, TransportError, run_tunnel
+from hotplug.usb import Device, Speed
+from hotplug.wire.address import Endpoint
+from hotplug.wire.protocol import (
     HEADER_SIZE,
     DeviceRecord,
     ExportRequest,
@@ -36,26 +38,13 @@ from hotplug.protocol import (
     decode_header,
     encode,
 )
-from hotplug.transport import Remote, TransportError, run_tunnel
-from hotplug.usb import Device, Speed
+from hotplug.wire.sockets import Timeouts, tune_socket
 
 logger = log.get("hotplug.export")
 
 
 class ExportError(HotplugError):
     """An export or unexport did not happen; the message says why."""
-
-
-@dataclass(frozen=True)
-class Timeouts:
-    connect: float = 5.0
-    handshake: float = 5.0
-    # How long the kernel may keep unacknowledged data before it declares the
-    # link dead (TCP_USER_TIMEOUT), and keepalive probing for an idle link.
-    user_timeout: float = 30.0
-    keepalive_idle: int = 10
-    keepalive_interval: int = 5
-    keepalive_count: int = 3
 
 
 def device_record(device: Device) -> DeviceRecord:
@@ -75,16 +64,6 @@ def device_record(device: Device) -> DeviceRecord:
         num_configurations=device.num_configurations,
         num_interfaces=len(device.interfaces),
     )
-
-
-def tune_socket(sock: socket.socket, timeouts: Timeouts) -> None:
-    """Set what the kernel needs to notice a dead peer once it owns the socket."""
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, timeouts.keepalive_idle)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, timeouts.keepalive_interval)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, timeouts.keepalive_count)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(timeouts.user_timeout * 1000))
 
 
 def connect(endpoint: Endpoint, timeouts: Timeouts) -> socket.socket:
@@ -193,7 +172,7 @@ def _secure_handshake(
     that is the rollback. `on_connect` gets the kernel's end: shutting it down
     cancels the wait for the reply.
     """
-    from hotplug.relay import loopback_pair  # plain-TCP users never load TLS/WebSocket code
+    from hotplug.wire.relay import loopback_pair  # plain-TCP users never load TLS/WebSocket code
 
     try:
         kernel_end, relay_end = loopback_pair()

@@ -28,8 +28,8 @@ import argparse
 import threading
 from typing import TYPE_CHECKING
 
-from hotplug.address import AddressError, Endpoint, parse_listen
 from hotplug.errors import HotplugError
+from hotplug.wire.address import AddressError, Endpoint, parse_listen
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry

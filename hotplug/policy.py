@@ -23,7 +23,6 @@ file order (first match wins), `settings` may appear in one file only.
 from __future__ import annotations
 
 import fnmatch
-import ipaddress
 import re
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -35,8 +34,8 @@ from typing import Literal, cast
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from hotplug import yamlnodes
-from hotplug.address import AddressError, Endpoint, parse_listen
 from hotplug.usb import Device
+from hotplug.wire.address import AddressError, Endpoint, Scheme, parse_address, parse_listen
 from hotplug.yamlnodes import (
     INT,
     NULL,
@@ -51,8 +50,6 @@ from hotplug.yamlnodes import (
 
 __all__ = [
     "DEFAULT_CONFIG_DIR",
-    "DEFAULT_PORT",
-    "DEFAULT_WSS_PORT",
     "USB_CLASSES",
     "Condition",
     "Decision",
@@ -65,7 +62,6 @@ __all__ = [
     "Target",
     "TlsOptions",
     "load_policy",
-    "parse_address",
     "parse_policy",
 ]
 
@@ -73,10 +69,6 @@ DEFAULT_CONFIG_DIR = Path("/etc/usbip-hotplug")
 MAIN_FILE = "policy.yaml"
 DROPIN_DIR = "policy.d"
 SUPPORTED_VERSION = 1
-DEFAULT_PORT = 3240  # tcp:// and tls://
-DEFAULT_WSS_PORT = 443  # wss://
-
-Scheme = Literal["tcp", "tls", "wss"]
 Action = Literal["export", "ignore"]
 
 # USB-IF base class codes by name. Names are matched case-insensitively, with
@@ -216,8 +208,7 @@ class Target:
     @property
     def display(self) -> str:
         """`host:port`, with IPv6 hosts in brackets: `[2001:db8::7]:3240`."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
+        return str(Endpoint(self.host, self.port))
 
     @property
     def url(self) -> str:
@@ -374,94 +365,6 @@ class Policy:
                     seen.add(fallback)
                     queue.append(fallback)
         return chain
-
-
-# --------------------------------------------------------------------------
-# Addresses
-
-
-_SCHEME_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://(.*)", re.DOTALL)
-_LABEL_RE = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
-_NUMERIC_HOST_RE = re.compile(r"[0-9]+(?:\.[0-9]+)*\.?")
-_PORT_RE = re.compile(r"[0-9]{1,5}")
-_PATH_RE = re.compile(r"/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*")
-
-
-def parse_address(text: str) -> tuple[Scheme, str, int, str | None]:
-    """`[scheme://]host[:port][/path]` -> (scheme, host, port, path).
-
-    Schemes: tcp (default), tls, wss. Default port 3240 for tcp and tls, 443
-    for wss. IPv6 addresses must be in brackets (`[::1]`, `[2001:db8::7]:3240`)
-    even without a port, because `2001:db8::7:3240` is itself a valid address
-    and would silently mean a different host. A path is only allowed (and
-    defaults to "/") for wss. Raises ValueError with a message for the user.
-    """
-    if not text or any(c.isspace() for c in text):
-        raise ValueError(f"expected an address like 'host' or 'host:3240', got {text!r}")
-    scheme: Scheme = "tcp"
-    rest = text
-    m = _SCHEME_RE.fullmatch(text)
-    if m:
-        given = m.group(1).lower()
-        if given not in ("tcp", "tls", "wss"):
-            raise ValueError(f"expected tcp://, tls:// or wss://, got '{m.group(1)}://'")
-        scheme = cast(Scheme, given)
-        rest = m.group(2)
-    path: str | None = None
-    if "/" in rest:
-        rest, _, tail = rest.partition("/")
-        path = "/" + tail
-        if scheme != "wss":
-            raise ValueError(f"a path is only allowed in wss:// addresses, got {text!r}")
-        if not _PATH_RE.fullmatch(path):
-            raise ValueError(f"expected a URL path like '/usbip', got {path!r}")
-    elif scheme == "wss":
-        path = "/"
-    default_port = DEFAULT_WSS_PORT if scheme == "wss" else DEFAULT_PORT
-
-    port_text: str | None = None
-    if rest.startswith("["):
-        host, bracket, after = rest[1:].partition("]")
-        if not bracket:
-            raise ValueError(f"expected ']' after the IPv6 address, got {text!r}")
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ValueError(f"expected an IPv6 address inside [], got {host!r}") from None
-        if after.startswith(":"):
-            port_text = after[1:]
-        elif after:
-            raise ValueError(f"expected ':PORT' or nothing after ']', got {after!r}")
-    elif rest.count(":") >= 2:
-        raise ValueError(
-            f"an IPv6 address needs brackets: write '[{rest}]' (default port) or "
-            f"'[ADDRESS]:PORT', got {rest!r}"
-        )
-    else:
-        host, colon, after = rest.partition(":")
-        if colon:
-            port_text = after
-        if not _valid_host(host):
-            raise ValueError(f"expected a host name or IP address, got {host!r}")
-    port = default_port
-    if port_text is not None:
-        if not _PORT_RE.fullmatch(port_text) or not 1 <= int(port_text) <= 65535:
-            raise ValueError(f"expected a port number 1-65535, got {port_text!r}")
-        port = int(port_text)
-    return scheme, host, port, path
-
-
-def _valid_host(host: str) -> bool:
-    name = host[:-1] if host.endswith(".") else host
-    if not name or len(name) > 253:
-        return False
-    if _NUMERIC_HOST_RE.fullmatch(name):
-        try:
-            ipaddress.IPv4Address(name)
-        except ValueError:
-            return False
-        return True
-    return all(_LABEL_RE.fullmatch(label) for label in name.split("."))
 
 
 # --------------------------------------------------------------------------

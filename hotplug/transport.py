@@ -33,10 +33,10 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
-from hotplug.address import AddressError, Endpoint, parse_endpoint
 from hotplug.errors import HotplugError
-from hotplug.policy import Scheme, Target, TlsOptions, parse_address
+from hotplug.policy import Target, TlsOptions
 from hotplug.spawn import CHILD_CWD, child_env, python_module
+from hotplug.wire.address import AddressError, Endpoint, Scheme, parse_address, parse_endpoint
 
 RELAY_LOG_ENV = "USBIP_HOTPLUG_RELAY_LOG"  # a file the relay process logs to (debugging)
 STARTUP_MARGIN = 10.0  # seconds the relay process may take to start, on top of the timeouts

@@ -27,12 +27,7 @@ import time
 from typing import Any
 
 from hotplug import log
-from hotplug.channel import Channel, ChannelError, Inbox, TlsStream, WebSocketChannel
-from hotplug.export import Timeouts, tune_socket
 from hotplug.policy import TlsOptions
-from hotplug.protocol import HEADER_SIZE, ExportStatus, Op, ProtocolError, decode_header
-from hotplug.relay import relay
-from hotplug.tlsconfig import CertError, client_context, describe
 from hotplug.transport import (
     RELAY_LOG_ENV,
     Proxy,
@@ -40,6 +35,11 @@ from hotplug.transport import (
     TransportError,
     parse_proxy,
 )
+from hotplug.wire.channel import Channel, ChannelError, Inbox, TlsStream, WebSocketChannel
+from hotplug.wire.protocol import HEADER_SIZE, ExportStatus, Op, ProtocolError, decode_header
+from hotplug.wire.relay import relay
+from hotplug.wire.sockets import Timeouts, tune_socket
+from hotplug.wire.tls import CertError, client_context, describe
 
 logger = log.get("hotplug.relay")
 MAX_PROXY_REPLY = 16 * 1024

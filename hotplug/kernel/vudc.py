@@ -17,8 +17,8 @@ import socket
 import struct
 
 from hotplug.kernel.sysfs import KernelError, SysfsPaths, SysfsWriter, read_attr
-from hotplug.protocol import DeviceRecord
 from hotplug.usb import Speed
+from hotplug.wire.protocol import DeviceRecord
 
 VUDC_RE = re.compile(r"\Ausbip-vudc\.[0-9]+\Z")
 DESCRIPTOR = struct.Struct("<BBHBBBBHHHBBBB")

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench.harness import FakeKernel, Usbipa
-from hotplug.protocol import (
+from hotplug.wire.protocol import (
     HEADER_SIZE,
     USBIP_VERSION,
     Decoder,

@@ -18,11 +18,12 @@ from typing import Any
 import pytest
 
 from bench.harness import FakeKernel
-from hotplug.address import Endpoint
 from hotplug.appd import Appd
 from hotplug.appd_config import AllowRule, AppdConfig, Limits, parse_network
-from hotplug.export import Timeouts, export, unexport
-from hotplug.protocol import DevlistRequest, encode
+from hotplug.export import export, unexport
+from hotplug.wire.address import Endpoint
+from hotplug.wire.protocol import DevlistRequest, encode
+from hotplug.wire.sockets import Timeouts
 from tests.fault.checks import check_reply, closed_by_server, dribble, talk
 from tests.helpers import wait_for
 

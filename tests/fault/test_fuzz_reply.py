@@ -29,9 +29,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bench.harness import FakeKernel
-from hotplug.address import Endpoint
-from hotplug.export import ExportError, Timeouts, _exchange, export, recv_exactly
-from hotplug.protocol import HEADER_SIZE, USBIP_VERSION, Op
+from hotplug.export import ExportError, _exchange, export, recv_exactly
+from hotplug.wire.address import Endpoint
+from hotplug.wire.protocol import HEADER_SIZE, USBIP_VERSION, Op
+from hotplug.wire.sockets import Timeouts
 from tests.helpers import wait_for
 from tests.integration.test_export_errors import fake_peer, read_request
 

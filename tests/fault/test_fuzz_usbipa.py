@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 
 from bench.harness import FakeKernel, Usbipa
 from hotplug.appd import LOG_BURST, LOG_WINDOW, SESSION_POLL_INTERVAL
-from hotplug.protocol import (
+from hotplug.usb import Speed
+from hotplug.wire.protocol import (
     DeviceRecord,
     DevlistRequest,
     ExportRequest,
@@ -26,7 +27,6 @@ from hotplug.protocol import (
     UnexportRequest,
     encode,
 )
-from hotplug.usb import Speed
 from tests.fault.checks import (
     assert_no_leaks,
     assert_serves,

@@ -18,10 +18,11 @@ import pytest
 
 import hotplug.export as export_mod
 from bench.harness import FakeKernel, Usbipa
-from hotplug.export import ExportError, Timeouts, export, unexport
+from hotplug.export import ExportError, export, unexport
 from hotplug.kernel.sysfs import KernelError
-from hotplug.protocol import UnexportStatus
 from hotplug.usb import Device
+from hotplug.wire.protocol import UnexportStatus
+from hotplug.wire.sockets import Timeouts
 from tests.fault.checks import assert_no_leaks
 from tests.helpers import wait_for
 

@@ -12,17 +12,18 @@ from pathlib import Path
 
 import pytest
 
-from hotplug.address import Endpoint
-from hotplug.export import ExportError, Timeouts, export
+from hotplug.export import ExportError, export
 from hotplug.kernel.fake import FakeTree, FakeUsbDevice
 from hotplug.kernel.vhci import PortState
-from hotplug.protocol import (
+from hotplug.wire.address import Endpoint
+from hotplug.wire.protocol import (
     DEVICE_RECORD_SIZE,
     HEADER_SIZE,
     ExportReply,
     ExportStatus,
     encode,
 )
+from hotplug.wire.sockets import Timeouts
 from tests.helpers import env_for, run_cli, running_usbipa, wait_for
 from tests.integration.conftest import DISK
 from tests.integration.test_connect_usbipa import driver, stub_status, used_ports

@@ -19,7 +19,8 @@ import pytest
 
 from hotplug.export import bare_record
 from hotplug.kernel.fake import FakeTree, FakeUsbDevice
-from hotplug.protocol import (
+from hotplug.usb import Device, Speed
+from hotplug.wire.protocol import (
     DeviceRecord,
     ExportRequest,
     ExportStatus,
@@ -27,7 +28,6 @@ from hotplug.protocol import (
     UnexportStatus,
     encode,
 )
-from hotplug.usb import Device, Speed
 from tests.helpers import running_usbipa, wait_for
 from tests.integration.test_connect_usbipa import used_ports
 from tests.integration.tls_support import log_of, raw_tls_client, secure_usbipa
@@ -275,7 +275,7 @@ def test_fake_vhci_cuts_devid_to_32_bits_and_refuses_unknown_speed(tree: FakeTre
 def test_identity_is_the_certificate_not_its_name() -> None:
     """Issue 12, finding 2: the identity is the certificate (its SHA-256), never
     the rendered name, whenever the certificate is known."""
-    from hotplug.peercert import PeerCert
+    from hotplug.wire.peercert import PeerCert
 
     one = PeerCert.from_ssl({"subject": ((("commonName", "lab-1,O=Example"),),)}, b"a")
     two = PeerCert.from_ssl(
@@ -294,7 +294,7 @@ def test_device_that_is_not_what_its_export_claims_is_detached(
     idVendor/idProduct with the record's and detaches on a mismatch, saying why.
     Here the device side lies: it exports a 0bad:0001 as an allowed 1d6b:0104."""
     import hotplug.export as export_module
-    from hotplug.address import Endpoint
+    from hotplug.wire.address import Endpoint
 
     tree.add_device(FakeUsbDevice(busid="1-1", vendor=0x0BAD, product=0x0001), devnum=3)
     tree.add_device(FakeUsbDevice(busid="1-2", vendor=0x1D6B, product=0x0104), devnum=4)

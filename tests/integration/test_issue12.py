@@ -30,9 +30,7 @@ def test_relay_does_not_import_from_the_working_directory(
     (shared / "hotplug").mkdir(parents=True)
     shared.chmod(0o1777)
     marker = tmp_path / "planted-code-ran"
-    (shared / "hotplug" / "__init__.py").write_text(
-        f"open({str(marker)!r}, 'w').write('owned')\n"
-    )
+    (shared / "hotplug" / "__init__.py").write_text(f"open({str(marker)!r}, 'w').write('owned')\n")
     env = env_for(tree, state)
     for name in ("PYTHONPATH", "PYTHONSAFEPATH"):
         env.pop(name, None)

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from hotplug.address import Endpoint
-from hotplug.export import ExportError, Timeouts, device_record, export
+from hotplug.export import ExportError, device_record, export
 from hotplug.kernel.fake import USBIP_CMD_SUBMIT, FakeTree
 from hotplug.kernel.sysfs import read_device
-from hotplug.protocol import (
+from hotplug.usb import Speed
+from hotplug.wire.address import Endpoint
+from hotplug.wire.protocol import (
     DEVICE_RECORD_SIZE,
     HEADER_SIZE,
     ExportReply,
@@ -26,7 +27,7 @@ from hotplug.protocol import (
     decode_header,
     encode,
 )
-from hotplug.usb import Speed
+from hotplug.wire.sockets import Timeouts
 from tests.helpers import running_usbipa, wait_for
 from tests.integration.conftest import DISK
 from tests.integration.test_connect_usbipa import driver, stub_status, used_ports

@@ -18,7 +18,7 @@ import yaml
 
 from hotplug.appd_config import Limits
 from hotplug.kernel.fake import FakeTree
-from hotplug.protocol import ExportStatus
+from hotplug.wire.protocol import ExportStatus
 from tests.fault.checks import closed_by_server
 from tests.helpers import running_usbipa, wait_for
 from tests.integration.test_connect_usbipa import used_ports

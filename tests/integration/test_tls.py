@@ -18,10 +18,11 @@ import pytest
 from websockets.sync.server import ServerConnection
 from websockets.sync.server import serve as ws_serve
 
-from hotplug.export import ExportError, Timeouts, export
+from hotplug.export import ExportError, export
 from hotplug.kernel.fake import FakeTree
-from hotplug.protocol import DEVICE_RECORD_SIZE, HEADER_SIZE, ExportReply, ExportStatus, encode
 from hotplug.transport import parse_remote
+from hotplug.wire.protocol import DEVICE_RECORD_SIZE, HEADER_SIZE, ExportReply, ExportStatus, encode
+from hotplug.wire.sockets import Timeouts
 from tests.helpers import wait_for
 from tests.integration.conftest import DISK
 from tests.integration.test_connect_usbipa import driver, stub_status, used_ports

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from hotplug.address import AddressError, Endpoint, parse_endpoint
 from hotplug.appd_config import AllowRule, AppdConfig, ConfigError, authorize, parse_config
 from hotplug.kernel import sysfs
 from hotplug.kernel.sysfs import SysfsPaths
@@ -69,42 +68,6 @@ def test_port_record_round_trip() -> None:
     assert record.render() == "192.0.2.7 41234 1-1.2\n"
     assert PortRecord.parse(record.render()) == record
     assert PortRecord.parse("garbage") is None
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ("host", Endpoint("host", 3240)),
-        ("host:4000", Endpoint("host", 4000)),
-        ("192.0.2.1:3240", Endpoint("192.0.2.1", 3240)),
-        ("[2001:db8::7]:3241", Endpoint("2001:db8::7", 3241)),
-        ("[::1]", Endpoint("::1", 3240)),
-        ("::1", Endpoint("::1", 3240)),
-    ],
-)
-def test_parse_endpoint(text: str, expected: Endpoint) -> None:
-    assert parse_endpoint(text) == expected
-
-
-@pytest.mark.parametrize(
-    ("text", "message"),
-    [
-        ("", "empty address"),
-        ("host:99999", "port must be a number from 1 to 65535"),
-        ("host:x", "port must be a number"),
-        ("[2001:db8::7", "missing ']'"),
-        ("[nothex]:1", "is not an IPv6 address"),
-        ("2001:db8::zz", "is not an IPv6 address"),
-        (":3240", "missing host"),
-    ],
-)
-def test_parse_endpoint_errors(text: str, message: str) -> None:
-    with pytest.raises(AddressError, match=message):
-        parse_endpoint(text)
-
-
-def test_endpoint_str_brackets_ipv6() -> None:
-    assert str(Endpoint("2001:db8::7", 3240)) == "[2001:db8::7]:3240"
 
 
 def rule(*nets: str, devices: tuple[str, ...] = (), max_devices: int | None = None) -> AllowRule:

@@ -25,7 +25,6 @@ from prometheus_client import CollectorRegistry, Counter
 
 from hotplug import appd_cli, cli
 from hotplug._metrics_http import MAX_CLIENTS
-from hotplug.address import AddressError, Endpoint, parse_listen
 from hotplug.appd import Appd, _record_problem
 from hotplug.appd_config import (
     AllowRule,
@@ -38,13 +37,14 @@ from hotplug.appd_config import (
     with_cli,
 )
 from hotplug.appd_metrics import REASONS, refusal_reason
-from hotplug.channel import Channel
 from hotplug.kernel.vhci import PortState
 from hotplug.metrics import MetricsError, MetricsServer
-from hotplug.peercert import PeerCert, parse_subject_pattern
 from hotplug.policy import PolicyError, parse_policy
-from hotplug.relay import loopback_pair, relay
 from hotplug.usb import Speed
+from hotplug.wire.address import AddressError, Endpoint, parse_listen
+from hotplug.wire.channel import Channel
+from hotplug.wire.peercert import PeerCert, parse_subject_pattern
+from hotplug.wire.relay import loopback_pair, relay
 from tests.helpers import wait_for
 from tests.tlscerts import Pki
 from tests.unit.test_appd_sessions import StandInVhci, session

@@ -24,10 +24,10 @@ from hotplug.policy import (
     Target,
     TlsOptions,
     load_policy,
-    parse_address,
     parse_policy,
 )
 from hotplug.usb import Device, Interface, Speed
+from hotplug.wire.address import parse_address
 from hotplug.yamlnodes import MAX_FILE_BYTES, MAX_NODES
 
 REPO = Path(__file__).resolve().parents[2]

@@ -1,4 +1,4 @@
-"""Tests for hotplug.protocol.
+"""Tests for hotplug.wire.protocol.
 
 The golden vectors below are written out by hand from the layout in
 PROTOCOL.md (offsets and field sizes), one field per line, not produced with
@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hotplug.protocol import (
+from hotplug.usb import Speed
+from hotplug.wire.protocol import (
     DEFAULT_PORT,
     DEVICE_RECORD_SIZE,
     HEADER_SIZE,
@@ -42,7 +43,6 @@ from hotplug.protocol import (
     decode_header,
     encode,
 )
-from hotplug.usb import Speed
 
 
 def h(*parts: str) -> bytes:

@@ -6,7 +6,6 @@ import ipaddress
 
 import pytest
 
-from hotplug.address import AddressError, Endpoint
 from hotplug.appd_config import (
     AllowRule,
     AppdConfig,
@@ -17,12 +16,6 @@ from hotplug.appd_config import (
     parse_config,
     with_cli,
 )
-from hotplug.peercert import (
-    PatternError,
-    PeerCert,
-    parse_san_pattern,
-    parse_subject_pattern,
-)
 from hotplug.policy import Target, TlsOptions
 from hotplug.transport import (
     Remote,
@@ -31,6 +24,13 @@ from hotplug.transport import (
     parse_remote,
     remote_for_target,
     resolve_proxy,
+)
+from hotplug.wire.address import AddressError, Endpoint
+from hotplug.wire.peercert import (
+    PatternError,
+    PeerCert,
+    parse_san_pattern,
+    parse_subject_pattern,
 )
 
 NO_ENV: dict[str, str] = {}

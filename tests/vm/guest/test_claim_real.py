@@ -19,11 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from hotplug.address import Endpoint
-from hotplug.export import Timeouts, device_record, handshake_export
+from hotplug.export import device_record, handshake_export
 from hotplug.kernel.stub import StubStatus, UsbipHost
 from hotplug.kernel.sysfs import read_device
 from hotplug.testvm import gadget as gd
+from hotplug.wire.address import Endpoint
+from hotplug.wire.sockets import Timeouts
 from tests.vm.guest.test_export_real import Usbipa, start_usbipa, stop, used_ports
 
 USBIPA_PORT = 3256  # 3240 usbipd, 3250/3251 export, 3252 daemon, 3253 matrix, 3254 hid, 3255 repeat

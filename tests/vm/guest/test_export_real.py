@@ -406,8 +406,8 @@ class StallingDevice(threading.Thread):
     def __init__(self, address: tuple[str, int]) -> None:
         super().__init__(daemon=True)
         from hotplug.export import device_record
-        from hotplug.protocol import ExportRequest, encode
         from hotplug.usb import Device, Speed
+        from hotplug.wire.protocol import ExportRequest, encode
 
         record = device_record(
             Device(

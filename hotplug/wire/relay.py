@@ -24,7 +24,7 @@ import socket
 import ssl
 from collections.abc import Callable
 
-from hotplug.channel import CHUNK, STREAM_LIMIT, WRITE_HIGH_WATER, Channel, ChannelError
+from hotplug.wire.channel import CHUNK, STREAM_LIMIT, WRITE_HIGH_WATER, Channel, ChannelError
 
 PAIR_TIMEOUT = 5.0
 _STRANGERS = 16  # connections from other local processes we refuse before giving up

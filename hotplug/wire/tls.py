@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from hotplug.errors import HotplugError
-from hotplug.peercert import PeerCert
+from hotplug.wire.peercert import PeerCert
 
 Role = Literal["client", "server"]
 MIN_VERSION = ssl.TLSVersion.TLSv1_2

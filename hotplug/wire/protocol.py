@@ -67,6 +67,7 @@ from typing import Final, TypeAlias
 
 from hotplug.errors import HotplugError
 from hotplug.usb import Speed
+from hotplug.wire.address import DEFAULT_PORT  # re-exported: the codec's readers expect it here
 
 __all__ = [
     "DEFAULT_PORT",
@@ -106,7 +107,6 @@ USBIP_VERSION: Final = 0x0111
 HEADER_SIZE: Final = 8
 DEVICE_RECORD_SIZE: Final = 312
 INTERFACE_RECORD_SIZE: Final = 4
-DEFAULT_PORT: Final = 3240
 MAX_DEVICES: Final = 4096
 MAX_INTERFACES: Final = 32
 
