@@ -1,7 +1,7 @@
 """The rig shared by the benchmarks and the fault suite.
 
 - `FakeKernel`: a fake sysfs tree and the process that plays the kernel behind
-  it (hotplug.kernel.fake). The device side and each application side get
+  it (hotplug.testing.fake_kernel). The device side and each application side get
   their own, as two machines have two kernels.
 - `Usbipa`: the real `usbipa` as a child process on an ephemeral loopback
   port, configured by a YAML file, logging to a file, restartable on the
@@ -39,9 +39,9 @@ from typing import Any, cast
 
 import yaml
 
-from hotplug.kernel.fake import FakeTree, FakeUsbDevice, FakeUsbipHost, FakeVhci
 from hotplug.kernel.sysfs import KernelError
 from hotplug.kernel.vhci import PortState
+from hotplug.testing.fake_kernel import FakeTree, FakeUsbDevice, FakeUsbipHost, FakeVhci
 from hotplug.wire.address import Endpoint
 from tests.helpers import NotifySocket, env_for, wait_for
 

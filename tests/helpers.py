@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
-from hotplug.kernel.fake import FakeTree
+from hotplug.testing.fake_kernel import FakeTree
 
 T = TypeVar("T")
 

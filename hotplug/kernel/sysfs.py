@@ -99,12 +99,12 @@ class SysfsWriter:
         try:
             os.write(fd, text.encode())
         except OSError as exc:
-            raise KernelError(_explain_write_error(path, text, exc)) from exc
+            raise KernelError(explain_write_error(path, text, exc)) from exc
         finally:
             os.close(fd)
 
 
-def _explain_write_error(path: Path, text: str, exc: OSError) -> str:
+def explain_write_error(path: Path, text: str, exc: OSError) -> str:
     what = f"writing '{text.strip()}' to {path}"
     reasons = {
         errno.ENODEV: "no such device",

@@ -14,7 +14,7 @@ from bench.harness import FakeKernel
 from hotplug.appd import Appd
 from hotplug.appd_config import AllowRule, AppdConfig, parse_network
 from hotplug.export import export
-from hotplug.kernel.fake import FakeVhci
+from hotplug.testing.fake_kernel import FakeVhci
 from hotplug.usb import Speed
 from hotplug.wire.sockets import Timeouts
 from tests.fault.test_appd_bookkeeping import LoopThread

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from hotplug.kernel.fake import FakeTree
 from hotplug.kernel.vhci import PortState
+from hotplug.testing.fake_kernel import FakeTree
 from tests.helpers import run_cli, running_usbipa
 from tests.integration.conftest import DISK
 

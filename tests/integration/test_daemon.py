@@ -25,9 +25,9 @@ from typing import Any
 import pytest
 
 from hotplug.events import write_event
-from hotplug.kernel.fake import FakeTree, FakeUsbDevice
 from hotplug.kernel.sysfs import read_device
 from hotplug.kernel.vhci import PortState, VhciPort
+from hotplug.testing.fake_kernel import FakeTree, FakeUsbDevice
 from tests.helpers import NotifySocket, env_for, run_cli, running_usbipa, wait_for
 
 DISK = FakeUsbDevice("1-1", 0x1D6B, 0x0104, serial="DISK01", product_name="Disk")

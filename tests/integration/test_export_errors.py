@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from hotplug.export import ExportError, export
-from hotplug.kernel.fake import FakeTree, FakeUsbDevice
 from hotplug.kernel.vhci import PortState
+from hotplug.testing.fake_kernel import FakeTree, FakeUsbDevice
 from hotplug.wire.address import Endpoint
 from hotplug.wire.protocol import (
     DEVICE_RECORD_SIZE,

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from hotplug.export import bare_record
-from hotplug.kernel.fake import FakeTree, FakeUsbDevice
+from hotplug.testing.fake_kernel import FakeTree, FakeUsbDevice
 from hotplug.usb import Device, Speed
 from hotplug.wire.protocol import (
     DeviceRecord,

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hotplug.kernel.fake import FakeTree
+from hotplug.testing.fake_kernel import FakeTree
 from tests.helpers import env_for
 from tests.integration.tls_support import client_flags
 from tests.tlscerts import Pki

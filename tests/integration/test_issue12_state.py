@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from hotplug.kernel.fake import FakeTree, FakeUsbDevice
+from hotplug.testing.fake_kernel import FakeTree, FakeUsbDevice
 from tests.helpers import env_for, run_cli, running_usbipa, wait_for
 from tests.integration.test_daemon import (
     Daemon,

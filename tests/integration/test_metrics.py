@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from hotplug.kernel.fake import FakeTree, FakeUsbDevice
+from hotplug.testing.fake_kernel import FakeTree, FakeUsbDevice
 from tests.helpers import NotifySocket, env_for, wait_for
 from tests.integration import test_daemon
 from tests.integration.test_daemon import (

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from hotplug.export import ExportError, device_record, export
-from hotplug.kernel.fake import USBIP_CMD_SUBMIT, FakeTree
 from hotplug.kernel.sysfs import read_device
+from hotplug.testing.fake_kernel import USBIP_CMD_SUBMIT, FakeTree
 from hotplug.usb import Speed
 from hotplug.wire.address import Endpoint
 from hotplug.wire.protocol import (

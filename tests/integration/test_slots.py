@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from hotplug.appd_config import Limits
-from hotplug.kernel.fake import FakeTree
+from hotplug.testing.fake_kernel import FakeTree
 from hotplug.wire.protocol import ExportStatus
 from tests.fault.checks import closed_by_server
 from tests.helpers import running_usbipa, wait_for

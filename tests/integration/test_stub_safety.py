@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from hotplug.kernel.fake import FakeTree, FakeUsbDevice, FakeUsbipHost
 from hotplug.kernel.stub import STUB_DRIVER
 from hotplug.kernel.sysfs import KernelError
+from hotplug.testing.fake_kernel import FakeTree, FakeUsbDevice, FakeUsbipHost
 from tests.integration.conftest import DISK
 from tests.integration.test_connect_usbipa import driver
 

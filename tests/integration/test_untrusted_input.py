@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from hotplug.kernel.fake import FakeTree, FakeUsbDevice
+from hotplug.testing.fake_kernel import FakeTree, FakeUsbDevice
 from hotplug.wire.channel import MAX_MESSAGE
 from tests.helpers import run_cli, running_usbipa, wait_for
 from tests.integration.test_daemon import Daemon, free_port, policy_text, target

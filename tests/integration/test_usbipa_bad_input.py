@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from hotplug.kernel.fake import FakeTree
+from hotplug.testing.fake_kernel import FakeTree
 from tests.helpers import run_cli, running_usbipa, wait_for
 from tests.integration.conftest import DISK
 from tests.integration.test_connect_usbipa import used_ports

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from hotplug.kernel.fake import FakeTree
+from hotplug.testing.fake_kernel import FakeTree
 from tests.helpers import NotifySocket, env_for
 from tests.tlscerts import Pair, Pki
 

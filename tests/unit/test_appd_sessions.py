@@ -22,8 +22,8 @@ import pytest
 
 from hotplug.appd import Appd, Session
 from hotplug.appd_config import AppdConfig, ConfigError, Limits, parse_config
-from hotplug.kernel.fake import FakeTree
 from hotplug.kernel.vhci import PortRecord, PortState, VhciPort
+from hotplug.testing.fake_kernel import FakeTree
 from hotplug.usb import Speed
 
 DEVID = (17 << 16) | 3

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from hotplug import appd_cli, cli
-from hotplug.kernel.fake import FakeTree, FakeUsbDevice
+from hotplug.testing.fake_kernel import FakeTree, FakeUsbDevice
 
 ROOT = Path(__file__).resolve().parents[2]
 BASH_COMPLETION = Path("/usr/share/bash-completion/bash_completion")

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hotplug.kernel.stub import UsbipHost
-from hotplug.kernel.sysfs import KernelError, SysfsPaths, _explain_write_error
+from hotplug.kernel.sysfs import KernelError, SysfsPaths, explain_write_error
 from hotplug.kernel.vhci import PortState, Vhci, parse_status
 from hotplug.spawn import CHILD_CWD, child_env, python_module
 from hotplug.usb import Speed
@@ -63,7 +63,7 @@ def _send_write(server: Path, path: Path, text: str, fd: int | None) -> None:
         reply = json.loads(conn.recv(4096) or b'{"errno": 5}')
     code = int(reply["errno"])
     if code:
-        raise KernelError(_explain_write_error(path, text, OSError(code, os.strerror(code))))
+        raise KernelError(explain_write_error(path, text, OSError(code, os.strerror(code))))
 
 
 def _fd_in_write(path: Path, text: str) -> int | None:
@@ -245,7 +245,7 @@ class FakeTree:
     def start_server(self) -> subprocess.Popen[bytes]:
         """Run the fake kernel in its own process; returns once it accepts writes."""
         proc = subprocess.Popen(
-            python_module("hotplug.kernel.fake", "serve", str(self.root.absolute())),
+            python_module("hotplug.testing.fake_kernel", "serve", str(self.root.absolute())),
             cwd=CHILD_CWD,
             env=child_env(),
         )
@@ -809,7 +809,7 @@ class FakeKernelServer:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m hotplug.kernel.fake")
+    parser = argparse.ArgumentParser(prog="python -m hotplug.testing.fake_kernel")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="play the kernel behind a fake sysfs tree")
     serve.add_argument("root", type=Path)
