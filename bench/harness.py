@@ -381,7 +381,7 @@ class Usbipa:
         return [
             sys.executable,
             "-m",
-            "hotplug.appd_cli",
+            "hotplug.app.cli",
             "-c",
             str(self.config_path),
             "--listen",
@@ -458,7 +458,7 @@ class Usbipa:
             [
                 sys.executable,
                 "-m",
-                "hotplug.appd_cli",
+                "hotplug.app.cli",
                 "status",
                 "--json",
                 "--state-dir",

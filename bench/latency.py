@@ -63,8 +63,8 @@ from bench.harness import (
     wait_for,
 )
 from hotplug import log
-from hotplug.appd import Appd
-from hotplug.appd_config import AllowRule, AppdConfig, parse_network
+from hotplug.app.config import AllowRule, AppdConfig, parse_network
+from hotplug.app.server import Appd
 from hotplug.export import device_record, export, unexport
 from hotplug.kernel.sysfs import read_device
 from hotplug.policy import Policy, parse_policy

@@ -498,7 +498,7 @@ class Bench:
             self.usbipa = Child.start(
                 "usbipa",
                 [
-                    PY, "-m", "hotplug.appd_cli", "--listen", "127.0.0.1",
+                    PY, "-m", "hotplug.app.cli", "--listen", "127.0.0.1",
                     "-t", str(USBIPA_PORT), "--allow", "127.0.0.0/8",
                     "--state-dir", str(WORK / "usbipa-state"),
                 ],

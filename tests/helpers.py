@@ -105,7 +105,7 @@ def running_usbipa(
     """Start the real usbipa on an ephemeral loopback port; yield (process, port)."""
     notify = NotifySocket(state)
     env = env_for(tree, state, NOTIFY_SOCKET=str(notify.path))
-    cmd = [sys.executable, "-m", "hotplug.appd_cli", "--listen", "127.0.0.1", "-t", "0"]
+    cmd = [sys.executable, "-m", "hotplug.app.cli", "--listen", "127.0.0.1", "-t", "0"]
     if allow:
         cmd += ["--allow", allow]
     proc = subprocess.Popen([*cmd, *args], env=env, stderr=subprocess.PIPE, text=True)

@@ -135,7 +135,7 @@ def guest_main() -> int:
             "usbipa",
             [
                 *me,
-                "hotplug.appd_cli",
+                "hotplug.app.cli",
                 "--listen",
                 "127.0.0.1",
                 "-t",
@@ -173,7 +173,7 @@ def guest_main() -> int:
                 f"(vhci busid {remote_busid}), {time.monotonic() - t_plug:.1f} s after plug-in"
             )
             show("usbip-hotplug status", [*me, "hotplug.cli", "status"])
-            show("usbipa status", [*me, "hotplug.appd_cli", "status"])
+            show("usbipa status", [*me, "hotplug.app.cli", "status"])
             show("usbip port   (Debian's own tool)", ["usbip", "port"])
 
             message = b"hello from the application side\n".ljust(4096, b"\0")
@@ -201,7 +201,7 @@ def guest_main() -> int:
                 f"({time.monotonic() - t_unplug:.1f} s after unplug)"
             )
             show("usbip-hotplug status", [*me, "hotplug.cli", "status"])
-            show("usbipa status", [*me, "hotplug.appd_cli", "status"])
+            show("usbipa status", [*me, "hotplug.app.cli", "status"])
         finally:
             g.remove()
     say("stopped both daemons; demo complete" if landed else "demo FAILED: data mismatch")

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 
 from bench.harness import FakeKernel
-from hotplug.appd import Appd
-from hotplug.appd_config import AllowRule, AppdConfig, Limits, parse_network
+from hotplug.app.config import AllowRule, AppdConfig, Limits, parse_network
+from hotplug.app.server import Appd
 from hotplug.export import export, unexport
 from hotplug.wire.address import Endpoint
 from hotplug.wire.protocol import DevlistRequest, encode

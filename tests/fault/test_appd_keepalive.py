@@ -11,8 +11,8 @@ import socket
 from pathlib import Path
 
 from bench.harness import FakeKernel
-from hotplug.appd import Appd
-from hotplug.appd_config import AllowRule, AppdConfig, parse_network
+from hotplug.app.config import AllowRule, AppdConfig, parse_network
+from hotplug.app.server import Appd
 from hotplug.export import export
 from hotplug.testing.fake_kernel import FakeVhci
 from hotplug.usb import Speed

@@ -19,7 +19,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hotplug.appd_config import ConfigError, parse_config
+from hotplug.app.config import ConfigError, parse_config
 from hotplug.policy import PolicyError, parse_policy
 from hotplug.wire.channel import ChannelError, WebSocketChannel
 from hotplug.wire.peercert import PatternError, parse_san_pattern, parse_subject_pattern

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bench.harness import FakeKernel, Usbipa
-from hotplug.appd import LOG_BURST, LOG_WINDOW, SESSION_POLL_INTERVAL
+from hotplug.app.server import LOG_BURST, LOG_WINDOW, SESSION_POLL_INTERVAL
 from hotplug.usb import Speed
 from hotplug.wire.protocol import (
     DeviceRecord,

@@ -85,7 +85,7 @@ def usbipa(tree: FakeTree, state: Path, *args: str) -> Iterator[tuple[int, str]]
     """usbipa with metrics on; yields (its USB/IP port, its metrics URL)."""
     notify = NotifySocket(state)
     env = env_for(tree, state, NOTIFY_SOCKET=str(notify.path))
-    cmd = [sys.executable, "-m", "hotplug.appd_cli", "--listen", "127.0.0.1", "-t", "0", *args]
+    cmd = [sys.executable, "-m", "hotplug.app.cli", "--listen", "127.0.0.1", "-t", "0", *args]
     log = state / "usbipa.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
@@ -382,7 +382,7 @@ def test_a_metrics_port_in_use_stops_the_start_with_the_reason(
             timeout=30,
         )
         app = subprocess.run(
-            [sys.executable, "-m", "hotplug.appd_cli", *LOOPBACK_ANY_PORT, *metrics],
+            [sys.executable, "-m", "hotplug.app.cli", *LOOPBACK_ANY_PORT, *metrics],
             env=env,
             capture_output=True,
             text=True,

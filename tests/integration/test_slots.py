@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from hotplug.appd_config import Limits
+from hotplug.app.config import Limits
 from hotplug.testing.fake_kernel import FakeTree
 from hotplug.wire.protocol import ExportStatus
 from tests.fault.checks import closed_by_server

@@ -44,7 +44,7 @@ def cli(tree: FakeTree, state: Path, *args: str, **env: str) -> subprocess.Compl
 def usbipa_once(tree: FakeTree, state: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """usbipa that is expected to exit at once (bad configuration)."""
     return subprocess.run(
-        [sys.executable, "-m", "hotplug.appd_cli", *args],
+        [sys.executable, "-m", "hotplug.app.cli", *args],
         env=secure_env(tree, state),
         capture_output=True,
         text=True,
@@ -80,7 +80,7 @@ def secure_usbipa(
     server = server or pki.server
     notify = NotifySocket(state)
     env = secure_env(tree, state, NOTIFY_SOCKET=str(notify.path))
-    cmd = [sys.executable, "-m", "hotplug.appd_cli", "--listen", "127.0.0.1", "-t", "0"]
+    cmd = [sys.executable, "-m", "hotplug.app.cli", "--listen", "127.0.0.1", "-t", "0"]
     cmd += ["--tls-cert", str(server.cert), "--tls-key", str(server.key)]
     cmd += ["--tls-client-ca", str(pki.ca)]
     if wss_path is not None:

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from hotplug import appd_cli, cli
+from hotplug import cli
+from hotplug.app import cli as app_cli
 from hotplug.testing.fake_kernel import FakeTree, FakeUsbDevice
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -141,6 +142,6 @@ def test_usbip_hotplug_script_offers_exactly_the_parsers_options(env: dict[str, 
 
 
 def test_usbipa_script_offers_exactly_the_parsers_options(env: dict[str, str]) -> None:
-    run = visible_options(appd_cli.run_parser())
+    run = visible_options(app_cli.run_parser())
     assert set(complete(env, "usbipa", "-")) == run
-    assert set(complete(env, "usbipa", "status -")) == visible_options(appd_cli.status_parser())
+    assert set(complete(env, "usbipa", "status -")) == visible_options(app_cli.status_parser())

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from hotplug import appd_cli, cli, policy
+from hotplug import cli, policy
+from hotplug.app import cli as app_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
@@ -67,9 +68,9 @@ def test_readme_usbipa_commands_parse() -> None:
     assert len(found) >= 3, found
     for argv in found:
         if argv[:1] == ["status"]:
-            appd_cli.status_parser().parse_args(argv[1:])
+            app_cli.status_parser().parse_args(argv[1:])
         else:
-            appd_cli.run_parser().parse_args(argv)
+            app_cli.run_parser().parse_args(argv)
 
 
 def test_readme_certificate_recipe_makes_certificates_we_accept(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from hotplug.appd_config import AllowRule, AppdConfig, ConfigError, authorize, parse_config
+from hotplug.app.config import AllowRule, AppdConfig, ConfigError, authorize, parse_config
 from hotplug.kernel import sysfs
 from hotplug.kernel.sysfs import SysfsPaths
 from hotplug.kernel.vhci import PortRecord, VhciStatusError, parse_status, pick_free_port

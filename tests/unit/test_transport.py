@@ -6,7 +6,7 @@ import ipaddress
 
 import pytest
 
-from hotplug.appd_config import (
+from hotplug.app.config import (
     AllowRule,
     AppdConfig,
     ConfigError,

@@ -184,7 +184,7 @@ class Rig:
 
     def start_usbipa(self) -> None:
         assert not _alive(self.usbipa)
-        argv = [sys.executable, "-m", "hotplug.appd_cli", "--listen", "127.0.0.1"]
+        argv = [sys.executable, "-m", "hotplug.app.cli", "--listen", "127.0.0.1"]
         argv += ["-t", str(USBIPA_PORT), "--allow", "127.0.0.0/8"]
         argv += ["--state-dir", str(self.usbipa_state)]
         self.usbipa = self._start("usbipa", argv, self.usbipa_logs)
@@ -199,7 +199,7 @@ class Rig:
     def usbipa_status(self) -> list[dict[str, Any]]:
         r = subprocess.run(
             [
-                *(sys.executable, "-m", "hotplug.appd_cli", "status", "--json"),
+                *(sys.executable, "-m", "hotplug.app.cli", "status", "--json"),
                 *("--state-dir", str(self.usbipa_state)),
             ],
             capture_output=True,

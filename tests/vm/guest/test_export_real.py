@@ -67,7 +67,7 @@ def start_usbipa(
         [
             sys.executable,
             "-m",
-            "hotplug.appd_cli",
+            "hotplug.app.cli",
             "--listen",
             "127.0.0.1",
             "-t",
@@ -170,7 +170,7 @@ def test_connect_moves_data_intact_and_disconnect_frees_everything(
         [
             sys.executable,
             "-m",
-            "hotplug.appd_cli",
+            "hotplug.app.cli",
             "status",
             "--json",
             "--state-dir",
@@ -347,7 +347,7 @@ def test_tls_export_moves_data_intact(
         [
             sys.executable,
             "-m",
-            "hotplug.appd_cli",
+            "hotplug.app.cli",
             "--listen",
             "127.0.0.1",
             "-t",
@@ -479,7 +479,7 @@ def test_usbipa_detaches_a_port_whose_device_never_enumerates(
     notify = NotifySocket(tmp_path)
     state = str(tmp_path / "state")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "hotplug.appd_cli", "-c", str(config), "--state-dir", state],
+        [sys.executable, "-m", "hotplug.app.cli", "-c", str(config), "--state-dir", state],
         env=dict(os.environ, NOTIFY_SOCKET=str(notify.path)),
         stderr=subprocess.PIPE,
         text=True,

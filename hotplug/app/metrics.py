@@ -22,7 +22,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from hotplug import log
-from hotplug.appd_config import AppdConfig, peer_address
+from hotplug.app.config import AppdConfig, peer_address
 from hotplug.metrics import MetricsServer, new_registry
 from hotplug.usb import Speed
 from hotplug.wire.address import Endpoint
@@ -38,7 +38,8 @@ from hotplug.wire.protocol import (
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
-    from hotplug.appd import Appd, Session
+    from hotplug.app.server import Appd
+    from hotplug.app.sessions import Session
     from hotplug.wire.peercert import PeerCert
 
 logger = log.get("usbipa")

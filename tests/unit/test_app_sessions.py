@@ -20,8 +20,9 @@ from typing import Any
 
 import pytest
 
-from hotplug.appd import Appd, Session
-from hotplug.appd_config import AppdConfig, ConfigError, Limits, parse_config
+from hotplug.app.config import AppdConfig, ConfigError, Limits, parse_config
+from hotplug.app.server import Appd
+from hotplug.app.sessions import Session
 from hotplug.kernel.vhci import PortRecord, PortState, VhciPort
 from hotplug.testing.fake_kernel import FakeTree
 from hotplug.usb import Speed

@@ -13,8 +13,9 @@ import time
 from pathlib import Path
 
 from hotplug import log, usbids, yamlnodes
-from hotplug.appd import Appd, Session, Sessions
-from hotplug.appd_config import AppdConfig, ConfigError, parse_config, with_cli
+from hotplug.app.config import AppdConfig, ConfigError, parse_config, with_cli
+from hotplug.app.server import Appd
+from hotplug.app.sessions import Session, Sessions
 from hotplug.errors import HotplugError
 from hotplug.kernel import make_vhci
 from hotplug.metrics import listen_arg

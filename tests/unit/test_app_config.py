@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from hotplug.appd_config import ConfigError, parse_config
+from hotplug.app.config import ConfigError, parse_config
 from hotplug.yamlnodes import MAX_FILE_BYTES
 
 

@@ -21,7 +21,7 @@ import ssl
 from collections.abc import Callable
 
 from hotplug import log
-from hotplug.appd_config import AppdConfig
+from hotplug.app.config import AppdConfig
 from hotplug.errors import HotplugError
 from hotplug.wire.channel import Channel, ChannelError, Inbox, TlsStream, WebSocketChannel
 from hotplug.wire.peercert import PeerCert
