@@ -6,7 +6,7 @@ Three paths between two "kernels" (this process's sockets), measured in one run:
   plain  the kernels' sockets connected directly over loopback TCP (what a
          plain-TCP export hands the kernels);
   tls    kernel A - loopback - the device side's relay process (the real
-         `hotplug.tunnel`, started by `transport.run_tunnel` after a real
+         `hotplug.device.tunnel`, started by `transport.run_tunnel` after a real
          EXPORT exchange) - TLS over loopback - the application side's relay
          (a process running usbipa's per-session code: TlsStream handshake,
          Inbox, reply, relay) - loopback - kernel B;
@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.harness import machine, percentile, proc_stats
-from hotplug.policy import TlsOptions
-from hotplug.transport import Remote, run_tunnel
+from hotplug.device.policy.model import TlsOptions
+from hotplug.device.transport import Remote, run_tunnel
 from hotplug.usb import Speed
 from hotplug.wire.channel import Channel, Inbox, TlsStream, WebSocketChannel
 from hotplug.wire.protocol import (

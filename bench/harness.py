@@ -499,7 +499,7 @@ class HotplugDaemon:
         workdir: Path,
         policy: str,
         args: tuple[str, ...] = (),
-        module: str = "hotplug.cli",
+        module: str = "hotplug.device.cli",
         extra_env: dict[str, str] | None = None,
     ) -> None:
         self.kernel = kernel
@@ -598,7 +598,7 @@ class HotplugDaemon:
 
     def status(self) -> dict[str, Any]:
         """The running daemon's `status --json` reply, over its control socket."""
-        from hotplug.control import request, socket_path
+        from hotplug.device.control import request, socket_path
 
         return request(socket_path(self.state_dir), {"command": "status"})
 

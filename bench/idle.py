@@ -36,7 +36,7 @@ from bench.harness import (
     scratch_dir,
     wait_for,
 )
-from hotplug.export import export
+from hotplug.device.export import export
 
 POLICY = """\
 version: 1

@@ -17,7 +17,7 @@ loopback TCP; each side has its own fake kernel process (two machines).
      hand-over       the socket fd written to usbip_sockfd
      confirm         usbip_status read back
    then unplugs the device and times the unexport the daemon would send.
-   The real `hotplug.export.export` runs unchanged: its steps are timed by
+   The real `hotplug.device.export.export` runs unchanged: its steps are timed by
    wrapping the functions it calls (time.perf_counter around each).
 2. usbipa's side of the handshake (reap, find port, attach, record), timed
    in this process by calling the same Appd methods on a fake vhci.
@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import ParamSpec, TypeVar
 from unittest import mock
 
-import hotplug.export as export_mod
+import hotplug.device.export as export_mod
 from bench.harness import (
     DirWatch,
     EchoServer,
@@ -65,9 +65,10 @@ from bench.harness import (
 from hotplug import log
 from hotplug.app.config import AllowRule, AppdConfig, parse_network
 from hotplug.app.server import Appd
-from hotplug.export import device_record, export, unexport
+from hotplug.device.export import device_record, export, unexport
+from hotplug.device.policy.merge import parse_policy
+from hotplug.device.policy.model import Policy
 from hotplug.kernel.sysfs import read_device
-from hotplug.policy import Policy, parse_policy
 from hotplug.usb import Device, Speed
 from hotplug.wire.address import Endpoint
 from hotplug.wire.protocol import DeviceRecord, ExportRequest

@@ -52,11 +52,11 @@ def _around(step: str, fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def install() -> None:
-    import hotplug.daemon as daemon
-    import hotplug.events as events
-    import hotplug.export as export
+    import hotplug.device.daemon as daemon
+    import hotplug.device.events as events
+    import hotplug.device.export as export
+    from hotplug.device.reconcile import Export
     from hotplug.kernel.stub import UsbipHost
-    from hotplug.reconcile import Export
 
     read_events = events.JsonLinesSource.read_events
 
@@ -105,7 +105,7 @@ def _dump() -> None:
 def main() -> int:
     install()
     atexit.register(_dump)
-    from hotplug import cli
+    from hotplug.device import cli
 
     return cli.main(sys.argv[1:])
 

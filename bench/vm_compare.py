@@ -12,7 +12,7 @@ the variants taking turns:
   udev    udev rule RUN+="usbip bind -b %k", `usbipd -D`, and a shell loop
           running `usbip attach -r 127.0.0.1 -b BUSID` every second
   floor   an already running Python process polling sysfs every 2 ms that
-          calls hotplug.export.export() to the same usbipa on first sight
+          calls hotplug.device.export.export() to the same usbipa on first sight
 
 Measured from the guest, polling sysfs every 5 ms: "attached" = a vhci port
 reads status 6 (used); "disk" = the vhci-side block device exists and a 4 KiB

@@ -12,7 +12,7 @@ read. Variants, one round of each in turn (the order rotates every round):
           and `usbip attach -r 127.0.0.1 -b BUSID` tried every second by a
           shell loop started before the plug
   floor   an already running Python process that polls /sys/bus/usb/devices
-          every 2 ms and calls hotplug.export.export() to the same usbipa the
+          every 2 ms and calls hotplug.device.export.export() to the same usbipa the
           moment the device shows up: what no exporter can beat on this kernel
 
 All of them are started once and stay up, as on a real machine ("already
@@ -557,7 +557,7 @@ class Bench:
         t = now()
         self.daemon = Child.start(
             "daemon",
-            [PY, "-m", "hotplug.cli", "run", "-c", str(self.policy)],
+            [PY, "-m", "hotplug.device.cli", "run", "-c", str(self.policy)],
             env={
                 "NOTIFY_SOCKET": str(self.daemon_notify.path),
                 "USBIP_HOTPLUG_STATE_DIR": str(state),
@@ -897,7 +897,7 @@ def floor_main(args: argparse.Namespace) -> int:
     one with the serial prefix appears, export it, print a JSON report),
     `release` (unexport it: usbipa detaches, the device goes back to its driver).
     """
-    from hotplug.export import ExportError, export, unexport
+    from hotplug.device.export import ExportError, export, unexport
     from hotplug.kernel.stub import UsbipHost
     from hotplug.kernel.sysfs import KernelError
     from hotplug.wire.address import parse_endpoint

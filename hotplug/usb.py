@@ -1,7 +1,7 @@
 """What we know about one USB device on the device side.
 
 `Device` is plain data: built from sysfs (hotplug.kernel.sysfs) or from a udev
-event (hotplug.udev), consumed by the policy matcher and the exporter. This
+event (hotplug.device.udev), consumed by the policy matcher and the exporter. This
 module does no I/O.
 """
 

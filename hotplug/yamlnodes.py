@@ -28,7 +28,7 @@ from yaml.events import AliasEvent, NodeEvent
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from yaml.resolver import Resolver
 
-from hotplug.errors import HotplugError
+from hotplug.errors import HotplugError, LocatedError
 
 __all__ = [
     "MAX_FILE_BYTES",
@@ -154,27 +154,6 @@ FLOAT = TAG + "float"
 BOOL = TAG + "bool"
 
 T = TypeVar("T")
-
-
-class LocatedError(HotplugError):
-    """One problem in a file, located by file, line (1-based) and key path.
-
-    str() is ready for a user: `policy.d/20-lab.yaml:12: rules[1].match.vendor:
-    expected 4 hex digits (glob allowed), got 'zz'`. `line` is None for
-    problems with a whole file (cannot read it), `key` is None for problems
-    not tied to a key (YAML syntax).
-    """
-
-    def __init__(self, file: str, line: int | None, key: str | None, message: str) -> None:
-        super().__init__(file, line, key, message)
-        self.file = file
-        self.line = line
-        self.key = key
-        self.message = message
-
-    def __str__(self) -> str:
-        where = self.file if self.line is None else f"{self.file}:{self.line}"
-        return ": ".join(part for part in (where, self.key, self.message) if part)
 
 
 E = TypeVar("E", bound=LocatedError)

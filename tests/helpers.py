@@ -90,7 +90,7 @@ def run_cli(
     tree: FakeTree, state: Path, *args: str, timeout: float = 30
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "hotplug.cli", *args],
+        [sys.executable, "-m", "hotplug.device.cli", *args],
         env=env_for(tree, state),
         capture_output=True,
         text=True,

@@ -23,8 +23,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
-from hotplug.cli import register
-
 DEMO_PORT = 3240
 DEMO_SERIAL = "DEMO00000001"
 DEMO_DIR = Path("/run/usbip-hotplug-demo")
@@ -128,7 +126,10 @@ def guest_main() -> int:
     say(f"example policy {DEMO_DIR}/policy.yaml:")
     for line in POLICY.splitlines():
         print(f"    {line}")
-    show("usbip-hotplug check", [*me, "hotplug.cli", "check", "-c", str(DEMO_DIR / "policy.yaml")])
+    show(
+        "usbip-hotplug check",
+        [*me, "hotplug.device.cli", "check", "-c", str(DEMO_DIR / "policy.yaml")],
+    )
 
     with (
         daemon(
@@ -145,7 +146,7 @@ def guest_main() -> int:
             ],
         ) as usbipa_ready,
         daemon(
-            "hotplug", [*me, "hotplug.cli", "run", "-c", str(DEMO_DIR / "policy.yaml")]
+            "hotplug", [*me, "hotplug.device.cli", "run", "-c", str(DEMO_DIR / "policy.yaml")]
         ) as hotplug_ready,
     ):
         usbipa_ready()
@@ -172,7 +173,7 @@ def guest_main() -> int:
                 f"the disk appeared on the application side as {disk.dev} "
                 f"(vhci busid {remote_busid}), {time.monotonic() - t_plug:.1f} s after plug-in"
             )
-            show("usbip-hotplug status", [*me, "hotplug.cli", "status"])
+            show("usbip-hotplug status", [*me, "hotplug.device.cli", "status"])
             show("usbipa status", [*me, "hotplug.app.cli", "status"])
             show("usbip port   (Debian's own tool)", ["usbip", "port"])
 
@@ -200,7 +201,7 @@ def guest_main() -> int:
                 f"withdrawn: the application side's port is free again "
                 f"({time.monotonic() - t_unplug:.1f} s after unplug)"
             )
-            show("usbip-hotplug status", [*me, "hotplug.cli", "status"])
+            show("usbip-hotplug status", [*me, "hotplug.device.cli", "status"])
             show("usbipa status", [*me, "hotplug.app.cli", "status"])
         finally:
             g.remove()
@@ -251,13 +252,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     except VMError as exc:
         print(f"usbip-hotplug demo: {exc}", file=sys.stderr)
         return 1
-
-
-@register("demo", "see it work: a VM with a virtual USB disk, exported and withdrawn")
-def _configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--keep", action="store_true", help="leave a shell into the VM open at the end")
-    p.add_argument("--timeout", type=float, default=240, help="limit for the scenario (seconds)")
-    p.set_defaults(handler=cmd_demo)
 
 
 if __name__ == "__main__":

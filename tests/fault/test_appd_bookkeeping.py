@@ -20,7 +20,7 @@ import pytest
 from bench.harness import FakeKernel
 from hotplug.app.config import AllowRule, AppdConfig, Limits, parse_network
 from hotplug.app.server import Appd
-from hotplug.export import export, unexport
+from hotplug.device.export import export, unexport
 from hotplug.wire.address import Endpoint
 from hotplug.wire.protocol import DevlistRequest, encode
 from hotplug.wire.sockets import Timeouts

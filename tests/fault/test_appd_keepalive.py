@@ -13,7 +13,7 @@ from pathlib import Path
 from bench.harness import FakeKernel
 from hotplug.app.config import AllowRule, AppdConfig, parse_network
 from hotplug.app.server import Appd
-from hotplug.export import export
+from hotplug.device.export import export
 from hotplug.testing.fake_kernel import FakeVhci
 from hotplug.usb import Speed
 from hotplug.wire.sockets import Timeouts

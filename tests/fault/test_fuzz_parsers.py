@@ -20,7 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hotplug.app.config import ConfigError, parse_config
-from hotplug.policy import PolicyError, parse_policy
+from hotplug.device.policy.merge import parse_policy
+from hotplug.device.policy.model import PolicyError
 from hotplug.wire.channel import ChannelError, WebSocketChannel
 from hotplug.wire.peercert import PatternError, parse_san_pattern, parse_subject_pattern
 

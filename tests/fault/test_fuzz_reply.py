@@ -29,7 +29,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bench.harness import FakeKernel
-from hotplug.export import ExportError, _exchange, export, recv_exactly
+from hotplug.device.export import ExportError, _exchange, export, recv_exactly
 from hotplug.wire.address import Endpoint
 from hotplug.wire.protocol import HEADER_SIZE, USBIP_VERSION, Op
 from hotplug.wire.sockets import Timeouts

@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-import hotplug.export as export_mod
+import hotplug.device.export as export_mod
 from bench.harness import FakeKernel, Usbipa
-from hotplug.export import ExportError, export, unexport
+from hotplug.device.export import ExportError, export, unexport
 from hotplug.kernel.sysfs import KernelError
 from hotplug.usb import Device
 from hotplug.wire.protocol import UnexportStatus

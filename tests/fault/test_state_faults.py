@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from bench.harness import FakeKernel, Usbipa
-from hotplug.export import export
+from hotplug.device.export import export
 from hotplug.wire.sockets import Timeouts
 from tests.fault.conftest import LIMITS
 from tests.helpers import run_cli, wait_for

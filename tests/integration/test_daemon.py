@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from hotplug.events import write_event
+from hotplug.device.events import write_event
 from hotplug.kernel.sysfs import read_device
 from hotplug.kernel.vhci import PortState, VhciPort
 from hotplug.testing.fake_kernel import FakeTree, FakeUsbDevice
@@ -196,7 +196,7 @@ class Daemon:
         if self.notify is not None:
             self.notify.close()
         self.notify = Notifications(self.dir)
-        cmd = [sys.executable, "-m", "hotplug.cli", "run", "-c", str(self.policy)]
+        cmd = [sys.executable, "-m", "hotplug.device.cli", "run", "-c", str(self.policy)]
         cmd += ["--events", str(self.fifo), "--poll-interval", "0.1", "--watch-interval", "0.2"]
         with open(self.log, "a") as log:
             self.proc = subprocess.Popen(
@@ -744,7 +744,7 @@ def test_status_over_the_control_socket(tree: FakeTree, state: Path, daemons: An
 def test_second_daemon_refuses_to_start(tree: FakeTree, state: Path, daemons: Any) -> None:
     first = daemons(policy_text({"lab": target(free_port())}, [])).start()
     second = subprocess.run(
-        [sys.executable, "-m", "hotplug.cli", "run", "-c", str(first.policy)],
+        [sys.executable, "-m", "hotplug.device.cli", "run", "-c", str(first.policy)],
         env=env_for(tree, state),
         capture_output=True,
         text=True,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from hotplug.export import ExportError, export
+from hotplug.device.export import ExportError, export
 from hotplug.kernel.vhci import PortState
 from hotplug.testing.fake_kernel import FakeTree, FakeUsbDevice
 from hotplug.wire.address import Endpoint
@@ -303,7 +303,7 @@ def test_unplugged_mid_export_says_so(
             [
                 sys.executable,
                 "-m",
-                "hotplug.cli",
+                "hotplug.device.cli",
                 "connect",
                 "-r",
                 f"127.0.0.1:{port}",

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from hotplug.export import bare_record
+from hotplug.device.export import bare_record
 from hotplug.testing.fake_kernel import FakeTree, FakeUsbDevice
 from hotplug.usb import Device, Speed
 from hotplug.wire.protocol import (
@@ -293,7 +293,7 @@ def test_device_that_is_not_what_its_export_claims_is_detached(
     OP_EXPORT. Once the device enumerates behind vhci, usbipa compares its
     idVendor/idProduct with the record's and detaches on a mismatch, saying why.
     Here the device side lies: it exports a 0bad:0001 as an allowed 1d6b:0104."""
-    import hotplug.export as export_module
+    import hotplug.device.export as export_module
     from hotplug.wire.address import Endpoint
 
     tree.add_device(FakeUsbDevice(busid="1-1", vendor=0x0BAD, product=0x0001), devnum=3)

@@ -34,9 +34,9 @@ from tests.integration.test_daemon import (
 )
 
 DISK = FakeUsbDevice("1-1", 0x1D6B, 0x0104, serial="DISK01", product_name="Disk")
-CLI = [sys.executable, "-m", "hotplug.cli"]
+CLI = [sys.executable, "-m", "hotplug.device.cli"]
 
-RUN = [sys.executable, "-m", "hotplug.cli", "run"]
+RUN = [sys.executable, "-m", "hotplug.device.cli", "run"]
 
 
 class Faults:

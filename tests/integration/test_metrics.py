@@ -375,7 +375,7 @@ def test_a_metrics_port_in_use_stops_the_start_with_the_reason(
         policy.write_text(policy_text({"lab": target(9)}, [rule("d", "1d6b", "lab")]))
         env = env_for(tree, state)
         device = subprocess.run(
-            [sys.executable, "-m", "hotplug.cli", "run", "-c", str(policy), *metrics],
+            [sys.executable, "-m", "hotplug.device.cli", "run", "-c", str(policy), *metrics],
             env=env,
             capture_output=True,
             text=True,

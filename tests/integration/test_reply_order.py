@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from hotplug.export import ExportError, device_record, export
+from hotplug.device.export import ExportError, device_record, export
 from hotplug.kernel.sysfs import read_device
 from hotplug.testing.fake_kernel import USBIP_CMD_SUBMIT, FakeTree
 from hotplug.usb import Speed

@@ -18,9 +18,9 @@ import pytest
 from websockets.sync.server import ServerConnection
 from websockets.sync.server import serve as ws_serve
 
-from hotplug.export import ExportError, export
+from hotplug.device.export import ExportError, export
+from hotplug.device.transport import parse_remote
 from hotplug.testing.fake_kernel import FakeTree
-from hotplug.transport import parse_remote
 from hotplug.wire.protocol import DEVICE_RECORD_SIZE, HEADER_SIZE, ExportReply, ExportStatus, encode
 from hotplug.wire.sockets import Timeouts
 from tests.helpers import wait_for

@@ -33,7 +33,7 @@ def secure_env(tree: FakeTree, state: Path, **extra: str) -> dict[str, str]:
 
 def cli(tree: FakeTree, state: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "hotplug.cli", *args],
+        [sys.executable, "-m", "hotplug.device.cli", *args],
         env=secure_env(tree, state, **env),
         capture_output=True,
         text=True,
@@ -109,7 +109,7 @@ def log_of(proc: subprocess.Popen[str]) -> str:
 
 
 def relay_pids(tree: FakeTree) -> list[int]:
-    """Relay processes (hotplug.tunnel) of this test's fake machine."""
+    """Relay processes (hotplug.device.tunnel) of this test's fake machine."""
     marker = f"USBIP_HOTPLUG_SYSFS_ROOT={tree.root}".encode()
     found = []
     for entry in Path("/proc").iterdir():
@@ -120,7 +120,7 @@ def relay_pids(tree: FakeTree) -> list[int]:
             environ = (entry / "environ").read_bytes()
         except OSError:
             continue
-        if b"hotplug.tunnel" in cmdline and marker in environ.split(b"\0"):
+        if b"hotplug.device.tunnel" in cmdline and marker in environ.split(b"\0"):
             found.append(int(entry.name))
     return found
 

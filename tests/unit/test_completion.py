@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from hotplug import cli
 from hotplug.app import cli as app_cli
+from hotplug.device import cli
 from hotplug.testing.fake_kernel import FakeTree, FakeUsbDevice
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -132,7 +132,6 @@ def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 
 
 def test_usbip_hotplug_script_offers_exactly_the_parsers_options(env: dict[str, str]) -> None:
-    cli._load_extras()
     parser = cli.build_parser()
     commands = {n: p for n, p in subcommands(parser).items() if n != "demo"}
     assert sorted(complete(env, "usbip-hotplug", "")) == sorted(commands)

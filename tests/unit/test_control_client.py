@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from hotplug.control import ControlError, request
+from hotplug.device.control import ControlError, request
 
 
 def test_a_daemon_that_does_not_answer_is_a_clear_error(tmp_path: Path) -> None:

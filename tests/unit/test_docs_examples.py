@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from hotplug import cli, policy
 from hotplug.app import cli as app_cli
+from hotplug.device import cli
+from hotplug.device.policy.merge import parse_policy
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
@@ -52,11 +53,10 @@ def test_readme_policies_parse() -> None:
     found = blocks("yaml")
     assert found, "README has no policy example"
     for n, text in enumerate(found, 1):
-        assert policy.parse_policy([(f"README example {n}", text)]).rules
+        assert parse_policy([(f"README example {n}", text)]).rules
 
 
 def test_readme_usbip_hotplug_commands_parse() -> None:
-    cli._load_extras()
     found = commands("usbip-hotplug")
     assert len(found) >= 8, found
     for argv in found:
@@ -85,7 +85,7 @@ def test_readme_certificate_recipe_makes_certificates_we_accept(tmp_path: Path) 
         [
             sys.executable,
             "-m",
-            "hotplug.cli",
+            "hotplug.device.cli",
             "cert-fingerprint",
             "lab-1.crt",
             "--key",

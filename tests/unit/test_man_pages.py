@@ -17,9 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from hotplug import cli, policy
 from hotplug.app import cli as app_cli
 from hotplug.app import config as app_config
+from hotplug.device import cli
+from hotplug.device.policy import parse as policy_keys
+from hotplug.device.policy.merge import parse_policy
 
 ROOT = Path(__file__).resolve().parents[2]
 MAN = ROOT / "man"
@@ -108,7 +110,6 @@ def options(parser: argparse.ArgumentParser) -> Iterator[tuple[str, str]]:
 
 
 def usbip_hotplug_parser() -> argparse.ArgumentParser:
-    cli._load_extras()
     return cli.build_parser()
 
 
@@ -147,13 +148,13 @@ def key_terms(text: str) -> set[str]:
 
 def test_every_policy_key_is_in_the_policy_page() -> None:
     keys = {
-        *policy._TOP_KEYS,
-        *policy._TARGET_KEYS,
-        *policy._RETRY_KEYS,
-        *policy._SETTINGS_KEYS,
-        *policy._METRICS_KEYS,
-        *policy._RULE_KEYS,
-        *policy._MATCH_KEYS,
+        *policy_keys.TOP_KEYS,
+        *policy_keys.TARGET_KEYS,
+        *policy_keys.RETRY_KEYS,
+        *policy_keys.SETTINGS_KEYS,
+        *policy_keys.METRICS_KEYS,
+        *policy_keys.RULE_KEYS,
+        *policy_keys.MATCH_KEYS,
     }
     missing = sorted(keys - key_terms(source("usbip-hotplug-policy.5")))
     assert not missing, f"policy keys not in man/usbip-hotplug-policy.5.scd: {missing}"
@@ -180,7 +181,7 @@ def test_policy_page_examples_parse() -> None:
     found = [e for e in examples(source("usbip-hotplug-policy.5")) if e.startswith("version:")]
     assert len(found) >= 5
     for n, text in enumerate(found, 1):
-        parsed = policy.parse_policy([(f"example {n}", text)])
+        parsed = parse_policy([(f"example {n}", text)])
         assert parsed.rules, f"example {n} has no rules"
 
 

@@ -23,7 +23,6 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 
-from hotplug import cli
 from hotplug._metrics_http import MAX_CLIENTS
 from hotplug.app import cli as app_cli
 from hotplug.app.config import (
@@ -38,9 +37,11 @@ from hotplug.app.config import (
 )
 from hotplug.app.metrics import REASONS, refusal_reason
 from hotplug.app.server import Appd, _record_problem
+from hotplug.device import cli
+from hotplug.device.policy.merge import parse_policy
+from hotplug.device.policy.model import PolicyError
 from hotplug.kernel.vhci import PortState
 from hotplug.metrics import MetricsError, MetricsServer
-from hotplug.policy import PolicyError, parse_policy
 from hotplug.usb import Speed
 from hotplug.wire.address import AddressError, Endpoint, parse_listen
 from hotplug.wire.channel import Channel
@@ -157,7 +158,6 @@ def test_usbipa_metrics_errors(text: str, error: str) -> None:
 
 
 def test_both_flags_refuse_a_bad_address(capsys: pytest.CaptureFixture[str]) -> None:
-    cli._load_extras()
     good = cli.build_parser().parse_args(["run", "--metrics-listen", "[::1]:9100"])
     assert good.metrics_listen == Endpoint("::1", 9100)
     with pytest.raises(SystemExit) as exited:
@@ -248,7 +248,7 @@ def test_commands_other_than_the_daemons_do_not_load_the_library() -> None:
     module: prometheus_client (and its HTTP server) load only when a daemon starts."""
     code = (
         "import sys; from hotplug.app import cli as app_cli; "
-        "from hotplug import cli; cli._load_extras(); "
+        "from hotplug.device import cli, completion, daemon, daemon_cli, oneshot, status; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('prometheus_client', "
         "'wsgiref')))"
     )
@@ -374,8 +374,8 @@ class StandInStub:
 
 def exposed() -> dict[str, set[str]]:
     """Our families as a scrape names them -> the sample names each has."""
-    from hotplug.daemon import display_state
-    from hotplug.daemon_metrics import DeviceMetrics
+    from hotplug.device.daemon import display_state
+    from hotplug.device.metrics import DeviceMetrics
 
     appd = Appd(AppdConfig(), StandInVhci({}))  # type: ignore[arg-type]
     device = DeviceMetrics(StandInStub(), display_state)  # type: ignore[arg-type]

@@ -12,7 +12,7 @@ import pytest
 
 from hotplug.app import config as app_config
 from hotplug.app.config import parse_config
-from hotplug.policy import load_policy
+from hotplug.device.policy.files import load_policy
 
 REPO = Path(__file__).resolve().parents[2]
 

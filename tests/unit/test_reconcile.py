@@ -6,8 +6,9 @@ from dataclasses import replace
 
 import pytest
 
-from hotplug.policy import RetryPolicy, Target, parse_policy
-from hotplug.reconcile import (
+from hotplug.device.policy.merge import parse_policy
+from hotplug.device.policy.model import RetryPolicy, Target
+from hotplug.device.reconcile import (
     Abort,
     Action,
     Export,

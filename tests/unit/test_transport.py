@@ -16,8 +16,8 @@ from hotplug.app.config import (
     parse_config,
     with_cli,
 )
-from hotplug.policy import Target, TlsOptions
-from hotplug.transport import (
+from hotplug.device.policy.model import Target, TlsOptions
+from hotplug.device.transport import (
     Remote,
     bypasses_proxy,
     parse_proxy,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from hotplug.export import device_record, handshake_export
+from hotplug.device.export import device_record, handshake_export
 from hotplug.kernel.stub import StubStatus, UsbipHost
 from hotplug.kernel.sysfs import read_device
 from hotplug.testvm import gadget as gd

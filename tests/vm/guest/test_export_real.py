@@ -27,7 +27,7 @@ USBIPA_PORT = 3250  # not 3240: the classic usbipd fixture owns that one
 def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, USBIP_HOTPLUG_STATE_DIR="/run/usbip-hotplug-test")
     return subprocess.run(
-        [sys.executable, "-m", "hotplug.cli", *args],
+        [sys.executable, "-m", "hotplug.device.cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -405,7 +405,7 @@ class StallingDevice(threading.Thread):
 
     def __init__(self, address: tuple[str, int]) -> None:
         super().__init__(daemon=True)
-        from hotplug.export import device_record
+        from hotplug.device.export import device_record
         from hotplug.usb import Device, Speed
         from hotplug.wire.protocol import ExportRequest, encode
 

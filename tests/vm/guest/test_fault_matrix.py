@@ -21,7 +21,7 @@ check, 1 MiB, is the last case of pending/fault_matrix_rest.py).
 Cheap by construction (the matrix must fit CI's budget): one usbipa and one
 daemon serve every case and are restarted only where a case kills or stops
 one; fault points are re-armed per case in the running processes; and one-shot
-commands run `hotplug.cli.main` in a child forked from this test process
+commands run `hotplug.device.cli.main` in a child forked from this test process
 (`OneShot`), because starting a new Python and importing the CLI costs seconds
 per command in the emulated guest. The child is a process of its own (pid, exit
 status, signals, file descriptors), so
@@ -48,7 +48,8 @@ from typing import Any
 
 import pytest
 
-from hotplug import cli, faultpoints
+from hotplug import faultpoints
+from hotplug.device import cli
 from hotplug.testvm import gadget as gd
 from tests.helpers import disk_policy
 from tests.vm.guest.test_daemon_real import ENUM, KiB, MiB, Rig, used_ports

@@ -170,7 +170,7 @@ def _install_programs() -> None:
         pytest.skip(f"/usr/bin/python3 is {have}, the virtualenv's packages are for {wanted}")
     site = sysconfig.get_paths()["purelib"]
     BIN.mkdir(parents=True, exist_ok=True)
-    for program, module in (("usbip-hotplug", "hotplug.cli"), ("usbipa", "hotplug.app.cli")):
+    for program, module in (("usbip-hotplug", "hotplug.device.cli"), ("usbipa", "hotplug.app.cli")):
         path = BIN / program
         path.write_text(
             f"#!{SYSTEM_PYTHON}\nimport site, sys\nsite.addsitedir({site!r})\n"

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import argparse
 
-from hotplug.cli import register
-from hotplug.daemon import address_of
+from hotplug.device.daemon import address_of
+from hotplug.device.policy.files import load_policy
+from hotplug.device.policy.model import PolicyError
 from hotplug.kernel import make_stub
 from hotplug.kernel.sysfs import list_devices
-from hotplug.policy import PolicyError, load_policy
 
 
 def busids() -> list[str]:
@@ -34,14 +34,7 @@ def remotes(config: str | None) -> list[str]:
     return sorted({address_of(t) for t in policy.targets.values()})
 
 
-@register("_complete", argparse.SUPPRESS)
-def _configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("what", choices=["busids", "remotes"])
-    p.add_argument("-c", "--config", metavar="PATH", help=argparse.SUPPRESS)
-    p.set_defaults(handler=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
+def cmd_complete(args: argparse.Namespace) -> int:
     words = busids() if args.what == "busids" else remotes(args.config)
     if words:
         print("\n".join(words))

@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from hotplug.policy import Policy, Target
+from hotplug.device.policy.model import Policy, Target
 from hotplug.usb import Device
 
 Phase = Literal["idle", "exporting", "exported", "backoff", "unexporting", "releasing", "foreign"]

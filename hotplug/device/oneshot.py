@@ -1,4 +1,9 @@
-"""`usbip-hotplug`: the device side's command line."""
+"""The one-shot commands: `connect`, `disconnect`, `list`, `cert-fingerprint`.
+
+Each runs one transaction by hand and exits; `connect` and `disconnect` keep
+the same records under /run as the daemon (device/records.py), so that each
+sees what the other did.
+"""
 
 from __future__ import annotations
 
@@ -6,61 +11,34 @@ import argparse
 import contextlib
 import json
 import os
-import signal
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
-from hotplug import __version__, log, usbids
+from hotplug import usbids
+from hotplug.device.export import (
+    ExportError,
+    export,
+    export_gadget,
+    unexport,
+    unexport_gadget,
+)
+from hotplug.device.records import exports_dir
+from hotplug.device.transport import Remote, parse_remote
 from hotplug.errors import HotplugError
-from hotplug.export import ExportError, export, export_gadget, unexport, unexport_gadget
 from hotplug.kernel import KernelError, make_stub
 from hotplug.kernel.stub import STUB_DRIVER, StubStatus, UsbipHost
-from hotplug.kernel.sysfs import BUSID_RE, list_devices, validate_busid
-from hotplug.kernel.vudc import VUDC_RE, Vudc
+from hotplug.kernel.sysfs import list_devices, validate_busid
+from hotplug.kernel.vudc import Vudc
 from hotplug.printable import printable
-from hotplug.state import RecordDir, RecordTaken, StateError, default_dir, writer_alive
-from hotplug.transport import Remote, parse_remote
+from hotplug.state import RecordDir, RecordTaken, StateError, writer_alive
 from hotplug.wire.address import AddressError, Endpoint, parse_endpoint
 from hotplug.wire.sockets import Timeouts
 
-Handler = Callable[[argparse.Namespace], int]
-_COMMANDS: dict[str, Handler] = {}
-
 
 class UsageError(HotplugError):
-    pass
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGTERM or SIGHUP, raised where the one-shot command is, as Ctrl-C is: the
-    rollback of a half-done export runs (`timeout 3 usbip-hotplug connect ...`)."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(f"stopped by {signal.Signals(signum).name}")
-        self.signum = signum
-
-
-# One-shot commands that change the kernel: a signal must unwind them, not end them.
-INTERRUPTIBLE = ("connect", "disconnect")
-
-
-def interrupt_on_signals() -> None:
-    def handler(signum: int, _frame: object) -> None:
-        # Once: a second SIGTERM (systemd, an impatient script) must not cut the
-        # rollback the first one started short. SIGKILL still ends us.
-        for sig in (signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_IGN)
-        raise Interrupted(signum)
-
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, handler)
-
-
-def exports_dir() -> RecordDir:
-    """One record per device exported by `connect` or the daemon: to whom, since when."""
-    return RecordDir(default_dir("device") / "exports")
+    """A command line that cannot be carried out as given."""
 
 
 def _endpoint(text: str) -> Endpoint:
@@ -329,155 +307,3 @@ def cmd_cert_fingerprint(args: argparse.Namespace) -> int:
     except CertError as exc:
         raise UsageError(str(exc)) from exc
     return 0
-
-
-def add_common_net(parser: argparse.ArgumentParser, remote_required: bool) -> None:
-    parser.add_argument(
-        "-r",
-        "--remote",
-        required=remote_required,
-        metavar="REMOTE",
-        help="application-side daemon (usbipa): HOST[:PORT] (plain TCP, port 3240), "
-        "tls://HOST[:PORT] (TLS, port 3240) or wss://HOST[:PORT]/PATH (WebSocket over TLS, "
-        "port 443); IPv6 as [addr]:port",
-    )
-    tls = parser.add_argument_group("tls:// and wss:// remotes")
-    tls.add_argument("--cert", metavar="FILE", help="our client certificate (PEM)")
-    tls.add_argument("--key", metavar="FILE", help="its private key (PEM, unencrypted)")
-    tls.add_argument(
-        "--ca", metavar="FILE", help="CA that issued usbipa's certificate (default: system CAs)"
-    )
-    tls.add_argument(
-        "--proxy",
-        metavar="http://HOST:PORT",
-        help="tunnel through this HTTP CONNECT proxy (default: $https_proxy, minus $no_proxy)",
-    )
-    parser.add_argument(
-        "-b",
-        "--busid",
-        type=busid_arg,
-        help="the device's busid, e.g. 1-1.2 (with --device: usbip-vudc.N)",
-    )
-    parser.add_argument(
-        "--device",
-        action="store_true",
-        help="vUDC mode: export the USB gadget bound to a usbip-vudc UDC",
-    )
-    parser.add_argument(
-        "--timeout",
-        type=float,
-        default=5.0,
-        metavar="SECONDS",
-        help="connect and handshake timeout (default 5)",
-    )
-
-
-def busid_arg(text: str) -> str:
-    """-b's value: a busid or a vUDC name, checked before it names a file anywhere."""
-    if BUSID_RE.match(text) or VUDC_RE.match(text):
-        return text
-    raise argparse.ArgumentTypeError(
-        f"{text!r} is not a USB busid (e.g. 1-1 or 3-2.4) or a vUDC (usbip-vudc.N)"
-    )
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="usbip-hotplug",
-        description="Export USB devices over USB/IP to an application-side daemon (usbipa), "
-        "by hand or automatically as they are plugged in.",
-    )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("connect", help="export one device to usbipa (bind + OP_EXPORT)")
-    add_common_net(p, remote_required=True)
-    p.add_argument(
-        "--force",
-        action="store_true",
-        help="take over a device that another tool already bound to usbip-host",
-    )
-    p.set_defaults(handler=cmd_connect)
-
-    p = sub.add_parser("disconnect", help="withdraw an exported device (OP_UNEXPORT + release)")
-    add_common_net(p, remote_required=False)
-    p.set_defaults(handler=cmd_disconnect)
-
-    p = sub.add_parser("list", help="list exportable local devices")
-    p.add_argument("-l", "--local", action="store_true", help="local devices (the default)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--device", action="store_true", help="list usbip-vudc UDCs (vUDC mode)")
-    p.set_defaults(handler=cmd_list)
-
-    p = sub.add_parser(
-        "cert-fingerprint",
-        help="print a certificate's SHA-256 fingerprint (with --key: names, dates, checks)",
-    )
-    p.add_argument("cert", metavar="CERT", help="certificate file (PEM)")
-    p.add_argument("--key", metavar="FILE", help="its key: also check the pair and show names")
-    p.set_defaults(handler=cmd_cert_fingerprint)
-
-    for name, (help_text, configure) in _EXTRA_COMMANDS.items():
-        # Without help= argparse does not list the command (SUPPRESS would show as text).
-        hidden = help_text == argparse.SUPPRESS
-        p = sub.add_parser(name) if hidden else sub.add_parser(name, help=help_text)
-        configure(p)
-    return parser
-
-
-# Commands defined in other modules register here, keeping this file the only parser.
-_EXTRA_COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {}
-
-
-def register(
-    name: str, help_text: str
-) -> Callable[
-    [Callable[[argparse.ArgumentParser], None]], Callable[[argparse.ArgumentParser], None]
-]:
-    def wrap(
-        configure: Callable[[argparse.ArgumentParser], None],
-    ) -> Callable[[argparse.ArgumentParser], None]:
-        _EXTRA_COMMANDS[name] = (help_text, configure)
-        return configure
-
-    return wrap
-
-
-def _load_extras() -> None:
-    # Imported for their register() side effect; each defines one command.
-    import importlib
-
-    for module in ("hotplug.daemon_cli", "hotplug.completion", "hotplug.testvm.demo"):
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if not (exc.name and module.startswith(exc.name)):
-                raise
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    _load_extras()
-    args = build_parser().parse_args(argv)
-    log.setup("usbip-hotplug", verbose=args.verbose)
-    handler: Handler = args.handler
-    try:
-        if args.command in INTERRUPTIBLE:
-            interrupt_on_signals()
-        return handler(args)
-    except HotplugError as exc:  # every expected failure; anything else is a bug
-        print(f"usbip-hotplug: {exc}", file=sys.stderr)
-        return 1
-    except Interrupted as exc:
-        print(f"usbip-hotplug: {exc}", file=sys.stderr)
-        return 128 + exc.signum
-    except KeyboardInterrupt:
-        return 130
-
-
-if __name__ == "__main__":
-    # Under `python -m hotplug.cli` this file is __main__, but the commands of
-    # other modules register with the imported hotplug.cli: run that one.
-    from hotplug import cli
-
-    sys.exit(cli.main())

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from hotplug import log
-from hotplug.events import DeviceEvent
+from hotplug.device.events import DeviceEvent
 from hotplug.kernel.sysfs import BUSID_RE, KernelError, SysfsPaths, list_devices, read_interfaces
 from hotplug.usb import SYSFS_SPEEDS, Device, Speed
 

@@ -8,7 +8,7 @@ Either secure scheme can go through an HTTP CONNECT proxy (`--proxy`, or the
 `https_proxy` environment variable unless `no_proxy` names the host).
 
 Plain TCP is done in `export.py`, in this process, as before. A secure export
-runs in a relay process (`hotplug.tunnel`): it connects, does the TLS and
+runs in a relay process (`hotplug.device.tunnel`): it connects, does the TLS and
 WebSocket handshakes and the EXPORT exchange, reports the reply here over a
 pipe, and then relays bytes between the encrypted connection and one end of a
 loopback pair whose other end this process gives the kernel. The relay
@@ -33,8 +33,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
+from hotplug.device.policy.model import Target, TlsOptions
 from hotplug.errors import HotplugError
-from hotplug.policy import Target, TlsOptions
 from hotplug.spawn import CHILD_CWD, child_env, python_module
 from hotplug.wire.address import AddressError, Endpoint, Scheme, parse_address, parse_endpoint
 
@@ -224,7 +224,7 @@ def run_tunnel(
     passed = [write_fd] + ([inner_fd] if inner_fd is not None else [])
     try:
         proc = subprocess.Popen(
-            python_module("hotplug.tunnel"),
+            python_module("hotplug.device.tunnel"),
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -13,13 +13,9 @@ import contextlib
 import os
 from pathlib import Path
 
-from hotplug.policy import DEFAULT_CONFIG_DIR
+from hotplug.device.policy import DEFAULT_CONFIG_DIR, DROPIN_DIR, MAIN_FILE
 
 Fingerprint = tuple[tuple[str, int, int, int], ...]
-
-# Kept in step with policy.load_policy's layout.
-MAIN_FILE = "policy.yaml"
-DROPIN_DIR = "policy.d"
 
 
 def _stat(path: Path) -> tuple[str, int, int, int]:

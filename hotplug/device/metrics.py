@@ -20,16 +20,16 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from hotplug import log
+from hotplug.device.reconcile import Note, Slot, Wanted
 from hotplug.kernel.stub import TABLE_SLOTS, UsbipHost
 from hotplug.kernel.sysfs import KernelError
 from hotplug.metrics import MetricsError, MetricsServer, new_registry
-from hotplug.reconcile import Note, Slot, Wanted
 from hotplug.wire.address import Endpoint
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
-    from hotplug.policy import Target
+    from hotplug.device.policy.model import Target
 
 logger = log.get("hotplug.daemon")
 

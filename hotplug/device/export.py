@@ -17,12 +17,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from hotplug import log
+from hotplug.device.transport import Remote, TransportError, run_tunnel
 from hotplug.errors import HotplugError
 from hotplug.faultpoints import reach
 from hotplug.kernel.stub import STUB_DRIVER, StubStatus, UsbipHost
 from hotplug.kernel.sysfs import DeviceNotFound, KernelError, read_device
 from hotplug.kernel.vudc import Vudc
-from hotplug.transport import Remote, TransportError, run_tunnel
 from hotplug.usb import Device, Speed
 from hotplug.wire.address import Endpoint
 from hotplug.wire.protocol import (

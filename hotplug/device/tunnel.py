@@ -1,6 +1,6 @@
 """The device side's relay process: one tls:// or wss:// export (or one unexport).
 
-`python -m hotplug.tunnel`, started by `transport.run_tunnel`, reads its job
+`python -m hotplug.device.tunnel`, started by `transport.run_tunnel`, reads its job
 as JSON on stdin: the remote, the timeouts, the request PDU, the fd of a pipe
 to report on and, for an export, the fd of its end of the loopback pair. It
 connects (directly or through an HTTP CONNECT proxy), does the TLS and
@@ -27,8 +27,8 @@ import time
 from typing import Any
 
 from hotplug import log
-from hotplug.policy import TlsOptions
-from hotplug.transport import (
+from hotplug.device.policy.model import TlsOptions
+from hotplug.device.transport import (
     RELAY_LOG_ENV,
     Proxy,
     Remote,

@@ -27,14 +27,14 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from hotplug import log, usbids
-from hotplug.control import ControlError, bind_control_socket, serve, socket_path
-from hotplug.events import DeviceEvent, EventSource
-from hotplug.export import Attempt, ExportError, export, unexport
-from hotplug.kernel.stub import STUB_DRIVER, TABLE_SLOTS, StubStatus, UsbipHost
-from hotplug.kernel.sysfs import KernelError, busid_sort_key, driver_name
-from hotplug.notify import Notifier
-from hotplug.policy import DEFAULT_CONFIG_DIR, Policy, PolicyError, Target, TlsOptions, load_policy
-from hotplug.reconcile import (
+from hotplug.device.control import ControlError, bind_control_socket, serve, socket_path
+from hotplug.device.events import DeviceEvent, EventSource
+from hotplug.device.export import Attempt, ExportError, export, unexport
+from hotplug.device.policy import DEFAULT_CONFIG_DIR
+from hotplug.device.policy.files import load_policy
+from hotplug.device.policy.model import Policy, PolicyError, Target, TlsOptions
+from hotplug.device.policy.watch import PolicyWatcher
+from hotplug.device.reconcile import (
     Abort,
     Action,
     Export,
@@ -52,10 +52,12 @@ from hotplug.reconcile import (
     status_line,
     unexport_finished,
 )
+from hotplug.device.transport import remote_for_target
+from hotplug.kernel.stub import STUB_DRIVER, TABLE_SLOTS, StubStatus, UsbipHost
+from hotplug.kernel.sysfs import KernelError, busid_sort_key, driver_name
+from hotplug.notify import Notifier
 from hotplug.state import RecordDir, RecordTaken, StateError, writer_alive
-from hotplug.transport import remote_for_target
 from hotplug.usb import Device
-from hotplug.watch import PolicyWatcher
 from hotplug.wire.address import Endpoint, parse_address
 from hotplug.wire.sockets import Timeouts
 
@@ -182,7 +184,7 @@ class Daemon:
         self._stop: asyncio.Event | None = None
         self._reloading: asyncio.Task[None] | None = None
         self._reload_again: str | None = None  # why, if asked again during a reload
-        from hotplug.daemon_metrics import DeviceMetrics  # the library: for the daemon alone
+        from hotplug.device.metrics import DeviceMetrics  # the library: for the daemon alone
 
         self.metrics = DeviceMetrics(stub, display_state)
 
