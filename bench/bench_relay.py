@@ -29,7 +29,6 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +47,6 @@ from hotplug.wire.protocol import (
     encode,
 )
 from hotplug.wire.relay import loopback_pair, relay
-from hotplug.wire.sockets import Timeouts
 from hotplug.wire.tls import server_context
 
 CHUNK = 256 * 1024
@@ -123,7 +121,7 @@ def open_path(
     remote = Remote(kind, "127.0.0.1", port, path, tls)  # type: ignore[arg-type]
     a, relay_end = loopback_pair()
     with relay_end:
-        _, pid = run_tunnel(remote, request(), asdict(Timeouts()), relay_end.fileno())
+        _, pid = run_tunnel(remote, request(), relay_end.fileno())
     b, _ = kernels.accept()
     kernels.close()
     b.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

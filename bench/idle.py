@@ -37,6 +37,7 @@ from bench.harness import (
     wait_for,
 )
 from hotplug.device.export import export
+from hotplug.device.transport import Remote
 
 POLICY = """\
 version: 1
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.no_daemon:
                 stub = dev.stub()
                 for busid in busids:
-                    export(stub, busid, usbipa.endpoint)
+                    export(stub, busid, Remote.plain(usbipa.endpoint))
                 stats = measure(pids, args.seconds)
                 attached = len(app.used_ports())
             else:

@@ -49,6 +49,7 @@ from typing import ParamSpec, TypeVar
 from unittest import mock
 
 import hotplug.device.export as export_mod
+import hotplug.device.transport as transport_mod
 from bench.harness import (
     DirWatch,
     EchoServer,
@@ -68,6 +69,7 @@ from hotplug.app.server import Appd
 from hotplug.device.export import device_record, export, unexport
 from hotplug.device.policy.merge import parse_policy
 from hotplug.device.policy.model import Policy
+from hotplug.device.transport import Remote
 from hotplug.kernel.sysfs import read_device
 from hotplug.usb import Device, Speed
 from hotplug.wire.address import Endpoint
@@ -190,13 +192,15 @@ def client_cycles(
             mock.patch.object(export_mod, "read_device", steps.wrap("checks+read", read_device))
         )
         stack.enter_context(
-            mock.patch.object(export_mod, "connect", steps.wrap("connect", export_mod.connect))
+            mock.patch.object(
+                transport_mod, "connect", steps.wrap("connect", transport_mod.connect)
+            )
         )
         stack.enter_context(
             mock.patch.object(
-                export_mod,
+                transport_mod,
                 "_exchange",
-                steps.wrap("handshake", export_mod._exchange, mark="attached"),
+                steps.wrap("handshake", transport_mod._exchange, mark="attached"),
             )
         )
         for n in range(warmup + cycles):
@@ -213,7 +217,7 @@ def client_cycles(
             endpoint = Endpoint(target.host, target.port)
             steps.current["policy"] = time_ms(t1)
             writes[0] = 0
-            export(stub, busid, endpoint, timeouts)
+            export(stub, busid, Remote.plain(endpoint, timeouts))
             export_writes = writes[0]
             total = time_ms(t0)
             attached = (steps.marks["attached"] - t0) * 1000.0
@@ -221,7 +225,7 @@ def client_cycles(
             # --- unplug; the daemon would send the unexport
             dev.unplug(busid)
             t2 = time.perf_counter()
-            unexport(stub, busid, endpoint, timeouts)
+            unexport(stub, busid, Remote.plain(endpoint, timeouts))
             unexport_ms = time_ms(t2)
             wait_for(lambda: not app.used_ports(), what="the vhci port to be freed")
             # --- baselines, interleaved so both see the same machine

@@ -54,7 +54,7 @@ def _around(step: str, fn: Callable[..., Any]) -> Callable[..., Any]:
 def install() -> None:
     import hotplug.device.daemon as daemon
     import hotplug.device.events as events
-    import hotplug.device.export as export
+    import hotplug.device.transport as transport
     from hotplug.device.reconcile import Export
     from hotplug.kernel.stub import UsbipHost
 
@@ -92,8 +92,8 @@ def install() -> None:
     names["export"] = export_and_mark
     UsbipHost.bind = _around("bind", UsbipHost.bind)  # type: ignore[method-assign]
     UsbipHost.hand_over = _around("hand-over", UsbipHost.hand_over)  # type: ignore[method-assign]
-    export.connect = _around("connect", export.connect)
-    export._exchange = _around("handshake", export._exchange)
+    transport.connect = _around("connect", transport.connect)
+    transport._exchange = _around("handshake", transport._exchange)
 
 
 def _dump() -> None:

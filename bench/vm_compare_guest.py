@@ -898,6 +898,7 @@ def floor_main(args: argparse.Namespace) -> int:
     `release` (unexport it: usbipa detaches, the device goes back to its driver).
     """
     from hotplug.device.export import ExportError, export, unexport
+    from hotplug.device.transport import Remote
     from hotplug.kernel.stub import UsbipHost
     from hotplug.kernel.sysfs import KernelError
     from hotplug.wire.address import parse_endpoint
@@ -933,7 +934,7 @@ def floor_main(args: argparse.Namespace) -> int:
                 while now() < deadline:
                     report["tries"] += 1
                     try:
-                        export(stub, busid, endpoint, timeouts)
+                        export(stub, busid, Remote.plain(endpoint, timeouts))
                     except (KernelError, ExportError) as exc:
                         # e.g. caught mid-probe: the bind loses the race; try again at once
                         report["errors"].append(str(exc))
@@ -946,7 +947,7 @@ def floor_main(args: argparse.Namespace) -> int:
                     report["error"] = f"export failed: {report['errors'][-1:]}"
             print(json.dumps(report), flush=True)
         elif cmd == "release" and exported is not None:
-            unexport(stub, exported, endpoint, timeouts)
+            unexport(stub, exported, Remote.plain(endpoint, timeouts))
             exported = None
             print("released", flush=True)
     return 0

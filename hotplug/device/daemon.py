@@ -59,7 +59,6 @@ from hotplug.notify import Notifier
 from hotplug.state import RecordDir, RecordTaken, StateError, writer_alive
 from hotplug.usb import Device
 from hotplug.wire.address import Endpoint, parse_address
-from hotplug.wire.sockets import Timeouts
 
 logger = log.get("hotplug.daemon")
 
@@ -127,10 +126,6 @@ class Canceller:
 def address_of(target: Target) -> str:
     """host:port for plain TCP (as usbip shows it), the URL for tls:// and wss://."""
     return target.display if target.scheme == "tcp" else target.url
-
-
-def timeouts_of(target: Target) -> Timeouts:
-    return Timeouts(connect=target.connect_timeout, handshake=target.handshake_timeout)
 
 
 class Daemon:
@@ -831,14 +826,13 @@ class Daemon:
         )
         error: str | None = None
         try:
-            remote, timeouts = remote_for_target(target), timeouts_of(target)
+            remote = remote_for_target(target)
             await self._blocking(
                 f"export {busid}",
                 lambda: export(
                     self.stub,
                     busid,
                     remote,
-                    timeouts,
                     adopt_bound=action.adopt,
                     on_connect=canceller.watch,
                     attempt=attempt,
@@ -953,7 +947,7 @@ class Daemon:
         """OP_UNEXPORT, then give the device back (or keep it bound to export elsewhere)."""
         try:
             remote = remote_for_target(target)
-            unexport(self.stub, busid, remote, timeouts_of(target), release=release)
+            unexport(self.stub, busid, remote, release=release)
         finally:
             if not self.stub.paths.device_dir(busid).exists():
                 # Unplugged: usbip-host keeps the busid in match_busid. Ask it to

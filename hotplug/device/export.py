@@ -12,39 +12,23 @@ import contextlib
 import dataclasses
 import logging
 import socket
-import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from hotplug import log
-from hotplug.device.transport import Remote, TransportError, run_tunnel
-from hotplug.errors import HotplugError
+from hotplug.device.transport import ExportError as ExportError  # this module's error too
+from hotplug.device.transport import Remote, exchange_unexport, handshake_export
 from hotplug.faultpoints import reach
 from hotplug.kernel.stub import STUB_DRIVER, StubStatus, UsbipHost
 from hotplug.kernel.sysfs import DeviceNotFound, KernelError, read_device
 from hotplug.kernel.vudc import Vudc
 from hotplug.usb import Device, Speed
-from hotplug.wire.address import Endpoint
 from hotplug.wire.protocol import (
-    HEADER_SIZE,
     DeviceRecord,
-    ExportRequest,
-    ExportStatus,
-    Op,
-    ProtocolError,
-    UnexportRequest,
     UnexportStatus,
-    data_phase_command,
-    decode_header,
-    encode,
 )
-from hotplug.wire.sockets import Timeouts, tune_socket
 
 logger = log.get("hotplug.export")
-
-
-class ExportError(HotplugError):
-    """An export or unexport did not happen; the message says why."""
 
 
 def device_record(device: Device) -> DeviceRecord:
@@ -66,153 +50,6 @@ def device_record(device: Device) -> DeviceRecord:
     )
 
 
-def connect(endpoint: Endpoint, timeouts: Timeouts) -> socket.socket:
-    try:
-        sock = socket.create_connection((endpoint.host, endpoint.port), timeout=timeouts.connect)
-    except TimeoutError as exc:
-        raise ExportError(f"{endpoint}: connection timed out after {timeouts.connect:g} s") from exc
-    except socket.gaierror as exc:
-        raise ExportError(f"{endpoint}: cannot resolve host: {exc.strerror}") from exc
-    except OSError as exc:
-        raise ExportError(f"{endpoint}: {exc.strerror or exc}") from exc
-    tune_socket(sock, timeouts)
-    return sock
-
-
-def recv_exactly(sock: socket.socket, size: int, deadline: float, endpoint: Endpoint) -> bytes:
-    """Read exactly `size` bytes and not one more: what follows belongs to the kernel."""
-    chunks = bytearray()
-    while len(chunks) < size:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise ExportError(f"{endpoint}: no reply within the handshake timeout")
-        sock.settimeout(remaining)
-        try:
-            chunk = sock.recv(size - len(chunks))
-        except TimeoutError as exc:
-            raise ExportError(f"{endpoint}: no reply within the handshake timeout") from exc
-        except ConnectionResetError as exc:
-            if chunks:
-                raise ExportError(f"{endpoint}: connection reset while waiting for reply") from exc
-            # usbipa closed unread what no allow entry could admit; our request
-            # still unread there turns its close into a reset (a race with EOF).
-            raise ExportError(
-                f"{endpoint}: connection closed before replying (does the application side's "
-                "allow list name this machine's address?)"
-            ) from exc
-        except OSError as exc:
-            raise ExportError(f"{endpoint}: {exc.strerror or exc} while waiting for reply") from exc
-        if not chunk:
-            if chunks:
-                raise ExportError(
-                    f"{endpoint}: connection closed after {len(chunks)} of {size} bytes"
-                )
-            # usbipa closes at once, unread, what no allow entry could admit.
-            raise ExportError(
-                f"{endpoint}: connection closed before replying (does the application side's "
-                "allow list name this machine's address?)"
-            )
-        chunks += chunk
-    return bytes(chunks)
-
-
-def _exchange(
-    sock: socket.socket, request: bytes, expected: Op, endpoint: Endpoint, timeouts: Timeouts
-) -> int:
-    deadline = time.monotonic() + timeouts.handshake
-    sock.settimeout(timeouts.handshake)
-    try:
-        sock.sendall(request)
-    except OSError as exc:
-        raise ExportError(f"{endpoint}: sending request failed: {exc.strerror or exc}") from exc
-    reply = recv_exactly(sock, HEADER_SIZE, deadline, endpoint)
-    return _reply_status(reply, expected, endpoint)
-
-
-def _reply_status(reply: bytes, expected: Op, endpoint: Endpoint | Remote) -> int:
-    command = data_phase_command(reply)
-    if command is not None:
-        # Issue 16: an application side that writes `attach` before its reply
-        # lets the kernel's first URB overtake it. Our caller closes the
-        # connection, so that side's vhci frees the port, and rolls back.
-        code = int.from_bytes(reply[:4], "big")
-        raise ExportError(
-            f"{endpoint}: bad reply: the application side sent data-phase bytes (looks like "
-            f"{command} 0x{code:08x}) before its {expected.name.replace('REP_', 'OP_REP_')}: "
-            "it attached before replying; closed the connection (retry, or fix the "
-            "application side to reply first)"
-        )
-    try:
-        header = decode_header(reply)
-    except ProtocolError as exc:
-        raise ExportError(f"{endpoint}: bad reply: {exc}") from exc
-    if header.code != expected:
-        raise ExportError(
-            f"{endpoint}: bad reply: op code 0x{header.code:04x}, not {expected.name}"
-        )
-    return header.status
-
-
-def _endpoint(endpoint: Endpoint | Remote) -> Endpoint:
-    """A plain (tcp) remote is an Endpoint: it takes the plain path, unchanged."""
-    return endpoint.endpoint if isinstance(endpoint, Remote) else endpoint
-
-
-def _secure_handshake(
-    record: DeviceRecord,
-    remote: Remote,
-    timeouts: Timeouts,
-    on_connect: Callable[[socket.socket], None] | None,
-) -> socket.socket:
-    """handshake_export for tls:// and wss://: the exchange runs in a relay process.
-
-    Returns the kernel's end of this session's loopback pair; the relay process
-    holds the other end and the encrypted connection (transport.py). Closing
-    the returned socket ends the relay and so the session on the far side:
-    that is the rollback. `on_connect` gets the kernel's end: shutting it down
-    cancels the wait for the reply.
-    """
-    from hotplug.wire.relay import loopback_pair  # plain-TCP users never load TLS/WebSocket code
-
-    try:
-        kernel_end, relay_end = loopback_pair()
-    except OSError as exc:
-        raise ExportError(f"cannot make the relay's loopback connection: {exc}") from exc
-    try:
-        if on_connect is not None:
-            on_connect(kernel_end)
-        with relay_end:  # the relay process keeps its own copy
-            raw, pid = run_tunnel(
-                remote,
-                encode(ExportRequest(record)),
-                asdict(timeouts),
-                relay_end.fileno(),
-                busid=record.busid,
-                cancel_fd=kernel_end.fileno(),
-            )
-        reply = _reply_status(raw, Op.REP_EXPORT, remote)
-        if reply != ExportStatus.ATTACHED:
-            reason = EXPORT_REFUSALS.get(reply, f"refused with status {reply}")  # type: ignore[call-overload]
-            raise ExportError(f"{remote} refused {record.busid}: {reason}")
-    except TransportError as exc:
-        kernel_end.close()
-        raise ExportError(str(exc)) from None
-    except BaseException:
-        kernel_end.close()
-        raise
-    logger.debug("%s: relay process %s carries the session to %s", record.busid, pid, remote)
-    return kernel_end
-
-
-def _secure_exchange(remote: Remote, request: bytes, timeouts: Timeouts) -> int:
-    """A control-only exchange (UNEXPORT) over tls:// or wss://, in a relay process."""
-    try:
-        raw, _ = run_tunnel(remote, request, asdict(timeouts), None)
-    except TransportError as exc:
-        raise ExportError(str(exc)) from None
-    return _reply_status(raw, Op.REP_UNEXPORT, remote)
-
-
 @dataclass
 class Attempt:
     """What one export transaction did to its device, filled in as it goes.
@@ -226,22 +63,15 @@ class Attempt:
     bound: bool = False
 
 
-EXPORT_REFUSALS = {
-    ExportStatus.FAILED: "the application side could not attach the device",
-    ExportStatus.NO_FREE_PORT: "the application side has no free port of the needed speed",
-}
-
-
 def export(
     stub: UsbipHost,
     busid: str,
-    endpoint: Endpoint | Remote,
-    timeouts: Timeouts | None = None,
+    remote: Remote,
     adopt_bound: bool = False,
     on_connect: Callable[[socket.socket], None] | None = None,
     attempt: Attempt | None = None,
 ) -> Device:
-    """Bind `busid`, export it to `endpoint` and hand the link to the kernel.
+    """Bind `busid`, export it to `remote` and hand the link to the kernel.
 
     Returns the device as exported. On failure, leaves the device as it found it.
     A device some other tool already bound to usbip-host (`usbip bind` for
@@ -251,7 +81,6 @@ def export(
     raises, the export is rolled back like any other failure. `attempt` (if
     given) learns whether this transaction bound the device.
     """
-    timeouts = timeouts or Timeouts()
     attempt = attempt if attempt is not None else Attempt()
     reach("export.start")
     stub.require_loaded()
@@ -270,7 +99,7 @@ def export(
                 f"{busid} is already bound to usbip-host by another tool (usbip bind?); "
                 f"'usbip unbind -b {busid}' first, or pass --force to take it over"
             )
-    fields = {"busid": busid, **log_where(endpoint)}
+    fields = {"busid": busid, **log_where(remote)}
     bound_here = before.driver != STUB_DRIVER
     attempt.bound = bound_here
     try:
@@ -280,7 +109,7 @@ def export(
         if not stub.paths.device_dir(busid).exists():
             raise DeviceNotFound(busid)
         device = dataclasses.replace(before, driver=STUB_DRIVER)
-        with handshake_export(device_record(device), endpoint, timeouts, on_connect) as sock:
+        with handshake_export(device_record(device), remote, on_connect) as sock:
             stub.hand_over(busid, sock)
             reach("export.after-hand-over")
         if stub.status(busid) != StubStatus.USED:
@@ -296,7 +125,7 @@ def export(
             # Pulled out mid-export: whichever write or check came next failed with
             # a message about sysfs, not about what the user did.
             gone = KernelError(
-                f"{busid} was unplugged while it was being exported to {endpoint};"
+                f"{busid} was unplugged while it was being exported to {remote};"
                 " plug it in again to retry"
             )
             log.event(
@@ -305,57 +134,23 @@ def export(
             raise gone from exc
         log.event(logger, logging.WARNING, f"export failed: {exc}", event="export-failed", **fields)
         raise
-    log.event(logger, logging.INFO, f"exported {busid} to {endpoint}", event="exported", **fields)
+    log.event(logger, logging.INFO, f"exported {busid} to {remote}", event="exported", **fields)
     return device
-
-
-def handshake_export(
-    record: DeviceRecord,
-    endpoint: Endpoint | Remote,
-    timeouts: Timeouts,
-    on_connect: Callable[[socket.socket], None] | None = None,
-) -> socket.socket:
-    """Connect, offer `record` and return the socket after a status-0 reply.
-
-    The caller hands the socket to the kernel and closes its own copy (use it
-    as a context manager); on any failure the socket is already closed.
-    `on_connect` (see `export`) is called with the socket once it is connected.
-    """
-    if isinstance(endpoint, Remote) and endpoint.secure:
-        return _secure_handshake(record, endpoint, timeouts, on_connect)
-    endpoint = _endpoint(endpoint)
-    sock = connect(endpoint, timeouts)
-    try:
-        if on_connect is not None:
-            on_connect(sock)
-        reach("export.after-connect")
-        reply = _exchange(sock, encode(ExportRequest(record)), Op.REP_EXPORT, endpoint, timeouts)
-        reach("export.after-reply")
-        if reply != ExportStatus.ATTACHED:
-            reason = EXPORT_REFUSALS.get(reply, f"refused with status {reply}")  # type: ignore[call-overload]
-            raise ExportError(f"{endpoint} refused {record.busid}: {reason}")
-        sock.settimeout(None)  # the kernel does blocking I/O on it
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 def unexport(
     stub: UsbipHost,
     busid: str,
-    endpoint: Endpoint | Remote,
-    timeouts: Timeouts | None = None,
+    remote: Remote,
     device: Device | None = None,
     release: bool = True,
 ) -> UnexportStatus:
-    """Ask `endpoint` to detach `busid`, then give the device back to its driver.
+    """Ask `remote` to detach `busid`, then give the device back to its driver.
 
     Idempotent: an unknown busid on the far side is not an error. The device is
     released even when the target cannot be reached (the kernel then closes the
     link and the far side's port is freed by its own kernel).
     """
-    timeouts = timeouts or Timeouts()
     if device is None:
         try:
             device = read_device(stub.paths, busid)
@@ -363,7 +158,7 @@ def unexport(
             device = None
     record = device_record(device) if device is not None else bare_record(busid)
     try:
-        return request_unexport(record, endpoint, timeouts)
+        return request_unexport(record, remote)
     finally:
         if release and device is not None:
             stub.release(busid)
@@ -374,11 +169,10 @@ def unexport(
                 stub.release(busid)
 
 
-def log_where(endpoint: Endpoint | Remote) -> dict[str, str]:
+def log_where(remote: Remote) -> dict[str, str]:
     """Journal fields for the far end: TARGET is the policy's name for it when there
     is one (so `journalctl USBIP_TARGET=lab` shows the whole story), ADDRESS the address."""
-    name = endpoint.name if isinstance(endpoint, Remote) else None
-    return {"target": name or str(endpoint), "address": str(endpoint)}
+    return {"target": remote.name or str(remote), "address": str(remote)}
 
 
 def bare_record(busid: str) -> DeviceRecord:
@@ -401,31 +195,22 @@ def bare_record(busid: str) -> DeviceRecord:
     )
 
 
-def request_unexport(
-    record: DeviceRecord, endpoint: Endpoint | Remote, timeouts: Timeouts
-) -> UnexportStatus:
+def request_unexport(record: DeviceRecord, remote: Remote) -> UnexportStatus:
     """Send OP_REQ_UNEXPORT on a new connection; DETACHED or NOT_FOUND, else ExportError."""
-    fields = {"busid": record.busid, **log_where(endpoint)}
+    fields = {"busid": record.busid, **log_where(remote)}
     try:
-        if isinstance(endpoint, Remote) and endpoint.secure:
-            raw = _secure_exchange(endpoint, encode(UnexportRequest(record)), timeouts)
-        else:
-            plain = _endpoint(endpoint)
-            with connect(plain, timeouts) as sock:
-                raw = _exchange(
-                    sock, encode(UnexportRequest(record)), Op.REP_UNEXPORT, plain, timeouts
-                )
+        raw = exchange_unexport(record, remote)
         known = {int(s) for s in UnexportStatus}
         status = UnexportStatus(raw) if raw in known else UnexportStatus.FAILED
         if status == UnexportStatus.FAILED:
-            raise ExportError(f"{endpoint} failed to detach {record.busid}")
+            raise ExportError(f"{remote} failed to detach {record.busid}")
     except ExportError as exc:
         log.event(logger, logging.WARNING, f"unexport: {exc}", event="unexport-failed", **fields)
         raise
     log.event(
         logger,
         logging.INFO,
-        f"unexported {record.busid} from {endpoint}"
+        f"unexported {record.busid} from {remote}"
         + (" (it was not attached there)" if status == UnexportStatus.NOT_FOUND else ""),
         event="unexported",
         **fields,
@@ -433,38 +218,32 @@ def request_unexport(
     return status
 
 
-def export_gadget(
-    vudc: Vudc, name: str, endpoint: Endpoint | Remote, timeouts: Timeouts | None = None
-) -> DeviceRecord:
+def export_gadget(vudc: Vudc, name: str, remote: Remote) -> DeviceRecord:
     """Export the gadget bound to vUDC `name` (no bind/unbind: it is ours already)."""
-    timeouts = timeouts or Timeouts()
     vudc.require(name)
     if vudc.status(name) == 2:
         raise KernelError(f"{name} is already exported; disconnect it first")
     record = vudc.record(name)
-    fields = {"busid": name, **log_where(endpoint)}
+    fields = {"busid": name, **log_where(remote)}
     try:
-        with handshake_export(record, endpoint, timeouts) as sock:
+        with handshake_export(record, remote) as sock:
             vudc.hand_over(name, sock)
         if vudc.status(name) != 2:
             raise ExportError(f"{name}: usbip-vudc did not take the connection")
     except BaseException as exc:
         log.event(logger, logging.WARNING, f"export failed: {exc}", event="export-failed", **fields)
         raise
-    log.event(logger, logging.INFO, f"exported {name} to {endpoint}", event="exported", **fields)
+    log.event(logger, logging.INFO, f"exported {name} to {remote}", event="exported", **fields)
     return record
 
 
-def unexport_gadget(
-    vudc: Vudc, name: str, endpoint: Endpoint | Remote, timeouts: Timeouts | None = None
-) -> UnexportStatus:
-    timeouts = timeouts or Timeouts()
+def unexport_gadget(vudc: Vudc, name: str, remote: Remote) -> UnexportStatus:
     vudc.require(name)
     try:
         record = vudc.record(name)
     except KernelError:
         record = bare_record(name)
     try:
-        return request_unexport(record, endpoint, timeouts)
+        return request_unexport(record, remote)
     finally:
         vudc.stop(name)

@@ -33,7 +33,7 @@ from hotplug.kernel.sysfs import list_devices, validate_busid
 from hotplug.kernel.vudc import Vudc
 from hotplug.printable import printable
 from hotplug.state import RecordDir, RecordTaken, StateError, writer_alive
-from hotplug.wire.address import AddressError, Endpoint, parse_endpoint
+from hotplug.wire.address import AddressError
 from hotplug.wire.sockets import Timeouts
 
 
@@ -41,16 +41,7 @@ class UsageError(HotplugError):
     """A command line that cannot be carried out as given."""
 
 
-def _endpoint(text: str) -> Endpoint:
-    try:
-        return parse_endpoint(text)
-    except AddressError as exc:
-        raise UsageError(str(exc)) from exc
-
-
-def _remote(
-    args: argparse.Namespace, text: str, saved: Mapping[str, Any] | None = None
-) -> Endpoint | Remote:
+def _remote(args: argparse.Namespace, text: str, saved: Mapping[str, Any] | None = None) -> Remote:
     """-r with --cert/--key/--ca/--proxy; `saved` (disconnect's record) fills in the rest."""
     saved = saved if saved is not None and saved.get("target") == text else {}
     tls = saved.get("tls") or {}
@@ -61,25 +52,22 @@ def _remote(
             key=args.key or tls.get("key"),
             ca=args.ca or tls.get("ca"),
             proxy=args.proxy or saved.get("proxy"),
+            timeouts=Timeouts(connect=args.timeout, handshake=args.timeout),
         )
     except AddressError as exc:
         raise UsageError(str(exc)) from exc
-    return remote if remote.secure else _endpoint(text)
+    return remote
 
 
-def _remote_record(endpoint: Endpoint | Remote) -> dict[str, Any]:
+def _remote_record(remote: Remote) -> dict[str, Any]:
     """What disconnect needs to reach a secure remote again."""
-    if not isinstance(endpoint, Remote):
+    if not remote.secure:
         return {}
-    tls = endpoint.tls
+    tls = remote.tls
     return {
         "tls": {"cert": tls.cert, "key": tls.key, "ca": tls.ca} if tls else None,
-        "proxy": endpoint.proxy,
+        "proxy": remote.proxy,
     }
-
-
-def _timeouts(args: argparse.Namespace) -> Timeouts:
-    return Timeouts(connect=args.timeout, handshake=args.timeout)
 
 
 def _gadget_name(args: argparse.Namespace, vudc: Vudc) -> str:
@@ -103,7 +91,7 @@ def cmd_connect(args: argparse.Namespace) -> int:
     if args.device:
         vudc = Vudc()
         name = _gadget_name(args, vudc)
-        record = export_gadget(vudc, name, endpoint, _timeouts(args))
+        record = export_gadget(vudc, name, endpoint)
         print(f"exported {name} ({record.id_vendor:04x}:{record.id_product:04x}) to {endpoint}")
         return 0
     validate_busid(args.busid)  # before it names a record file
@@ -121,7 +109,7 @@ def cmd_connect(args: argparse.Namespace) -> int:
     # with no record is "another tool's" to the daemon for good.
     previous = _claim_record(records, args.busid, intent)
     try:
-        device = export(stub, args.busid, endpoint, _timeouts(args), adopt_bound=args.force)
+        device = export(stub, args.busid, endpoint, adopt_bound=args.force)
     except BaseException:
         _restore_record(records, args.busid, previous)
         raise
@@ -188,10 +176,10 @@ def _restore_record(records: RecordDir, busid: str, previous: dict[str, Any] | N
         print(f"usbip-hotplug: warning: {exc}", file=sys.stderr)
 
 
-def _roll_back(stub: UsbipHost, args: argparse.Namespace, endpoint: Endpoint | Remote) -> None:
+def _roll_back(stub: UsbipHost, args: argparse.Namespace, endpoint: Remote) -> None:
     """Withdraw an export that succeeded but could not be recorded."""
     with contextlib.suppress(ExportError, KernelError):
-        unexport(stub, args.busid, endpoint, _timeouts(args))
+        unexport(stub, args.busid, endpoint)
 
 
 def cmd_disconnect(args: argparse.Namespace) -> int:
@@ -203,11 +191,11 @@ def cmd_disconnect(args: argparse.Namespace) -> int:
         raise UsageError(f"no record of where {args.busid} was exported: give -r HOST[:PORT]")
     endpoint = _remote(args, remote, record)
     if args.device:
-        status = unexport_gadget(Vudc(), args.busid, endpoint, _timeouts(args))
+        status = unexport_gadget(Vudc(), args.busid, endpoint)
         print(f"unexported {args.busid} from {endpoint}")
         return 0
     try:
-        status = unexport(make_stub(), args.busid, endpoint, _timeouts(args))
+        status = unexport(make_stub(), args.busid, endpoint)
     finally:
         try:
             records.remove(args.busid)

@@ -26,17 +26,36 @@ import json
 import os
 import select
 import signal
+import socket
 import subprocess
 import time
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
+from hotplug import log
 from hotplug.device.policy.model import Target, TlsOptions
 from hotplug.errors import HotplugError
+from hotplug.faultpoints import reach
 from hotplug.spawn import CHILD_CWD, child_env, python_module
 from hotplug.wire.address import AddressError, Endpoint, Scheme, parse_address, parse_endpoint
+from hotplug.wire.protocol import (
+    HEADER_SIZE,
+    DeviceRecord,
+    ExportRequest,
+    ExportStatus,
+    Op,
+    ProtocolError,
+    UnexportRequest,
+    data_phase_command,
+    decode_header,
+    encode,
+)
+from hotplug.wire.sockets import Timeouts, tune_socket
+
+# The handshake is part of an export's story: its lines go where export.py's go.
+logger = log.get("hotplug.export")
 
 RELAY_LOG_ENV = "USBIP_HOTPLUG_RELAY_LOG"  # a file the relay process logs to (debugging)
 STARTUP_MARGIN = 10.0  # seconds the relay process may take to start, on top of the timeouts
@@ -69,6 +88,8 @@ class Remote:
     proxy: str | None = None  # http://HOST:PORT, already resolved (flag or environment)
     # The policy target's name, for log fields; not part of where the remote is.
     name: str | None = field(default=None, compare=False)
+    # How long connecting and the handshake may take; not part of where it is either.
+    timeouts: Timeouts = field(default_factory=Timeouts, compare=False)
 
     def __str__(self) -> str:
         where = str(Endpoint(self.host, self.port))
@@ -85,14 +106,24 @@ class Remote:
     def secure(self) -> bool:
         return self.scheme != "tcp"
 
+    @classmethod
+    def plain(cls, endpoint: Endpoint, timeouts: Timeouts | None = None) -> Remote:
+        """host:port over plain TCP, as mainline USB/IP."""
+        return cls("tcp", endpoint.host, endpoint.port, timeouts=timeouts or Timeouts())
+
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        """Where the remote is (the relay's job carries the timeouts apart)."""
+        data = asdict(self)
+        del data["timeouts"]
+        return data
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> Remote:
+    def from_json(cls, data: Mapping[str, Any], timeouts: Timeouts | None = None) -> Remote:
         fields = dict(data)
         tls = fields.pop("tls", None)
-        return cls(**fields, tls=TlsOptions(**tls) if tls else None)
+        return cls(
+            **fields, tls=TlsOptions(**tls) if tls else None, timeouts=timeouts or Timeouts()
+        )
 
 
 def parse_remote(
@@ -103,8 +134,10 @@ def parse_remote(
     ca: str | None = None,
     proxy: str | None = None,
     env: Mapping[str, str] | None = None,
+    timeouts: Timeouts | None = None,
 ) -> Remote:
     """`-r` and its companion flags -> Remote. Raises AddressError with a one-line reason."""
+    timeouts = timeouts or Timeouts()
     if "://" in text:
         try:
             scheme, host, port, path = parse_address(text.strip())
@@ -124,16 +157,24 @@ def parse_remote(
                 "--proxy needs a tls:// or wss:// remote: plain USB/IP would cross the "
                 "proxy and the internet unencrypted"
             )
-        return Remote(scheme, host, port)
+        return Remote(scheme, host, port, timeouts=timeouts)
     tls = TlsOptions(*(os.path.abspath(p) if p else None for p in (cert, key, ca)))
-    return Remote(scheme, host, port, path, tls, resolve_proxy(proxy, host, env))
+    return Remote(scheme, host, port, path, tls, resolve_proxy(proxy, host, env), timeouts=timeouts)
 
 
 def remote_for_target(target: Target, env: Mapping[str, str] | None = None) -> Remote:
     """A policy target as `export()` takes it (the daemon exports through this)."""
     proxy = resolve_proxy(None, target.host, env) if target.scheme != "tcp" else None
+    timeouts = Timeouts(connect=target.connect_timeout, handshake=target.handshake_timeout)
     return Remote(
-        target.scheme, target.host, target.port, target.path, target.tls, proxy, name=target.name
+        target.scheme,
+        target.host,
+        target.port,
+        target.path,
+        target.tls,
+        proxy,
+        name=target.name,
+        timeouts=timeouts,
     )
 
 
@@ -194,13 +235,204 @@ def _checked_proxy(text: str) -> str:
     return text if "://" in text else f"http://{text}"
 
 
+# --------------------------------------------------------------------------- the handshakes
+
+
+class ExportError(HotplugError):
+    """An export or unexport did not happen; the message says why."""
+
+
+EXPORT_REFUSALS = {
+    ExportStatus.FAILED: "the application side could not attach the device",
+    ExportStatus.NO_FREE_PORT: "the application side has no free port of the needed speed",
+}
+
+
+def handshake_export(
+    record: DeviceRecord,
+    remote: Remote,
+    on_connect: Callable[[socket.socket], None] | None = None,
+) -> socket.socket:
+    """Connect, offer `record` and return the socket after a status-0 reply: the
+    kernel's end of the link, whatever the scheme (this is where plain and
+    secure part).
+
+    The caller hands the socket to the kernel and closes its own copy (use it
+    as a context manager); on any failure the socket is already closed.
+    `on_connect` is called with the socket once it is connected (another
+    thread may shut it down to cut the handshake short).
+    """
+    if remote.secure:
+        return _secure_handshake(record, remote, on_connect)
+    timeouts = remote.timeouts
+    sock = connect(remote.endpoint, timeouts)
+    try:
+        if on_connect is not None:
+            on_connect(sock)
+        reach("export.after-connect")
+        request = encode(ExportRequest(record))
+        reply = _exchange(sock, request, Op.REP_EXPORT, remote.endpoint, timeouts)
+        reach("export.after-reply")
+        if reply != ExportStatus.ATTACHED:
+            reason = EXPORT_REFUSALS.get(reply, f"refused with status {reply}")  # type: ignore[call-overload]
+            raise ExportError(f"{remote} refused {record.busid}: {reason}")
+        sock.settimeout(None)  # the kernel does blocking I/O on it
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def exchange_unexport(record: DeviceRecord, remote: Remote) -> int:
+    """OP_REQ_UNEXPORT on a new connection, plain or secure; the reply's status."""
+    request = encode(UnexportRequest(record))
+    if remote.secure:
+        try:
+            raw, _ = run_tunnel(remote, request, None)
+        except TransportError as exc:
+            raise ExportError(str(exc)) from None
+        return _reply_status(raw, Op.REP_UNEXPORT, remote)
+    with connect(remote.endpoint, remote.timeouts) as sock:
+        return _exchange(sock, request, Op.REP_UNEXPORT, remote.endpoint, remote.timeouts)
+
+
+def connect(endpoint: Endpoint, timeouts: Timeouts) -> socket.socket:
+    try:
+        sock = socket.create_connection((endpoint.host, endpoint.port), timeout=timeouts.connect)
+    except TimeoutError as exc:
+        raise ExportError(f"{endpoint}: connection timed out after {timeouts.connect:g} s") from exc
+    except socket.gaierror as exc:
+        raise ExportError(f"{endpoint}: cannot resolve host: {exc.strerror}") from exc
+    except OSError as exc:
+        raise ExportError(f"{endpoint}: {exc.strerror or exc}") from exc
+    tune_socket(sock, timeouts)
+    return sock
+
+
+def recv_exactly(sock: socket.socket, size: int, deadline: float, endpoint: Endpoint) -> bytes:
+    """Read exactly `size` bytes and not one more: what follows belongs to the kernel."""
+    chunks = bytearray()
+    while len(chunks) < size:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ExportError(f"{endpoint}: no reply within the handshake timeout")
+        sock.settimeout(remaining)
+        try:
+            chunk = sock.recv(size - len(chunks))
+        except TimeoutError as exc:
+            raise ExportError(f"{endpoint}: no reply within the handshake timeout") from exc
+        except ConnectionResetError as exc:
+            if chunks:
+                raise ExportError(f"{endpoint}: connection reset while waiting for reply") from exc
+            # usbipa closed unread what no allow entry could admit; our request
+            # still unread there turns its close into a reset (a race with EOF).
+            raise ExportError(
+                f"{endpoint}: connection closed before replying (does the application side's "
+                "allow list name this machine's address?)"
+            ) from exc
+        except OSError as exc:
+            raise ExportError(f"{endpoint}: {exc.strerror or exc} while waiting for reply") from exc
+        if not chunk:
+            if chunks:
+                raise ExportError(
+                    f"{endpoint}: connection closed after {len(chunks)} of {size} bytes"
+                )
+            # usbipa closes at once, unread, what no allow entry could admit.
+            raise ExportError(
+                f"{endpoint}: connection closed before replying (does the application side's "
+                "allow list name this machine's address?)"
+            )
+        chunks += chunk
+    return bytes(chunks)
+
+
+def _exchange(
+    sock: socket.socket, request: bytes, expected: Op, endpoint: Endpoint, timeouts: Timeouts
+) -> int:
+    deadline = time.monotonic() + timeouts.handshake
+    sock.settimeout(timeouts.handshake)
+    try:
+        sock.sendall(request)
+    except OSError as exc:
+        raise ExportError(f"{endpoint}: sending request failed: {exc.strerror or exc}") from exc
+    reply = recv_exactly(sock, HEADER_SIZE, deadline, endpoint)
+    return _reply_status(reply, expected, endpoint)
+
+
+def _reply_status(reply: bytes, expected: Op, endpoint: Endpoint | Remote) -> int:
+    command = data_phase_command(reply)
+    if command is not None:
+        # Issue 16: an application side that writes `attach` before its reply
+        # lets the kernel's first URB overtake it. Our caller closes the
+        # connection, so that side's vhci frees the port, and rolls back.
+        code = int.from_bytes(reply[:4], "big")
+        raise ExportError(
+            f"{endpoint}: bad reply: the application side sent data-phase bytes (looks like "
+            f"{command} 0x{code:08x}) before its {expected.name.replace('REP_', 'OP_REP_')}: "
+            "it attached before replying; closed the connection (retry, or fix the "
+            "application side to reply first)"
+        )
+    try:
+        header = decode_header(reply)
+    except ProtocolError as exc:
+        raise ExportError(f"{endpoint}: bad reply: {exc}") from exc
+    if header.code != expected:
+        raise ExportError(
+            f"{endpoint}: bad reply: op code 0x{header.code:04x}, not {expected.name}"
+        )
+    return header.status
+
+
+def _secure_handshake(
+    record: DeviceRecord,
+    remote: Remote,
+    on_connect: Callable[[socket.socket], None] | None,
+) -> socket.socket:
+    """handshake_export for tls:// and wss://: the exchange runs in a relay process.
+
+    Returns the kernel's end of this session's loopback pair; the relay process
+    holds the other end and the encrypted connection (tunnel.py). Closing
+    the returned socket ends the relay and so the session on the far side:
+    that is the rollback. `on_connect` gets the kernel's end: shutting it down
+    cancels the wait for the reply.
+    """
+    from hotplug.wire.relay import loopback_pair  # plain-TCP users never load TLS/WebSocket code
+
+    try:
+        kernel_end, relay_end = loopback_pair()
+    except OSError as exc:
+        raise ExportError(f"cannot make the relay's loopback connection: {exc}") from exc
+    try:
+        if on_connect is not None:
+            on_connect(kernel_end)
+        with relay_end:  # the relay process keeps its own copy
+            raw, pid = run_tunnel(
+                remote,
+                encode(ExportRequest(record)),
+                relay_end.fileno(),
+                busid=record.busid,
+                cancel_fd=kernel_end.fileno(),
+            )
+        reply = _reply_status(raw, Op.REP_EXPORT, remote)
+        if reply != ExportStatus.ATTACHED:
+            reason = EXPORT_REFUSALS.get(reply, f"refused with status {reply}")  # type: ignore[call-overload]
+            raise ExportError(f"{remote} refused {record.busid}: {reason}")
+    except TransportError as exc:
+        kernel_end.close()
+        raise ExportError(str(exc)) from None
+    except BaseException:
+        kernel_end.close()
+        raise
+    logger.debug("%s: relay process %s carries the session to %s", record.busid, pid, remote)
+    return kernel_end
+
+
 # --------------------------------------------------------------------------- the relay process
 
 
 def run_tunnel(
     remote: Remote,
     request: bytes,
-    timeouts: Mapping[str, float],
     inner_fd: int | None,
     busid: str | None = None,
     cancel_fd: int | None = None,
@@ -215,7 +447,7 @@ def run_tunnel(
     read_fd, write_fd = os.pipe()
     job = {
         "remote": remote.to_json(),
-        "timeouts": dict(timeouts),
+        "timeouts": asdict(remote.timeouts),
         "request": request.hex(),
         "inner_fd": inner_fd,
         "result_fd": write_fd,
@@ -238,7 +470,7 @@ def run_tunnel(
         os.close(write_fd)
         raise TransportError(f"cannot start the relay process: {exc.strerror}") from exc
     os.close(write_fd)
-    limit = timeouts["connect"] + timeouts["handshake"] + STARTUP_MARGIN
+    limit = remote.timeouts.connect + remote.timeouts.handshake + STARTUP_MARGIN
     try:
         assert proc.stdin is not None
         proc.stdin.write(json.dumps(job).encode())

@@ -48,8 +48,9 @@ MAX_PROXY_REPLY = 16 * 1024
 # --------------------------------------------------------------------------- TCP and the proxy
 
 
-def open_tcp(remote: Remote, timeouts: Timeouts) -> socket.socket:
+def open_tcp(remote: Remote) -> socket.socket:
     """A TCP connection to the remote, through its proxy if it has one (blocking)."""
+    timeouts = remote.timeouts
     deadline = time.monotonic() + timeouts.connect
     if remote.proxy:
         proxy = parse_proxy(remote.proxy)
@@ -232,14 +233,14 @@ def main() -> int:
         _detach()
     _setup_logging()
     report = Reporter(int(job["result_fd"]))
-    remote = Remote.from_json(job["remote"])
-    timeouts = Timeouts(**job["timeouts"])
+    remote = Remote.from_json(job["remote"], Timeouts(**job["timeouts"]))
+    timeouts = remote.timeouts
     inner = socket.socket(fileno=int(inner_fd)) if inner_fd is not None else None
     fields = {"busid": job.get("busid"), "target": str(remote)}
     tls = remote.tls or TlsOptions()
     try:
         ctx = client_context(tls.cert, tls.key, tls.ca)
-        sock = open_tcp(remote, timeouts)
+        sock = open_tcp(remote)
     except (CertError, TransportError) as exc:
         report.send(error=str(exc))
         return 1

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from hotplug.device.export import ExportError, export
+from hotplug.device.transport import Remote
 from hotplug.kernel.vhci import PortState
 from hotplug.testing.fake_kernel import FakeTree, FakeUsbDevice
 from hotplug.wire.address import Endpoint
@@ -201,7 +202,7 @@ def test_bytes_after_the_reply_reach_the_kernel_untouched(tree: FakeTree) -> Non
         conn.sendall(encode(ExportReply(ExportStatus.ATTACHED)) + urbs)
 
     with fake_peer(reply_with_urbs) as port:
-        export(tree.stub(), "1-1", Endpoint("127.0.0.1", port), Timeouts(1, 1))
+        export(tree.stub(), "1-1", Remote.plain(Endpoint("127.0.0.1", port), Timeouts(1, 1)))
         rx = tree.root / ".fake-kernel-rx" / "1-1"
         wait_for(lambda: rx.read_bytes() == urbs, what="URB bytes at the stub")
         assert stub_status(tree, "1-1") == "2"
@@ -257,7 +258,7 @@ def test_device_bound_by_another_tool_is_not_taken(tree: FakeTree, state: Path) 
 def test_export_error_is_one_line(tree: FakeTree) -> None:
     tree.add_device(DISK)
     with pytest.raises(ExportError) as info:
-        export(tree.stub(), "1-1", Endpoint("127.0.0.1", 1), Timeouts(1, 1))
+        export(tree.stub(), "1-1", Remote.plain(Endpoint("127.0.0.1", 1), Timeouts(1, 1)))
     assert "\n" not in str(info.value)
     assert_untouched(tree)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from hotplug.device.export import bare_record
+from hotplug.device.transport import Remote
 from hotplug.testing.fake_kernel import FakeTree, FakeUsbDevice
 from hotplug.usb import Device, Speed
 from hotplug.wire.protocol import (
@@ -295,6 +296,7 @@ def test_device_that_is_not_what_its_export_claims_is_detached(
     Here the device side lies: it exports a 0bad:0001 as an allowed 1d6b:0104."""
     import hotplug.device.export as export_module
     from hotplug.wire.address import Endpoint
+    from hotplug.wire.sockets import Timeouts
 
     tree.add_device(FakeUsbDevice(busid="1-1", vendor=0x0BAD, product=0x0001), devnum=3)
     tree.add_device(FakeUsbDevice(busid="1-2", vendor=0x1D6B, product=0x0104), devnum=4)
@@ -308,10 +310,10 @@ def test_device_that_is_not_what_its_export_claims_is_detached(
 
     with running_usbipa(tree, state, "--device", "1d6b:0104") as (proc, port):
         endpoint = Endpoint("127.0.0.1", port)
-        export_module.export(tree.stub(), "1-2", endpoint, export_module.Timeouts(3, 3))
+        export_module.export(tree.stub(), "1-2", Remote.plain(endpoint, Timeouts(3, 3)))
         honest_port = wait_for(lambda: used_ports(tree), 5, "the honest device attached")
         monkeypatch.setattr(export_module, "device_record", lying)
-        export_module.export(tree.stub(), "1-1", endpoint, export_module.Timeouts(3, 3))
+        export_module.export(tree.stub(), "1-1", Remote.plain(endpoint, Timeouts(3, 3)))
         wait_for(lambda: len(used_ports(tree)) == 2, 5, "the lying export attached")
         # usbipa's poll (every 2 s) finds what enumerated; the honest one stays.
         wait_for(lambda: used_ports(tree) == honest_port, 10, "the lying device detached")

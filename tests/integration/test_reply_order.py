@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from hotplug.device.export import ExportError, device_record, export
+from hotplug.device.transport import Remote
 from hotplug.kernel.sysfs import read_device
 from hotplug.testing.fake_kernel import USBIP_CMD_SUBMIT, FakeTree
 from hotplug.usb import Speed
@@ -81,7 +82,7 @@ def test_device_side_names_an_application_side_that_attached_before_replying(
 
     with fake_peer(attach_then_reply) as port:
         with pytest.raises(ExportError) as caught:
-            export(tree.stub(), "1-1", Endpoint("127.0.0.1", port), Timeouts(2, 2))
+            export(tree.stub(), "1-1", Remote.plain(Endpoint("127.0.0.1", port), Timeouts(2, 2)))
         message = str(caught.value)
         assert "the application side sent data-phase bytes" in message
         assert "USBIP_CMD_SUBMIT 0x00000001" in message

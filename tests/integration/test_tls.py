@@ -378,14 +378,19 @@ def test_no_reply_times_out_or_is_cancelled(tree: FakeTree, state: Path, pki: Pk
         assert_untouched(tree)
 
         target = parse_remote(
-            remote, cert=str(pki.client.cert), key=str(pki.client.key), ca=str(pki.ca), env={}
+            remote,
+            cert=str(pki.client.cert),
+            key=str(pki.client.key),
+            ca=str(pki.ca),
+            env={},
+            timeouts=Timeouts(5, 5),
         )
         seen: list[socket.socket] = []
         cut = threading.Timer(0.5, lambda: seen[0].shutdown(socket.SHUT_RDWR))
         cut.start()
         started = time.monotonic()
         with pytest.raises(ExportError, match="cancelled while waiting for the reply"):
-            export(tree.stub(), "1-1", target, Timeouts(5, 5), on_connect=seen.append)
+            export(tree.stub(), "1-1", target, on_connect=seen.append)
         assert time.monotonic() - started < 3
         assert_untouched(tree)
         wait_for(lambda: not relay_pids(tree), 2, "the relay process to end")
