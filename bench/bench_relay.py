@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.harness import machine, percentile, proc_stats
+from bench.harness import machine, percentile
 from hotplug.device.policy.model import TlsOptions
 from hotplug.device.transport import Remote, run_tunnel
 from hotplug.usb import Speed
@@ -48,6 +48,7 @@ from hotplug.wire.protocol import (
 )
 from hotplug.wire.relay import loopback_pair, relay
 from hotplug.wire.tls import server_context
+from tests.rig import proc_stats
 
 CHUNK = 256 * 1024
 PING = 48

@@ -25,19 +25,10 @@ import sys
 import time
 from pathlib import Path
 
-from bench.harness import (
-    FakeKernel,
-    HotplugDaemon,
-    ProcStats,
-    Usbipa,
-    add_dir_option,
-    machine,
-    proc_stats,
-    scratch_dir,
-    wait_for,
-)
+from bench.harness import add_dir_option, machine, scratch_dir, wait_for
 from hotplug.device.export import export
 from hotplug.device.transport import Remote
+from tests.rig import FakeKernel, HotplugDaemon, ProcStats, Usbipa, proc_stats
 
 POLICY = """\
 version: 1

@@ -53,9 +53,6 @@ import hotplug.device.transport as transport_mod
 from bench.harness import (
     DirWatch,
     EchoServer,
-    FakeKernel,
-    HotplugDaemon,
-    Usbipa,
     add_dir_option,
     machine,
     scratch_dir,
@@ -75,6 +72,7 @@ from hotplug.usb import Device, Speed
 from hotplug.wire.address import Endpoint
 from hotplug.wire.protocol import DeviceRecord, ExportRequest
 from hotplug.wire.sockets import Timeouts
+from tests.rig import FakeKernel, HotplugDaemon, Usbipa
 
 P = ParamSpec("P")
 R = TypeVar("R")

@@ -53,20 +53,21 @@ def _around(step: str, fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def install() -> None:
     import hotplug.device.daemon as daemon
-    import hotplug.device.events as events
     import hotplug.device.transport as transport
+    import hotplug.testing.fifo_events as fifo_events
+    from hotplug.device.events import DeviceEvent
     from hotplug.device.reconcile import Export
     from hotplug.kernel.stub import UsbipHost
 
-    read_events = events.JsonLinesSource.read_events
+    read_events = fifo_events.JsonLinesSource.read_events
 
-    def read_and_mark(self: events.JsonLinesSource) -> list[events.DeviceEvent]:
+    def read_and_mark(self: fifo_events.JsonLinesSource) -> list[DeviceEvent]:
         found = read_events(self)
         for event in found:
             mark(f"event-{event.action}", event.busid)
         return found
 
-    events.JsonLinesSource.read_events = read_and_mark  # type: ignore[method-assign]
+    fifo_events.JsonLinesSource.read_events = read_and_mark  # type: ignore[method-assign]
 
     start = daemon.Daemon._start
 

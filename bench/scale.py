@@ -36,12 +36,8 @@ from pathlib import Path
 
 from bench.harness import (
     EchoServer,
-    FakeKernel,
-    ProcStats,
-    Usbipa,
     add_dir_option,
     machine,
-    proc_stats,
     raise_fd_limit,
     scratch_dir,
     summary,
@@ -57,6 +53,7 @@ from hotplug.wire.protocol import (
     decode_header,
     encode,
 )
+from tests.rig import FakeKernel, ProcStats, Usbipa, proc_stats
 
 PORTS_PER_HUB = 15  # USB_SS_MAXPORTS: the kernel's vhci_hcd allows no more per hub
 BARE_REQUEST = b"\x01\x11\x80\x06\x00\x00\x00\x00"

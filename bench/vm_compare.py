@@ -3,7 +3,7 @@
     python -m bench.vm_compare --rounds 5
 
 Issue 7, item 2. Boots the test VM once (Debian's kernel under QEMU,
-hotplug.testvm.vm) and runs `bench.vm_compare_guest` in it: a configfs
+hotplug.testing.vm) and runs `bench.vm_compare_guest` in it: a configfs
 mass-storage gadget on dummy_hcd is plugged (t0 = the write of its UDC file)
 and exported to vhci_hcd on the same kernel, `--rounds` times per variant,
 the variants taking turns:
@@ -281,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
 
-    from hotplug.testvm.vm import GuestVM, VMError, check_host
+    from hotplug.testing.vm.guest import GuestVM
+    from hotplug.testing.vm.kernels import VMError, check_host
 
     deadline = time.monotonic() + args.timeout
     meta: dict[str, Any] = {

@@ -1,6 +1,6 @@
 """Guest side of `bench.vm_compare`: plug to attached on the real kernel, three ways.
 
-Runs as root inside the test VM (hotplug.testvm.vm), where one kernel plays
+Runs as root inside the test VM (hotplug.testing.vm), where one kernel plays
 both machines: a configfs mass-storage gadget on dummy_hcd is the USB device,
 vhci_hcd on the same kernel is the application side. Each round plugs the
 gadget (t0 = the write of the UDC name) and polls sysfs every `--interval`
@@ -457,7 +457,7 @@ class Bench:
     gadget's serial."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        from hotplug.testvm import gadget as gd
+        from hotplug.testing.vm import gadget as gd
 
         self.gd = gd
         self.args = args

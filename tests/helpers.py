@@ -1,18 +1,14 @@
-"""Shared test helpers: run our real programs against the fake kernel, as systemd would."""
+"""Shared test helpers: waiting for a condition, systemd's notify socket, a test
+policy. Starting our programs and the fake kernel is tests/rig.py's job."""
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
-
-from hotplug.testing.fake_kernel import FakeTree
 
 T = TypeVar("T")
 
@@ -72,56 +68,6 @@ class NotifySocket:
 
     def close(self) -> None:
         self.sock.close()
-
-
-def env_for(tree: FakeTree, state: Path, **extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(tree.env())
-    env["USBIP_HOTPLUG_STATE_DIR"] = str(state / "device")
-    env["USBIPA_STATE_DIR"] = str(state / "app")
-    env["PYTHONUNBUFFERED"] = "1"
-    env.pop("NOTIFY_SOCKET", None)
-    env.pop("JOURNAL_STREAM", None)
-    env.update(extra)
-    return env
-
-
-def run_cli(
-    tree: FakeTree, state: Path, *args: str, timeout: float = 30
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "hotplug.device.cli", *args],
-        env=env_for(tree, state),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-@contextmanager
-def running_usbipa(
-    tree: FakeTree, state: Path, *args: str, allow: str = "127.0.0.0/8"
-) -> Iterator[tuple[subprocess.Popen[str], int]]:
-    """Start the real usbipa on an ephemeral loopback port; yield (process, port)."""
-    notify = NotifySocket(state)
-    env = env_for(tree, state, NOTIFY_SOCKET=str(notify.path))
-    cmd = [sys.executable, "-m", "hotplug.app.cli", "--listen", "127.0.0.1", "-t", "0"]
-    if allow:
-        cmd += ["--allow", allow]
-    proc = subprocess.Popen([*cmd, *args], env=env, stderr=subprocess.PIPE, text=True)
-    try:
-        ready = notify.wait("READY", proc=proc)
-        port = int(ready["STATUS"].rsplit(":", 1)[1])
-        yield proc, port
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        notify.close()
-        notify.path.unlink(missing_ok=True)
 
 
 def disk_policy(

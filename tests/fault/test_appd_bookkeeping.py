@@ -17,7 +17,6 @@ from typing import Any
 
 import pytest
 
-from bench.harness import FakeKernel
 from hotplug.app.config import AllowRule, AppdConfig, Limits, parse_network
 from hotplug.app.server import Appd
 from hotplug.device.export import export, unexport
@@ -27,6 +26,7 @@ from hotplug.wire.protocol import DevlistRequest, encode
 from hotplug.wire.sockets import Timeouts
 from tests.fault.checks import check_reply, closed_by_server, dribble, talk
 from tests.helpers import wait_for
+from tests.rig import FakeKernel
 
 
 class LoopThread:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from bench.harness import FakeKernel
 from hotplug.app.config import AllowRule, AppdConfig, parse_network
 from hotplug.app.server import Appd
 from hotplug.device.export import export
@@ -19,6 +18,7 @@ from hotplug.testing.fake_kernel import FakeVhci
 from hotplug.usb import Speed
 from hotplug.wire.sockets import Timeouts
 from tests.fault.test_appd_bookkeeping import LoopThread
+from tests.rig import FakeKernel
 
 
 class WatchedVhci(FakeVhci):

@@ -28,7 +28,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bench.harness import FakeKernel
 from hotplug.device.export import ExportError, export
 from hotplug.device.transport import Remote, _exchange, recv_exactly
 from hotplug.wire.address import Endpoint
@@ -36,6 +35,7 @@ from hotplug.wire.protocol import HEADER_SIZE, USBIP_VERSION, Op
 from hotplug.wire.sockets import Timeouts
 from tests.helpers import wait_for
 from tests.integration.test_export_errors import fake_peer, read_request
+from tests.rig import FakeKernel
 
 End = Literal["eof", "silence", "reset"]
 ENDPOINT = Endpoint("192.0.2.1", 3240)

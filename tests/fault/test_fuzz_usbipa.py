@@ -15,7 +15,6 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bench.harness import FakeKernel, Usbipa
 from hotplug.app.server import LOG_BURST, LOG_WINDOW, SESSION_POLL_INTERVAL
 from hotplug.usb import Speed
 from hotplug.wire.protocol import (
@@ -37,6 +36,7 @@ from tests.fault.checks import (
 )
 from tests.fault.conftest import CONTROL_TIMEOUT
 from tests.helpers import wait_for
+from tests.rig import FakeKernel, Usbipa
 
 FUZZ = settings(
     max_examples=150,

@@ -17,7 +17,6 @@ from typing import Any
 import pytest
 
 import hotplug.device.transport as transport_mod
-from bench.harness import FakeKernel, Usbipa
 from hotplug.device.export import ExportError, export, unexport
 from hotplug.device.transport import Remote
 from hotplug.kernel.sysfs import KernelError
@@ -26,6 +25,7 @@ from hotplug.wire.protocol import UnexportStatus
 from hotplug.wire.sockets import Timeouts
 from tests.fault.checks import assert_no_leaks
 from tests.helpers import wait_for
+from tests.rig import FakeKernel, Usbipa
 
 FAST = Timeouts(connect=2.0, handshake=2.0)
 

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from bench.harness import FakeKernel, Usbipa
 from hotplug.device.export import export
 from hotplug.device.transport import Remote
 from hotplug.wire.sockets import Timeouts
 from tests.fault.conftest import LIMITS
-from tests.helpers import run_cli, wait_for
+from tests.helpers import wait_for
+from tests.rig import FakeKernel, Usbipa, run_cli
 
 FAST = Timeouts(connect=2.0, handshake=2.0)
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from hotplug.kernel.vhci import PortState
 from hotplug.testing.fake_kernel import FakeTree
-from tests.helpers import run_cli, running_usbipa
 from tests.integration.conftest import DISK
+from tests.rig import run_cli, running_usbipa
 
 
 def used_ports(tree: FakeTree) -> list[int]:

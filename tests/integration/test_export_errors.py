@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -25,9 +24,10 @@ from hotplug.wire.protocol import (
     encode,
 )
 from hotplug.wire.sockets import Timeouts
-from tests.helpers import env_for, run_cli, running_usbipa, wait_for
+from tests.helpers import wait_for
 from tests.integration.conftest import DISK
 from tests.integration.test_connect_usbipa import driver, stub_status, used_ports
+from tests.rig import command, env_for, run_cli, running_usbipa
 
 REQUEST_SIZE = HEADER_SIZE + DEVICE_RECORD_SIZE
 
@@ -302,9 +302,7 @@ def test_unplugged_mid_export_says_so(
     with running_usbipa(tree, state) as (_, port):
         proc = subprocess.Popen(
             [
-                sys.executable,
-                "-m",
-                "hotplug.device.cli",
+                *command("usbip-hotplug"),
                 "connect",
                 "-r",
                 f"127.0.0.1:{port}",

@@ -29,9 +29,10 @@ from hotplug.wire.protocol import (
     UnexportStatus,
     encode,
 )
-from tests.helpers import running_usbipa, wait_for
+from tests.helpers import wait_for
 from tests.integration.test_connect_usbipa import used_ports
 from tests.integration.tls_support import log_of, raw_tls_client, secure_usbipa
+from tests.rig import running_usbipa
 from tests.tlscerts import Pair, Pki, issue_client
 
 

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 from hotplug.testing.fake_kernel import FakeTree
-from tests.helpers import env_for
 from tests.integration.tls_support import client_flags
+from tests.rig import env_for
 from tests.tlscerts import Pki
 
 CLI = str(Path(sys.executable).parent / "usbip-hotplug")

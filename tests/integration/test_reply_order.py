@@ -29,10 +29,11 @@ from hotplug.wire.protocol import (
     encode,
 )
 from hotplug.wire.sockets import Timeouts
-from tests.helpers import running_usbipa, wait_for
+from tests.helpers import wait_for
 from tests.integration.conftest import DISK
 from tests.integration.test_connect_usbipa import driver, stub_status, used_ports
 from tests.integration.test_export_errors import fake_peer
+from tests.rig import running_usbipa
 
 
 def recv_exactly(sock: socket.socket, size: int) -> bytes:

@@ -11,7 +11,6 @@ import re
 import shlex
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ import pytest
 from hotplug.app import cli as app_cli
 from hotplug.device import cli
 from hotplug.device.policy.merge import parse_policy
+from tests.rig import command
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
@@ -83,9 +83,7 @@ def test_readme_certificate_recipe_makes_certificates_we_accept(tmp_path: Path) 
     assert done.returncode == 0, done.stderr
     check = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "hotplug.device.cli",
+            *command("usbip-hotplug"),
             "cert-fingerprint",
             "lab-1.crt",
             "--key",

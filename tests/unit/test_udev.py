@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 
-from hotplug.device.events import DeviceEvent, JsonLinesSource, write_event
+from hotplug.device.events import DeviceEvent
 from hotplug.device.udev import UdevSource, device_from_udev, event_from_udev
 from hotplug.testing.fake_kernel import FakeTree, FakeUsbDevice
+from hotplug.testing.fifo_events import JsonLinesSource, write_event
 from hotplug.usb import Interface, Speed
 
 

@@ -23,7 +23,7 @@ from hotplug.device.export import device_record
 from hotplug.device.transport import Remote, handshake_export
 from hotplug.kernel.stub import StubStatus, UsbipHost
 from hotplug.kernel.sysfs import read_device
-from hotplug.testvm import gadget as gd
+from hotplug.testing.vm import gadget as gd
 from hotplug.wire.address import Endpoint
 from hotplug.wire.sockets import Timeouts
 from tests.vm.guest.test_export_real import Usbipa, start_usbipa, stop, used_ports

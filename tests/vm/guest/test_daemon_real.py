@@ -37,7 +37,7 @@ from typing import Any
 
 import pytest
 
-from hotplug.testvm import gadget as gd
+from hotplug.testing.vm import gadget as gd
 from tests.helpers import NotifySocket, disk_policy
 
 KiB = 1 << 10

@@ -50,7 +50,7 @@ import pytest
 
 from hotplug import faultpoints
 from hotplug.device import cli
-from hotplug.testvm import gadget as gd
+from hotplug.testing.vm import gadget as gd
 from tests.helpers import disk_policy
 from tests.vm.guest.test_daemon_real import ENUM, KiB, MiB, Rig, used_ports
 

@@ -33,7 +33,7 @@ from typing import Any
 
 import pytest
 
-from hotplug.testvm import gadget as gd
+from hotplug.testing.vm import gadget as gd
 from tests.helpers import disk_policy
 
 SYSTEMD = Path("/lib/systemd/systemd")

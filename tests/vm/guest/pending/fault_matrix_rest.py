@@ -44,7 +44,7 @@ from collections.abc import Callable
 
 import pytest
 
-from hotplug.testvm import gadget as gd
+from hotplug.testing.vm import gadget as gd
 from tests.vm.guest.test_daemon_real import ENUM, MiB, used_ports
 from tests.vm.guest.test_fault_matrix import (  # noqa: F401 - rig, udc, case, gadget: fixtures
     BIND_POINTS,

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import pytest
 
-from hotplug.testvm import gadget as gd
+from hotplug.testing.vm import gadget as gd
 from tests.helpers import disk_policy
 from tests.vm.guest.test_daemon_real import ENUM, Rig, used_ports
 

@@ -1,5 +1,8 @@
 """Boot a throw-away QEMU guest with Debian's stock kernel and run commands in it.
 
+The host side of the test VM (kernels.py fetches the kernel, agent.py is what
+runs inside).
+
 The guest gives tests real USB/IP drivers (usbip-host, vhci-hcd, usbip-vudc),
 dummy_hcd and configfs gadgets, without touching the host's kernel.
 
@@ -18,7 +21,7 @@ How it works
   installation and the project before the agent starts: Python then starts
   about ten times faster under emulation.
 * Inside the guest the boot command is a small agent (`python -m
-  hotplug.testvm.vm --agent`) that talks JSON lines over the guest's
+  hotplug.testing.vm.agent`) that talks JSON lines over the guest's
   stdin/stdout (virtio-serial ports wired to virtme-run's stdin/stdout). The host
   asks it to run commands (several at once if needed) and to read or write
   files; it streams the commands' output back line by line. One boot serves
@@ -35,53 +38,49 @@ agent with `python -S` (no site-packages: faster start).
 
 from __future__ import annotations
 
-import argparse
 import base64
 import collections
 import contextlib
 import itertools
 import json
 import os
-import re
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-from hotplug.errors import HotplugError
+import hotplug
+from hotplug.testing.vm.agent import FRAME_MARK
+from hotplug.testing.vm.kernels import (
+    KVM_PROBE_TIMEOUT,
+    Kernel,
+    OutputFn,
+    VMBootError,
+    VMError,
+    _kvm_known_broken,
+    _kvm_probe_file,
+    _kvm_record,
+    _stderr_line,
+    _which,
+    cache_dir,
+    check_host,
+    ensure_kernel,
+    kvm_setting,
+)
 
-__all__ = [
-    "GuestCommandError",
-    "GuestProcess",
-    "GuestResult",
-    "GuestVM",
-    "Kernel",
-    "MissingDependency",
-    "VMBootError",
-    "VMError",
-    "cache_dir",
-    "check_host",
-    "ensure_kernel",
-    "kvm_setting",
-]
-
-KERNEL_META_PACKAGE = "linux-image-amd64"
 DEFAULT_MEMORY = "1536M"
 DEFAULT_CPUS = 2
 # Emulated boot of Debian's kernel to a running agent takes 10-20 s on two
 # busy cores; leave room for slow CI machines.
 BOOT_TIMEOUT = 240.0
 # A working KVM guest reaches the agent in a few seconds.
-KVM_PROBE_TIMEOUT = 25.0
 SHUTDOWN_TIMEOUT = 30.0
 # Modules udev's coldplug would load that the tests never need. Under
 # emulation each costs time (loaded over 9p; the crypto ones run self-tests,
@@ -115,30 +114,6 @@ GUEST_OVERLAY_DIRS = ("/etc", "/lib", "/home", "/opt", "/srv", "/usr", "/var", "
 # Second share of the host root, mounted with cache=loose in the guest.
 HOSTFS_TAG = "usbipvm_hostfs"
 HOSTFS_MOUNT = "/run/usbip-vm/hostfs"
-# Marks agent frames on the guest's stdout; anything else there is passed on.
-FRAME_MARK = "\x1eUSBIPVM "
-
-OutputFn = Callable[[str], None]
-
-
-class VMError(HotplugError):
-    """Something went wrong with the test VM."""
-
-
-class MissingDependency(VMError):
-    """A host tool or package the VM needs is not installed."""
-
-    def __init__(self, missing: Sequence[str]) -> None:
-        self.missing = list(missing)
-        lines = "\n".join(f"  - {m}" for m in self.missing)
-        super().__init__(
-            "the test VM cannot start, missing on this host:\n"
-            f"{lines}\n(tests/vm/setup-host.sh installs all of it on Debian 12)"
-        )
-
-
-class VMBootError(VMError):
-    """QEMU did not bring the guest up."""
 
 
 class GuestCommandError(VMError):
@@ -149,288 +124,6 @@ class GuestCommandError(VMError):
         what = "timed out" if result.timed_out else f"exited with {result.returncode}"
         tail = (result.stderr or result.stdout)[-2000:]
         super().__init__(f"guest command {shlex.join(result.argv)} {what}\n{tail}")
-
-
-# ---------------------------------------------------------------------------
-# host checks
-
-
-@dataclass(frozen=True)
-class _Need:
-    names: tuple[str, ...]  # any of these executables
-    provider: str  # what to install
-    dirs: tuple[str, ...] = ()  # extra dirs to look in (sbin, libexec)
-
-
-_SBIN = ("/usr/sbin", "/sbin", "/usr/lib/systemd", "/lib/systemd")
-
-_HOST_NEEDS: tuple[_Need, ...] = (
-    _Need(("qemu-system-x86_64",), "Debian package qemu-system-x86"),
-    _Need(
-        ("virtme-run",),
-        "Python package virtme-ng: pip install 'usbip-hotplug[vm]'",
-        (os.path.dirname(sys.executable),),
-    ),
-    _Need(("busybox",), "Debian package busybox-static (virtme-ng's initramfs)", _SBIN),
-    _Need(("file",), "Debian package file (virtme-ng reads the kernel version with it)"),
-    _Need(("depmod",), "Debian package kmod", _SBIN),
-    # Run by the guest from the shared root filesystem:
-    _Need(("modprobe",), "Debian package kmod", _SBIN),
-    _Need(("systemd-udevd", "udevd"), "Debian package udev", _SBIN),
-    _Need(("mount",), "Debian package mount"),
-)
-_USBIP_NEEDS: tuple[_Need, ...] = (
-    _Need(("usbip",), "Debian package usbip", _SBIN),
-    _Need(("usbipd",), "Debian package usbip", _SBIN),
-)
-_DOWNLOAD_NEEDS: tuple[_Need, ...] = (
-    _Need(("apt-get",), "Debian package apt (the kernel comes from Debian's archive)"),
-    _Need(("apt-cache",), "Debian package apt"),
-    _Need(("dpkg-deb",), "Debian package dpkg"),
-    _Need(("depmod",), "Debian package kmod", _SBIN),
-)
-
-
-def _which(names: Sequence[str], dirs: Sequence[str] = ()) -> str | None:
-    for name in names:
-        found = shutil.which(name)
-        if found:
-            return found
-        for d in dirs:
-            p = os.path.join(d, name)
-            if os.access(p, os.X_OK):
-                return p
-    return None
-
-
-def _is_static_elf(path: str) -> bool:
-    """True unless the ELF file asks for a dynamic loader (PT_INTERP)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4096)
-    except OSError:
-        return False
-    return b"ld-linux" not in head and b"ld-musl" not in head
-
-
-def _missing(needs: Sequence[_Need]) -> list[str]:
-    out: list[str] = []
-    for need in needs:
-        path = _which(need.names, need.dirs)
-        if path is None:
-            out.append(f"{' or '.join(need.names)} ({need.provider})")
-        elif need.names == ("busybox",) and not _is_static_elf(path):
-            out.append(f"a statically linked busybox ({need.provider})")
-    return list(dict.fromkeys(out))
-
-
-def check_host(*, usbip: bool = True) -> None:
-    """Raise `MissingDependency` naming everything the VM needs but lacks.
-
-    `usbip=True` also requires the classic userspace tools (`usbip`,
-    `usbipd`), used by the interop tests in the guest.
-    """
-    missing = _missing(_HOST_NEEDS + (_USBIP_NEEDS if usbip else ()))
-    if missing:
-        raise MissingDependency(missing)
-
-
-# ---------------------------------------------------------------------------
-# kernel cache
-
-
-def cache_dir() -> Path:
-    """`$USBIP_HOTPLUG_CACHE`, else `${XDG_CACHE_HOME:-~/.cache}/usbip-hotplug`."""
-    explicit = os.environ.get("USBIP_HOTPLUG_CACHE")
-    if explicit:
-        return Path(explicit)
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(xdg) / "usbip-hotplug"
-
-
-@dataclass(frozen=True)
-class Kernel:
-    """An unpacked Debian kernel package: image plus modules, depmod done."""
-
-    release: str  # e.g. "6.1.0-56-amd64"
-    root: Path  # the unpacked tree (boot/, lib/modules/<release>/)
-
-    @property
-    def image(self) -> Path:
-        return self.root / "boot" / f"vmlinuz-{self.release}"
-
-    @property
-    def moddir(self) -> Path:
-        return self.root / "lib" / "modules" / self.release
-
-    @property
-    def info(self) -> dict[str, Any]:
-        try:
-            data: dict[str, Any] = json.loads((self.root / _COMPLETE).read_text())
-            return data
-        except (OSError, ValueError):
-            return {}
-
-
-_COMPLETE = ".usbip-hotplug-complete"
-
-
-def _release_key(release: str) -> tuple[int, ...]:
-    return tuple(int(n) for n in re.findall(r"\d+", release))
-
-
-def cached_kernels(base: Path | None = None) -> list[Kernel]:
-    """Complete kernels in the cache, newest first."""
-    base = base or cache_dir()
-    found: list[Kernel] = []
-    if base.is_dir():
-        for d in base.glob("kernel-*"):
-            if (d / _COMPLETE).is_file():
-                k = Kernel(d.name.removeprefix("kernel-"), d)
-                if k.image.is_file() and k.moddir.is_dir():
-                    found.append(k)
-    return sorted(found, key=lambda k: _release_key(k.release), reverse=True)
-
-
-def _run_tool(argv: Sequence[str], *, cwd: Path | None = None, timeout: float = 600) -> str:
-    try:
-        proc = subprocess.run(
-            list(argv), cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False
-        )
-    except subprocess.TimeoutExpired as e:
-        raise VMError(f"{shlex.join(argv)} did not finish within {timeout:.0f}s") from e
-    if proc.returncode != 0:
-        raise VMError(
-            f"{shlex.join(argv)} failed ({proc.returncode}):\n{proc.stderr.strip()[-2000:]}"
-        )
-    return proc.stdout
-
-
-def resolve_kernel_package() -> str:
-    """Name of the kernel image package Debian's `linux-image-amd64` points at.
-
-    `$USBIP_VM_KERNEL_PACKAGE` overrides it (e.g. `linux-image-6.1.0-56-amd64`).
-    """
-    pinned = os.environ.get("USBIP_VM_KERNEL_PACKAGE")
-    if pinned:
-        return pinned
-    missing = _missing(_DOWNLOAD_NEEDS)
-    if missing:
-        raise MissingDependency(missing)
-    out = _run_tool(["apt-cache", "show", "--no-all-versions", KERNEL_META_PACKAGE], timeout=60)
-    m = re.search(r"^Depends:.*?\b(linux-image-[0-9][^\s,(]*)", out, re.MULTILINE)
-    if not m:
-        raise VMError(
-            f"apt-cache does not know {KERNEL_META_PACKAGE} (or its Depends): run"
-            " `apt-get update` first, or set USBIP_VM_KERNEL_PACKAGE"
-        )
-    return m.group(1)
-
-
-def ensure_kernel(
-    *, update: bool = False, package: str | None = None, log: OutputFn | None = None
-) -> Kernel:
-    """Return a ready kernel, downloading and unpacking it the first time.
-
-    Without `update` (and without `package` / `$USBIP_VM_KERNEL_PACKAGE`) the
-    newest cached kernel is used as is, so later runs need neither network
-    nor apt. `update=True` asks apt which kernel is current and fetches it if
-    it is not cached yet.
-    """
-    say = log or _stderr_line
-    base = cache_dir()
-    package = package or os.environ.get("USBIP_VM_KERNEL_PACKAGE")
-    if not update and not package:
-        cached = cached_kernels(base)
-        if cached:
-            return cached[0]
-    package = package or resolve_kernel_package()
-    release = package.removeprefix("linux-image-")
-    for k in cached_kernels(base):
-        if k.release == release:
-            return k
-    missing = _missing(_DOWNLOAD_NEEDS)
-    if missing:
-        raise MissingDependency(missing)
-    base.mkdir(parents=True, exist_ok=True)
-    dest = base / f"kernel-{release}"
-    t0 = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix=f".kernel-{release}.", dir=base) as tmp_s:
-        tmp = Path(tmp_s)
-        say(f"usbip-hotplug vm: downloading {package} (Debian) into {base}")
-        # As root apt wants to drop to the _apt user, who cannot write here.
-        _run_tool(["apt-get", "download", "-o", "APT::Sandbox::User=root", package], cwd=tmp)
-        debs = sorted(tmp.glob("*.deb"))
-        if not debs:
-            raise VMError(f"apt-get download {package} produced no .deb")
-        tree = tmp / "tree"
-        _run_tool(["dpkg-deb", "-x", str(debs[0]), str(tree)])
-        debs[0].unlink()
-        shutil.rmtree(tree / "usr", ignore_errors=True)  # docs only
-        k = Kernel(release, tree)
-        if not k.image.is_file() or not k.moddir.is_dir():
-            raise VMError(f"{package} has no boot/vmlinuz-{release} or lib/modules/{release}")
-        depmod = _which(["depmod"], _SBIN) or "depmod"
-        _run_tool([depmod, "-a", "-b", str(tree), release])
-        info = {
-            "package": package,
-            "release": release,
-            "deb": debs[0].name,
-            "prepared": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        (tree / _COMPLETE).write_text(json.dumps(info, indent=1) + "\n")
-        if dest.exists():  # an incomplete leftover, or a concurrent run won
-            if (dest / _COMPLETE).is_file():
-                return Kernel(release, dest)
-            shutil.rmtree(dest)
-        os.rename(tree, dest)
-    say(f"usbip-hotplug vm: kernel {release} ready in {time.monotonic() - t0:.1f}s ({dest})")
-    return Kernel(release, dest)
-
-
-# ---------------------------------------------------------------------------
-# KVM
-
-
-def kvm_setting() -> str:
-    """`USBIP_VM_KVM`: `auto` (default), `1` (force KVM) or `0` (emulation)."""
-    value = os.environ.get("USBIP_VM_KVM", "auto").strip().lower() or "auto"
-    aliases = {"yes": "1", "true": "1", "on": "1", "no": "0", "false": "0", "off": "0"}
-    value = aliases.get(value, value)
-    if value not in ("auto", "1", "0"):
-        raise VMError(f"USBIP_VM_KVM must be auto, 1 or 0, not {value!r}")
-    return value
-
-
-def _kvm_probe_file() -> Path:
-    return cache_dir() / "kvm-probe.json"
-
-
-def _kvm_probe_key() -> str:
-    qemu = _which(["qemu-system-x86_64"]) or "?"
-    try:
-        stamp = int(os.stat(qemu).st_mtime)
-    except OSError:
-        stamp = 0
-    return f"{os.uname().release} {os.path.realpath(qemu)} {stamp}"
-
-
-def _kvm_known_broken() -> str | None:
-    try:
-        data = json.loads(_kvm_probe_file().read_text())
-    except (OSError, ValueError):
-        return None
-    if data.get("key") == _kvm_probe_key() and not data.get("ok", True):
-        return str(data.get("detail", "KVM boot failed before"))
-    return None
-
-
-def _kvm_record(ok: bool, detail: str) -> None:
-    with contextlib.suppress(OSError):
-        _kvm_probe_file().parent.mkdir(parents=True, exist_ok=True)
-        _kvm_probe_file().write_text(
-            json.dumps({"key": _kvm_probe_key(), "ok": ok, "detail": detail}) + "\n"
-        )
 
 
 # ---------------------------------------------------------------------------
@@ -531,14 +224,9 @@ class GuestProcess:
         return result
 
 
-def _stderr_line(line: str) -> None:
-    sys.stderr.write(line + "\n")
-    sys.stderr.flush()
-
-
 def project_root() -> Path:
     """The directory holding the `hotplug` package this module came from."""
-    return Path(__file__).resolve().parent.parent.parent
+    return Path(hotplug.__file__).resolve().parent.parent
 
 
 class GuestVM:
@@ -685,7 +373,7 @@ class GuestVM:
         opts = "trans=virtio,version=9p2000.L,access=any,msize=524288,cache=loose,ro"
         lines = [
             "#!/bin/sh",
-            "# usbip-hotplug test VM: boot script for one guest (hotplug/testvm/vm.py)",
+            "# usbip-hotplug test VM: boot script for one guest (hotplug/testing/vm/guest.py)",
             f"mkdir -p {HOSTFS_MOUNT}",
             f"if mount -t 9p -o {opts} {HOSTFS_TAG} {HOSTFS_MOUNT}; then",
         ]
@@ -707,8 +395,7 @@ class GuestVM:
                     "-S",
                     "-u",
                     "-m",
-                    "hotplug.testvm.vm",
-                    "--agent",
+                    "hotplug.testing.vm.agent",
                     *(f"--fast-path={b}" for b in binds),
                 ]
             ),
@@ -1081,201 +768,3 @@ def _fast_paths(extra: Sequence[str]) -> list[str]:
         if not any(p == q or p.startswith(q + "/") for q in out):
             out.append(p)
     return out
-
-
-# ---------------------------------------------------------------------------
-# guest side: the agent
-
-
-def _uptime() -> float:
-    try:
-        with open("/proc/uptime") as f:
-            return float(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return -1.0
-
-
-class _Agent:
-    """Runs in the guest: reads requests on stdin, writes frames on stdout."""
-
-    def __init__(self) -> None:
-        self._out = sys.stdout.buffer
-        self._lock = threading.Lock()
-        self._procs: dict[int, subprocess.Popen[bytes]] = {}
-        self._plock = threading.Lock()
-
-    def emit(self, msg: Mapping[str, Any]) -> None:
-        data = (FRAME_MARK + json.dumps(msg, separators=(",", ":")) + "\n").encode()
-        with self._lock:
-            self._out.write(data)
-            self._out.flush()
-
-    @staticmethod
-    def check_fast_paths(paths: Sequence[str]) -> list[str]:
-        """Notes about fast paths the boot script failed to mount."""
-        try:
-            with open("/proc/self/mountinfo") as f:
-                points = {line.split()[4] for line in f}
-        except OSError:
-            return []
-        return [
-            f"{p} is not on the cached 9p mount (slow Python start)"
-            for p in paths
-            if p not in points
-        ]
-
-    def serve(self, binds: Sequence[str]) -> int:
-        notes = self.check_fast_paths(binds)
-        self.emit(
-            {
-                "op": "hello",
-                "release": os.uname().release,
-                "pid": os.getpid(),
-                "notes": notes,
-                "uptime": _uptime(),
-                "fast_paths": list(binds),
-            }
-        )
-        for raw in sys.stdin.buffer:
-            try:
-                msg = json.loads(raw)
-            except ValueError:
-                continue
-            op = msg.get("op")
-            if op == "shutdown":
-                break
-            if op == "run":
-                threading.Thread(target=self._run, args=(msg,), daemon=True).start()
-            elif op == "kill":
-                self._kill(int(msg.get("target", 0)))
-            elif op in ("read", "write"):
-                self._file_op(msg)
-        with self._plock:
-            targets = list(self._procs)
-        for rid in targets:
-            self._kill(rid)
-        return 0
-
-    def _file_op(self, msg: Mapping[str, Any]) -> None:
-        rid = msg.get("id")
-        try:
-            path = str(msg["path"])
-            if msg["op"] == "read":
-                with open(path, "rb") as f:
-                    data = f.read()
-                self.emit({"id": rid, "op": "data", "data": base64.b64encode(data).decode()})
-            else:
-                with open(path, "wb") as f:
-                    f.write(base64.b64decode(str(msg.get("data", ""))))
-                os.chmod(path, int(msg.get("mode", 0o644)))
-                self.emit({"id": rid, "op": "ok"})
-        except (OSError, ValueError, KeyError) as e:
-            self.emit({"id": rid, "op": "error", "error": str(e)})
-
-    def _kill(self, rid: int) -> None:
-        with self._plock:
-            p = self._procs.get(rid)
-        if p is not None and p.poll() is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(p.pid, signal.SIGKILL)
-
-    def _pump(self, rid: int, fd: int, stream: IO[bytes]) -> None:
-        for raw in iter(stream.readline, b""):
-            self.emit({"id": rid, "op": "out", "fd": fd, "text": raw.decode("utf-8", "replace")})
-
-    def _run(self, msg: Mapping[str, Any]) -> None:
-        rid = int(msg["id"])
-        argv = [str(a) for a in msg["argv"]]
-        env = dict(os.environ)
-        env.update({str(k): str(v) for k, v in (msg.get("env") or {}).items()})
-        timeout = float(msg.get("timeout") or 60.0)
-        try:
-            p = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                env=env,
-                cwd=msg.get("cwd") or None,
-                start_new_session=True,
-            )
-        except OSError as e:
-            self.emit({"id": rid, "op": "exit", "rc": 127, "error": f"cannot start: {e}"})
-            return
-        with self._plock:
-            self._procs[rid] = p
-        assert p.stdout is not None and p.stderr is not None
-        pumps = [
-            threading.Thread(target=self._pump, args=(rid, 1, p.stdout), daemon=True),
-            threading.Thread(target=self._pump, args=(rid, 2, p.stderr), daemon=True),
-        ]
-        for t in pumps:
-            t.start()
-        timed_out = False
-        try:
-            rc = p.wait(timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(p.pid, signal.SIGKILL)
-            rc = p.wait()
-        # A daemon started by the command may keep the pipes open: wait a
-        # little for the output, not for the daemon.
-        for t in pumps:
-            t.join(5)
-        with self._plock:
-            self._procs.pop(rid, None)
-        self.emit({"id": rid, "op": "exit", "rc": rc, "timed_out": timed_out})
-
-
-# ---------------------------------------------------------------------------
-# command line
-
-
-def _main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m hotplug.testvm.vm",
-        description="Prepare and run the usbip-hotplug test VM (QEMU + Debian kernel).",
-    )
-    mode = ap.add_mutually_exclusive_group(required=True)
-    mode.add_argument(
-        "--prepare", action="store_true", help="fetch the kernel into the cache, check host tools"
-    )
-    mode.add_argument("--check", action="store_true", help="only check the host tools")
-    mode.add_argument("--run", nargs=argparse.REMAINDER, help="boot, run a shell command, stop")
-    mode.add_argument("--agent", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument(
-        "--update", action="store_true", help="with --prepare: ask apt for a newer kernel"
-    )
-    ap.add_argument("--timeout", type=float, default=600.0, help="with --run: command timeout")
-    ap.add_argument("--fast-path", action="append", default=[], help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-
-    if args.agent:
-        return _Agent().serve(args.fast_path)
-    try:
-        if args.prepare:
-            t0 = time.monotonic()
-            k = ensure_kernel(update=args.update)
-            print(f"kernel {k.release}: {k.image} ({time.monotonic() - t0:.1f}s)")
-            check_host()
-            print(f"host tools: ok; KVM setting: {kvm_setting()}; cache: {cache_dir()}")
-            return 0
-        if args.check:
-            check_host()
-            print("host tools: ok")
-            return 0
-        command = " ".join(args.run or []).strip() or "uname -a"
-        with GuestVM() as vm:
-            result = vm.run(command, timeout=args.timeout)
-        return result.returncode if not result.timed_out else 124
-    except MissingDependency as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except VMError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(_main())

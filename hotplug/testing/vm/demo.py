@@ -1,6 +1,6 @@
 """`usbip-hotplug demo`: see it work on a machine with no USB hardware.
 
-The host part boots a VM with Debian's kernel (hotplug.testvm.vm) and runs the
+The host part boots a VM with Debian's kernel (hotplug.testing.vm) and runs the
 guest part inside it. The guest part plays both machines on one kernel: it
 makes a virtual USB disk (dummy_hcd + a configfs mass-storage gadget), starts
 `usbipa` and `usbip-hotplug run` with an example policy, plugs the disk in,
@@ -105,7 +105,7 @@ def daemon(name: str, argv: list[str]) -> Iterator[Callable[[], None]]:
 
 
 def _used_port_busid() -> str | None:
-    from hotplug.testvm import gadget as gd
+    from hotplug.testing.vm import gadget as gd
 
     for port in gd.vhci_ports():
         if port.status == 6:
@@ -115,7 +115,7 @@ def _used_port_busid() -> str | None:
 
 def guest_main() -> int:
     """The scenario, run as root inside the VM."""
-    from hotplug.testvm import gadget as gd
+    from hotplug.testing.vm import gadget as gd
 
     me = [sys.executable, "-m"]
     DEMO_DIR.mkdir(parents=True, exist_ok=True)
@@ -231,7 +231,8 @@ def _shell(vm: object, run: Callable[[str], object]) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from hotplug.testvm.vm import GuestVM, VMError, check_host, ensure_kernel
+    from hotplug.testing.vm.guest import GuestVM
+    from hotplug.testing.vm.kernels import VMError, check_host, ensure_kernel
 
     say("usbip-hotplug demo: both sides on one VM, no USB hardware needed")
     try:
@@ -241,7 +242,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         with GuestVM(kernel, output=lambda line: print(line, flush=True), prefix="") as vm:
             say(f"VM up in {vm.boot_seconds or 0:.0f} s ({vm.accel})")
             result = vm.run(
-                [sys.executable, "-m", "hotplug.testvm.demo", "--guest"],
+                [sys.executable, "-m", "hotplug.testing.vm.demo", "--guest"],
                 timeout=args.timeout,
                 env={"USBIP_DEMO_ELAPSED": f"{time.monotonic() - _T0:.3f}"},
             )
@@ -257,4 +258,4 @@ def cmd_demo(args: argparse.Namespace) -> int:
 if __name__ == "__main__":
     if sys.argv[1:] == ["--guest"]:
         sys.exit(guest_main())
-    sys.exit("usage: python -m hotplug.testvm.demo --guest  (inside the VM)")
+    sys.exit("usage: python -m hotplug.testing.vm.demo --guest  (inside the VM)")
