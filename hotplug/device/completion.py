@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 
-from hotplug.device.daemon import address_of
 from hotplug.device.policy.files import load_policy
 from hotplug.device.policy.model import PolicyError
 from hotplug.kernel import make_stub
@@ -31,7 +30,7 @@ def remotes(config: str | None) -> list[str]:
         policy = load_policy(config)
     except (PolicyError, OSError):
         return []
-    return sorted({address_of(t) for t in policy.targets.values()})
+    return sorted({t.address for t in policy.targets.values()})
 
 
 def cmd_complete(args: argparse.Namespace) -> int:

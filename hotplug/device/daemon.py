@@ -3,11 +3,11 @@
 It wires the edges (udev or a test event source, the stub driver, the records
 under /run, systemd) to the pure core (`policy`, `reconcile`). One loop step:
 look at the kernel, ask the policy, let `reconcile` decide, start what it
-says. Blocking work (export, unexport, release) runs in one thread per
-operation, at most one per device, each bounded by its target's timeouts, so
-a slow or dead target only ever delays its own device. Threads and not the
-default executor: a few black-hole targets must not use up a small pool and
-make everyone else queue.
+says. Each operation (export, unexport, release) runs in a thread of its own
+(operations.py), at most one per device, so a slow or dead target only ever
+delays its own device. What the records say is kept by records.py, what
+`status` shows is built by status.py, and what a restart takes back is decided
+by reconcile.adopt: this module is the loop and the glue.
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ import logging
 import os
 import random
 import signal
-import socket
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -30,9 +28,10 @@ from hotplug import log, usbids
 from hotplug.device.control import ControlError, bind_control_socket, serve, socket_path
 from hotplug.device.events import DeviceEvent, EventSource
 from hotplug.device.export import Attempt, ExportError, export, unexport
+from hotplug.device.operations import KERNEL_SLACK, Canceller, in_thread
 from hotplug.device.policy import DEFAULT_CONFIG_DIR
 from hotplug.device.policy.files import load_policy
-from hotplug.device.policy.model import Policy, PolicyError, Target, TlsOptions
+from hotplug.device.policy.model import Policy, PolicyError, Target
 from hotplug.device.policy.watch import PolicyWatcher
 from hotplug.device.reconcile import (
     Abort,
@@ -43,6 +42,7 @@ from hotplug.device.reconcile import (
     Slot,
     Unexport,
     Wanted,
+    adopt,
     desire,
     export_failed,
     export_succeeded,
@@ -50,32 +50,29 @@ from hotplug.device.reconcile import (
     release_finished,
     retry_now,
     status_line,
+    target_from_record,
     unexport_finished,
 )
+from hotplug.device.records import BY_DAEMON, DaemonRecords, ExportRecords
+from hotplug.device.status import DaemonInfo, StatusReply, device_rows, display_state, table_report
 from hotplug.device.transport import remote_for_target
-from hotplug.kernel.stub import STUB_DRIVER, TABLE_SLOTS, StubStatus, UsbipHost
-from hotplug.kernel.sysfs import KernelError, busid_sort_key, driver_name
+from hotplug.kernel.stub import STUB_DRIVER, StubStatus, UsbipHost
+from hotplug.kernel.sysfs import KernelError, driver_name
 from hotplug.notify import Notifier
-from hotplug.state import RecordDir, RecordTaken, StateError, writer_alive
+from hotplug.state import StateError
 from hotplug.usb import Device
-from hotplug.wire.address import Endpoint, parse_address
+from hotplug.wire.address import Endpoint
 
 logger = log.get("hotplug.daemon")
 
 T = TypeVar("T")
 OnStop = Literal["unexport", "keep"]
 
-# Sysfs writes (to the real kernel, or to the fake one over a socket) get this
-# much on top of a target's own connect and handshake timeouts.
-KERNEL_SLACK = 10.0
 STOP_GRACE = 20.0  # within systemd's TimeoutStopSec (30 s in our unit)
 # Per busid: this many plug, unplug and decision lines every window, then a count.
 EVENT_LOG_BURST = 10
 EVENT_LOG_WINDOW = 10.0
 RELOAD_SLOW = 10.0  # a policy parse this long is logged (it goes on: the loop does not wait)
-RECORD_BY = "daemon"
-# `status` warns when this few of usbip-host's busid slots are left.
-TABLE_LOW = 4
 
 
 @dataclass(frozen=True)
@@ -91,43 +88,6 @@ class Options:
     metrics_listen: Endpoint | None = None  # --metrics-listen: over settings.metrics.listen
 
 
-class Canceller:
-    """Lets the loop cut short a handshake that runs in a thread.
-
-    The export thread registers its socket as soon as it is connected;
-    `fire()` shuts the socket down, which wakes the thread's blocked recv,
-    and the export rolls back as on any failure.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._sock: socket.socket | None = None
-        self.fired = False
-
-    def watch(self, sock: socket.socket) -> None:
-        with self._lock:
-            if self.fired:
-                raise ExportError("cancelled before the handshake")
-            self._sock = sock
-
-    def fire(self) -> None:
-        with self._lock:
-            self.fired = True
-            if self._sock is not None:
-                with contextlib.suppress(OSError):  # EBADF: export closed it already
-                    self._sock.shutdown(socket.SHUT_RDWR)
-
-    def forget(self) -> None:
-        """The export is over; from now on the socket (if any) is the kernel's."""
-        with self._lock:
-            self._sock = None
-
-
-def address_of(target: Target) -> str:
-    """host:port for plain TCP (as usbip shows it), the URL for tls:// and wss://."""
-    return target.display if target.scheme == "tcp" else target.url
-
-
 class Daemon:
     def __init__(
         self,
@@ -135,7 +95,7 @@ class Daemon:
         policy: Policy,
         stub: UsbipHost,
         source: Callable[[], EventSource],
-        records: RecordDir,
+        records: ExportRecords,
         notifier: Notifier | None = None,
     ) -> None:
         self.options = options
@@ -143,7 +103,7 @@ class Daemon:
         self.policy_error: str | None = None
         self.stub = stub
         self.make_source = source
-        self.records = records
+        self.records = DaemonRecords(records)
         self.notifier = notifier or Notifier()
         self.watcher = PolicyWatcher(options.policy_path)
         self.devices: dict[str, Device] = {}
@@ -158,10 +118,6 @@ class Daemon:
         self.observed: dict[str, Observed] = {}
         self.ops: dict[str, asyncio.Task[None]] = {}
         self.cancellers: dict[str, Canceller] = {}
-        # Record writes and removals that failed (/run full, a file in the way):
-        # retried from every loop step until they succeed. busid -> (target, state).
-        self.unsaved: dict[str, tuple[Target, str]] = {}
-        self.unremoved: set[str] = set()
         self.wake_at: float | None = None
         self.watchdog_interval = Notifier.watchdog_interval()
         self.last_ping = 0.0
@@ -290,8 +246,8 @@ class Daemon:
             await self._drain(STOP_GRACE)
         # A last try for writes the loop kept retrying: with on_stop keep, the next
         # start adopts only what its records name.
-        self._retry_records()
-        for busid in sorted(self.unsaved):
+        self.records.retry()
+        for busid in sorted(self.records.unsaved):
             log.event(
                 logger,
                 logging.ERROR,
@@ -317,7 +273,7 @@ class Daemon:
                 del self.settling[busid]
                 if busid in self.devices:
                     self._log_decision(self.devices[busid], "no driver took it; deciding anyway: ")
-        self._retry_records()
+        self.records.retry()
         self._observe()
         self._take_stranded()
         wanted = {busid: self._wanted(device) for busid, device in self.devices.items()}
@@ -381,12 +337,12 @@ class Daemon:
             record = self.records.get(busid)
             if (
                 record is None
-                or record.get("by") == RECORD_BY
-                or record.get("state") != "exporting"
-                or writer_alive(record)
+                or record.by == BY_DAEMON
+                or record.state != "exporting"
+                or record.writer_alive
             ):
                 continue
-            target = self._target_from_record(record)
+            target = target_from_record(record, self.policy.targets)
             if target is None:
                 continue
             self.slots[busid] = replace(slot, owned=True, phase="idle", last_error=None)
@@ -394,9 +350,9 @@ class Daemon:
             log.event(
                 logger,
                 logging.WARNING,
-                f"{busid}: {record.get('by', 'another tool')} (pid {record.get('pid')}) bound it"
-                " and ended before exporting it; taking it over (the policy decides: export"
-                " or give back)",
+                f"{busid}: {record.raw.get('by', 'another tool')} (pid {record.raw.get('pid')})"
+                " bound it and ended before exporting it; taking it over (the policy decides:"
+                " export or give back)",
                 busid=busid,
                 event="stranded-claim",
             )
@@ -534,14 +490,9 @@ class Daemon:
     # ------------------------------------------------------------------ re-adoption
 
     def _adopt(self) -> None:
-        """Take back what a previous run exported, as the kernel and our records say.
-
-        Nothing is exported again: a device whose stub is still "used" stays
-        exported as it is. Records of other tools (`connect`) are not ours.
-        """
-        now = time.monotonic()
+        """Take back what a previous run exported (reconcile.adopt decides)."""
         try:
-            records = list(self.records.items())
+            ours = [(b, r) for b, r in self.records.items() if r.by == BY_DAEMON]
         except StateError as exc:
             log.event(
                 logger,
@@ -550,195 +501,57 @@ class Daemon:
                 event="state-unreadable",
             )
             return
-        for busid, record in records:
-            if record.get("by") != RECORD_BY:
-                continue
-            present = busid in self.devices
-            if not present or not self._bound(busid):
-                why = "it is gone" if not present else "it is no longer bound to usbip-host"
-                if not present:
+        bound = {busid: self._bound(busid) for busid, _ in ours if busid in self.devices}
+        used = {
+            b: self.stub.status(b) == StubStatus.USED for b, is_bound in bound.items() if is_bound
+        }
+        now, wall = time.monotonic(), time.time()
+        for a in adopt(ours, set(self.devices), bound, used, self.policy.targets, now, wall):
+            if a.slot is None:
+                if a.release:
                     with contextlib.suppress(KernelError):
-                        self.stub.release(busid)  # forget its match_busid entry
-                self._forget_record(busid)
-                log.event(
-                    logger,
-                    logging.INFO,
-                    f"dropping the record of {busid}: {why}",
-                    busid=busid,
-                    event="record-dropped",
-                )
+                        self.stub.release(a.busid)  # forget its match_busid entry
+                self.records.forget(a.busid)
+                if a.message is not None:
+                    log.event(
+                        logger, logging.INFO, a.message, busid=a.busid, event="record-dropped"
+                    )
                 continue
-            target = self._target_from_record(record)
-            if target is None:
-                self._forget_record(busid)
-                continue
-            used = self.stub.status(busid) == StubStatus.USED
-            try:
-                age = max(0.0, time.time() - float(record.get("since") or time.time()))
-            except (TypeError, ValueError):
-                age = 0.0
-            since = now - age
-            self.held_back.discard(busid)
-            if used:
-                self.slots[busid] = Slot(
-                    phase="exported", owned=True, target=target, exported_to=target, since=since
-                )
-                message = f"adopted {busid}: still exported to {target.name} ({address_of(target)})"
-            else:
-                # Only an export that had succeeded may have left a port over there.
-                was_exported = record.get("state") in ("exported", "moving")
-                self.slots[busid] = Slot(
-                    phase="idle",
-                    owned=True,
-                    target=target,
-                    exported_to=target if was_exported else None,
-                    since=now,
-                    last_error="link lost while the daemon was not running"
-                    if was_exported
-                    else None,
-                )
-                message = f"adopted {busid}: bound by us but not exported; exporting again"
+            assert a.target is not None and a.message is not None
+            self.held_back.discard(a.busid)
+            self.slots[a.busid] = a.slot
             log.event(
                 logger,
                 logging.INFO,
-                message,
-                busid=busid,
-                target=target.name,
+                a.message,
+                busid=a.busid,
+                target=a.target.name,
                 event="adopted",
-                rule=record.get("rule"),
+                rule=a.rule,
             )
-
-    def _target_from_record(self, record: dict[str, Any]) -> Target | None:
-        where = str(record.get("target", ""))
-        try:
-            scheme, host, port, path = parse_address(where)
-        except ValueError:
-            return None
-        name = str(record.get("target_name") or where)
-        current = self.policy.targets.get(name)
-        if current is not None and (current.scheme, current.host, current.port, current.path) == (
-            scheme,
-            host,
-            port,
-            path,
-        ):
-            return current
-        # The policy changed while we were down: the far end is still where the
-        # record says, and so are the certificate files to reach it.
-        tls = record.get("tls")
-        try:
-            options = TlsOptions(**tls) if isinstance(tls, dict) else None
-        except TypeError:
-            return None  # not a record we wrote
-        return Target(name=name, host=host, port=port, scheme=scheme, path=path, tls=options)
 
     def _forget_record(self, busid: str) -> None:
-        self.unsaved.pop(busid, None)
-        try:
-            self.records.remove(busid)
-        except (StateError, OSError) as exc:
-            if busid not in self.unremoved:
-                log.event(
-                    logger,
-                    logging.ERROR,
-                    f"cannot remove the record of {busid}: {exc}; retrying",
-                    busid=busid,
-                    event="state-error",
-                )
-            self.unremoved.add(busid)
-        else:
-            self.unremoved.discard(busid)
+        self.records.forget(busid)
 
-    def _record_data(
-        self, busid: str, target: Target, state: str, since: float | None = None
-    ) -> dict[str, Any]:
+    def _record(
+        self,
+        busid: str,
+        target: Target,
+        state: str,
+        since: float | None = None,
+        rule: str | None = None,
+    ) -> bool:
+        """Write our record of `busid` (retried from the loop if it fails)."""
         device = self.devices.get(busid)
-        old = self.records.get(busid) or {}
-        if old.get("by") != RECORD_BY:
-            old = {}  # another tool's: nothing of it is ours to carry over
-        tls = target.tls
-        return {
-            "by": RECORD_BY,
-            "pid": os.getpid(),
-            # As `connect` records it, so `disconnect -b` and `list` read it too.
-            "target": str(remote_for_target(target)),
-            "tls": {"cert": tls.cert, "key": tls.key, "ca": tls.ca} if tls else None,
-            "target_name": target.name,
-            "state": state,
-            "since": since if since is not None else old.get("since", time.time()),
-            "vid_pid": device.vid_pid if device is not None else old.get("vid_pid"),
-            "rule": self._rule_of(busid) or old.get("rule"),
-        }
-
-    def _record(self, busid: str, target: Target, state: str, since: float | None = None) -> bool:
-        """Write our record of `busid`; on failure, log it and retry from the loop."""
-        self.unremoved.discard(busid)
-        try:
-            self.records.put(busid, self._record_data(busid, target, state, since))
-        except StateError as exc:
-            if busid not in self.unsaved:
-                log.event(
-                    logger,
-                    logging.ERROR,
-                    f"{exc}; retrying (until it is written, a restarted daemon would not"
-                    f" know {busid} is its own)",
-                    busid=busid,
-                    event="state-error",
-                )
-            self.unsaved[busid] = (target, state)
-            return False
-        if self.unsaved.pop(busid, None) is not None:
-            log.event(
-                logger,
-                logging.INFO,
-                f"the record of {busid} is written",
-                busid=busid,
-                event="state-recovered",
-            )
-        return True
-
-    def _retry_records(self) -> None:
-        for busid, (target, state) in list(self.unsaved.items()):
-            self._record(busid, target, state)
-        for busid in list(self.unremoved):
-            self._forget_record(busid)
-
-    def _claim_record(self, busid: str, target: Target, owned: bool) -> str | None:
-        """Our "exporting" record of `busid`, written before the export binds it.
-
-        Returns why not, if it cannot be had: a device whose export cannot be
-        recorded is not exported (issue 12, finding 5), and a `connect` that
-        recorded the device first has it (finding 10). A record whose writer is
-        gone, or our own, is replaced.
-        """
-        data = self._record_data(busid, target, "exporting")
-        try:
-            if owned:
-                self.records.put(busid, data)
-            else:
-                try:
-                    self.records.claim(busid, data)
-                except RecordTaken as taken:
-                    other = taken.existing
-                    if (
-                        other is not None
-                        and other.get("by") != RECORD_BY
-                        and other.get("state") == "exporting"
-                        and writer_alive(other)
-                    ):
-                        return (
-                            f"{other.get('by', 'another tool')} (pid {other.get('pid')}) is "
-                            "exporting it"
-                        )
-                    self.records.put(busid, data)
-        except StateError as exc:
-            return (
-                f"cannot record the export ({exc}), so nothing is bound: a restarted daemon"
-                " would not know the device is its own; make the state directory writable"
-            )
-        self.unsaved.pop(busid, None)
-        self.unremoved.discard(busid)
-        return None
+        record = self.records.make(
+            busid,
+            target,
+            state,
+            since=since,
+            vid_pid=device.vid_pid if device is not None else None,
+            rule=rule or self._rule_of(busid),
+        )
+        return self.records.write(busid, record)
 
     def _rule_of(self, busid: str) -> str | None:
         device = self.devices.get(busid)
@@ -768,66 +581,40 @@ class Daemon:
         self.ops.pop(busid, None)
         self.kick()
 
-    async def _blocking(
-        self, name: str, fn: Callable[[], T], limit: float, canceller: Canceller | None = None
-    ) -> T:
-        """Run `fn` in a thread of its own; wait for it without blocking the loop."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[T] = loop.create_future()
-
-        def settle(result: T | None, error: BaseException | None) -> None:
-            if future.done():
-                return
-            if error is not None:
-                future.set_exception(error)
-            else:
-                future.set_result(result)  # type: ignore[arg-type]
-
-        def runner() -> None:
-            result: T | None = None
-            error: BaseException | None = None
-            try:
-                result = fn()
-            except BaseException as exc:
-                error = exc
-            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
-                loop.call_soon_threadsafe(settle, result, error)
-
-        threading.Thread(target=runner, name=name, daemon=True).start()
-        done, _ = await asyncio.wait({future}, timeout=limit)
-        if not done:
-            cut = "; cutting it short" if canceller is not None else ""
-            logger.warning("%s: still running after %.0f s%s", name, limit, cut)
-            if canceller is not None:
-                canceller.fire()
-        return await future  # the kernel layer and socket timeouts bound the rest
-
     async def _export(self, action: Export) -> None:
         busid, target = action.busid, action.target
         canceller = Canceller()
         self.cancellers[busid] = canceller
         attempt = Attempt()
-        refused = self._claim_record(busid, target, owned=action.adopt)
+        device = self.devices.get(busid)
+        intent = self.records.make(
+            busid,
+            target,
+            "exporting",
+            vid_pid=device.vid_pid if device is not None else None,
+            rule=action.rule,
+        )
+        refused = self.records.claim(busid, intent, owned=action.adopt)
         if refused is not None:
             self.cancellers.pop(busid, None)
             try:
-                self._export_done(busid, target, refused, False, attempt, action.adopt, False)
+                self._export_done(action, refused, False, attempt, False)
             finally:
                 self._finish(busid)
             return
         log.event(
             logger,
             logging.INFO,
-            f"exporting {busid} to {target.name} ({address_of(target)})",
+            f"exporting {busid} to {target.name} ({target.address})",
             busid=busid,
             target=target.name,
             event="exporting",
-            rule=self._rule_of(busid),
+            rule=action.rule,
         )
         error: str | None = None
         try:
             remote = remote_for_target(target)
-            await self._blocking(
+            await in_thread(
                 f"export {busid}",
                 lambda: export(
                     self.stub,
@@ -849,28 +636,21 @@ class Daemon:
             canceller.forget()
             self.cancellers.pop(busid, None)
         try:
-            self._export_done(busid, target, error, canceller.fired, attempt, action.adopt, True)
+            self._export_done(action, error, canceller.fired, attempt, True)
         finally:
             self._finish(busid)
 
     def _export_done(
-        self,
-        busid: str,
-        target: Target,
-        error: str | None,
-        cut: bool,
-        attempt: Attempt,
-        owned_before: bool,
-        recorded: bool,
+        self, action: Export, error: str | None, cut: bool, attempt: Attempt, recorded: bool
     ) -> None:
         """`recorded`: our "exporting" record was written (and so is ours to remove)."""
+        busid, target, rule, owned_before = action.busid, action.target, action.rule, action.adopt
         now = time.monotonic()
         slot = self.slots.get(busid, Slot())
-        rule = self._rule_of(busid)
         if error is None:
             self.slots[busid] = export_succeeded(slot, target, now)
             self.metrics.exported(busid, target)
-            self._record(busid, target, "exported", since=time.time())
+            self._record(busid, target, "exported", since=time.time(), rule=rule)
             return
         device = self.devices.get(busid)
         wanted = self._wanted(device) if device is not None else None
@@ -883,7 +663,7 @@ class Daemon:
         self.slots[busid] = new
         self.metrics.export_failed(target, chain, cut, new, now)
         if ours:
-            self._record(busid, target, "retrying")
+            self._record(busid, target, "retrying", rule=rule)
         elif recorded:
             self._forget_record(busid)
         if cut or not chain:
@@ -912,7 +692,7 @@ class Daemon:
         busid, target = action.busid, action.target
         error: str | None = None
         try:
-            await self._blocking(
+            await in_thread(
                 f"unexport {busid}",
                 lambda: self._withdraw(busid, target, action.release),
                 target.connect_timeout + target.handshake_timeout + KERNEL_SLACK,
@@ -965,7 +745,7 @@ class Daemon:
         busid = action.busid
         error: str | None = None
         try:
-            await self._blocking(f"release {busid}", lambda: self.stub.release(busid), KERNEL_SLACK)
+            await in_thread(f"release {busid}", lambda: self.stub.release(busid), KERNEL_SLACK)
         except (KernelError, OSError) as exc:
             error = str(exc)
         try:
@@ -1009,7 +789,7 @@ class Daemon:
                 policy: Policy | None = None
                 error: PolicyError | None = None
                 try:
-                    policy = await self._blocking("reload", lambda: load_policy(path), RELOAD_SLOW)
+                    policy = await in_thread("reload", lambda: load_policy(path), RELOAD_SLOW)
                 except PolicyError as exc:
                     error = exc
                 except Exception as exc:  # a bug in reading must not leave systemd "reloading"
@@ -1061,94 +841,17 @@ class Daemon:
     def handle_request(self, request: dict[str, Any]) -> dict[str, Any]:
         if request.get("command") != "status":
             raise ControlError(f"unknown command {request.get('command')!r} (expected status)")
-        return self.status_report()
+        return dict(self.status_report())
 
-    def status_report(self) -> dict[str, Any]:
-        mono, wall = time.monotonic(), time.time()
-
-        def to_wall(t: float | None) -> float | None:
-            return None if t is None else wall - (mono - t)
-
-        rows = []
-        db = usbids.system_database()
-        for busid in sorted(set(self.devices) | set(self.slots), key=busid_sort_key):
-            device = self.devices.get(busid)
-            slot = self.slots.get(busid, Slot(since=mono))
-            wanted = self._wanted(device) if device is not None else None
-            target = slot.target
-            if target is None and slot.phase == "idle" and wanted is not None and wanted.exports:
-                target = wanted.chain[0]
-            rows.append(
-                {
-                    "busid": busid,
-                    "vid_pid": device.vid_pid if device is not None else None,
-                    "vendor": (db.vendor(device.vendor) or device.manufacturer)
-                    if device is not None
-                    else None,
-                    "product": (db.product(device.vendor, device.product) or device.product_name)
-                    if device is not None
-                    else None,
-                    "serial": device.serial if device is not None else None,
-                    "rule": wanted.rule if wanted is not None else None,
-                    "reason": wanted.reason if wanted is not None else "unplugged",
-                    "state": "settling" if busid in self.settling else display_state(slot, wanted),
-                    "target": target.name if target is not None else None,
-                    "address": address_of(target) if target is not None else None,
-                    "since": to_wall(slot.since),
-                    "last_error": slot.last_error,
-                    "next_retry": to_wall(slot.next_at) if slot.phase == "backoff" else None,
-                }
-            )
-        return {
-            "daemon": {
-                "pid": os.getpid(),
-                "status": self.status_text(),
-                "policy": list(self.policy.sources),
-                "policy_error": self.policy_error,
-                "on_stop": self.options.on_stop or self.policy.settings.on_stop,
-            },
-            "usbip_host": self.table_report(),
-            "devices": rows,
-        }
-
-    def table_report(self) -> dict[str, Any]:
-        return table_report(self.stub)
-
-
-def table_report(stub: UsbipHost) -> dict[str, Any]:
-    """usbip-host's busid table: a full one refuses every new export until the
-    module is reloaded, so say how much of it is left, and what was lost."""
-    try:
-        table = stub.table()
-        leaked = stub.leftovers()
-    except (KernelError, OSError) as exc:
-        return {"error": str(exc)}
-    free = max(0, TABLE_SLOTS - len(table))
-    warning = None
-    if free <= TABLE_LOW:
-        warning = (
-            f"only {free} of usbip-host's {TABLE_SLOTS} busid slots left"
-            + (f" ({len(leaked)} leaked by devices unplugged mid-export)" if leaked else "")
-            + "; new exports fail once none is left: reload the module when nothing"
-            " is exported (modprobe -r usbip-host; modprobe usbip-host)"
+    def status_report(self) -> StatusReply:
+        return StatusReply(
+            daemon=DaemonInfo(
+                pid=os.getpid(),
+                status=self.status_text(),
+                policy=list(self.policy.sources),
+                policy_error=self.policy_error,
+                on_stop=self.options.on_stop or self.policy.settings.on_stop,
+            ),
+            usbip_host=table_report(self.stub),
+            devices=device_rows(self.devices, self.slots, self.settling, self._wanted),
         )
-    return {
-        "slots": TABLE_SLOTS,
-        "used": len(table),
-        "leaked": len(leaked),
-        "leaked_busids": leaked,
-        "free": free,
-        "warning": warning,
-    }
-
-
-def display_state(slot: Slot, wanted: Wanted | None) -> str:
-    if slot.phase == "backoff":
-        return "retrying"
-    if slot.phase != "idle":
-        return slot.phase
-    if wanted is None:
-        return "unplugged"
-    if wanted.exports:
-        return "pending"
-    return "ignored" if wanted.action == "ignore" else "not matched"

@@ -9,12 +9,12 @@ from pathlib import Path
 
 from hotplug import usbids
 from hotplug.device.control import ControlError
-from hotplug.device.daemon import Daemon, Options, address_of
+from hotplug.device.daemon import Daemon, Options
 from hotplug.device.events import EventSource
 from hotplug.device.policy.files import load_policy
 from hotplug.device.policy.model import Policy, PolicyError
 from hotplug.device.reconcile import desire
-from hotplug.device.records import exports_dir
+from hotplug.device.records import BY_DAEMON, exports_dir
 from hotplug.device.udev import UdevSource, enumerate_devices
 from hotplug.faultpoints import reach
 from hotplug.kernel import make_stub
@@ -103,7 +103,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         return 0
     stub = make_stub()
     devices = enumerate_devices(stub.paths)
-    ours = {busid for busid, rec in exports_dir().items() if rec.get("by") == "daemon"}
+    ours = {busid for busid, rec in exports_dir().items() if rec.by == BY_DAEMON}
     if not devices:
         print("no USB devices plugged in")
     for device in devices:
@@ -129,9 +129,9 @@ def _check_line(policy: Policy, device: Device, foreign: bool) -> str:
     wanted = desire(policy, device)
     if wanted.exports:
         first, *rest = wanted.chain
-        verdict = f"export to {first.name} ({address_of(first)})"
+        verdict = f"export to {first.name} ({first.address})"
         if rest:
-            verdict += ", fallback " + ", ".join(f"{t.name} ({address_of(t)})" for t in rest)
+            verdict += ", fallback " + ", ".join(f"{t.name} ({t.address})" for t in rest)
     elif wanted.action == "ignore":
         verdict = "leave alone (ignore)"
     else:

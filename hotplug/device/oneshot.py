@@ -13,7 +13,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from hotplug import usbids
@@ -24,7 +24,13 @@ from hotplug.device.export import (
     unexport,
     unexport_gadget,
 )
-from hotplug.device.records import exports_dir
+from hotplug.device.records import (
+    BY_CONNECT,
+    BY_DAEMON,
+    ExportRecord,
+    ExportRecords,
+    exports_dir,
+)
 from hotplug.device.transport import Remote, parse_remote
 from hotplug.errors import HotplugError
 from hotplug.kernel import KernelError, make_stub
@@ -32,42 +38,33 @@ from hotplug.kernel.stub import STUB_DRIVER, StubStatus, UsbipHost
 from hotplug.kernel.sysfs import list_devices, validate_busid
 from hotplug.kernel.vudc import Vudc
 from hotplug.printable import printable
-from hotplug.state import RecordDir, RecordTaken, StateError, writer_alive
+from hotplug.state import StateError
 from hotplug.wire.address import AddressError
 from hotplug.wire.sockets import Timeouts
+
+PEER = "another usbip peer"  # `list`: exported, but not by us
 
 
 class UsageError(HotplugError):
     """A command line that cannot be carried out as given."""
 
 
-def _remote(args: argparse.Namespace, text: str, saved: Mapping[str, Any] | None = None) -> Remote:
+def _remote(args: argparse.Namespace, text: str, saved: ExportRecord | None = None) -> Remote:
     """-r with --cert/--key/--ca/--proxy; `saved` (disconnect's record) fills in the rest."""
-    saved = saved if saved is not None and saved.get("target") == text else {}
-    tls = saved.get("tls") or {}
+    saved = saved if saved is not None and saved.target == text else None
+    tls = saved.tls if saved is not None else None
     try:
         remote = parse_remote(
             text,
-            cert=args.cert or tls.get("cert"),
-            key=args.key or tls.get("key"),
-            ca=args.ca or tls.get("ca"),
-            proxy=args.proxy or saved.get("proxy"),
+            cert=args.cert or (tls.cert if tls else None),
+            key=args.key or (tls.key if tls else None),
+            ca=args.ca or (tls.ca if tls else None),
+            proxy=args.proxy or (saved.proxy if saved is not None else None),
             timeouts=Timeouts(connect=args.timeout, handshake=args.timeout),
         )
     except AddressError as exc:
         raise UsageError(str(exc)) from exc
     return remote
-
-
-def _remote_record(remote: Remote) -> dict[str, Any]:
-    """What disconnect needs to reach a secure remote again."""
-    if not remote.secure:
-        return {}
-    tls = remote.tls
-    return {
-        "tls": {"cert": tls.cert, "key": tls.key, "ca": tls.ca} if tls else None,
-        "proxy": remote.proxy,
-    }
 
 
 def _gadget_name(args: argparse.Namespace, vudc: Vudc) -> str:
@@ -97,14 +94,16 @@ def cmd_connect(args: argparse.Namespace) -> int:
     validate_busid(args.busid)  # before it names a record file
     stub = make_stub()
     records = exports_dir()
-    intent = {
-        "by": "connect",
-        "pid": os.getpid(),
-        "state": "exporting",
-        "target": str(endpoint),
-        "since": time.time(),
-        **_remote_record(endpoint),
-    }
+    intent = ExportRecord(
+        by=BY_CONNECT,
+        pid=os.getpid(),
+        state="exporting",
+        target=str(endpoint),
+        since=time.time(),
+        # A secure remote: what disconnect needs to reach it again.
+        tls=endpoint.tls if endpoint.secure else None,
+        proxy=endpoint.proxy if endpoint.secure else None,
+    )
     # The record first, then the bind (issue 12, findings 5 and 8): a device bound
     # with no record is "another tool's" to the daemon for good.
     previous = _claim_record(records, args.busid, intent)
@@ -114,10 +113,8 @@ def cmd_connect(args: argparse.Namespace) -> int:
         _restore_record(records, args.busid, previous)
         raise
     try:
-        records.put(
-            args.busid,
-            {**intent, "state": "exported", "since": time.time(), "vid_pid": device.vid_pid},
-        )
+        done = replace(intent, state="exported", since=time.time(), vid_pid=device.vid_pid)
+        records.put(args.busid, done)
     except BaseException as exc:
         _roll_back(stub, args, endpoint)
         _restore_record(records, args.busid, previous)
@@ -128,7 +125,7 @@ def cmd_connect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _claim_record(records: RecordDir, busid: str, intent: dict[str, Any]) -> dict[str, Any] | None:
+def _claim_record(records: ExportRecords, busid: str, intent: ExportRecord) -> ExportRecord | None:
     """Write `connect`'s record of `busid` before touching the device; return the
     record it replaced (to put back if the export does not happen).
 
@@ -137,20 +134,19 @@ def _claim_record(records: RecordDir, busid: str, intent: dict[str, Any]) -> dic
     still describes a live export, export()'s own checks refuse the device.
     """
     try:
-        records.claim(busid, intent)
-        return None
-    except RecordTaken as taken:
-        previous = taken.existing
+        claimed, previous = records.claim(busid, intent)
     except StateError as exc:
         raise StateError(f"{exc}; {busid} is not exported ({_UNRECORDED})") from None
-    if previous is not None and writer_alive(previous):
-        pid = previous.get("pid")
-        if previous.get("by") == "daemon":
+    if claimed:
+        return None
+    if previous is not None and previous.writer_alive:
+        pid = previous.pid
+        if previous.by == BY_DAEMON:
             raise KernelError(
                 f"{busid} is managed by the usbip-hotplug daemon (pid {pid}): change its "
                 "policy, or stop it, to export the device by hand"
             )
-        if previous.get("state") == "exporting":
+        if previous.state == "exporting":
             raise KernelError(f"another usbip-hotplug connect (pid {pid}) is exporting {busid}")
     try:
         records.put(busid, intent)
@@ -166,7 +162,7 @@ _UNRECORDED = (
 )
 
 
-def _restore_record(records: RecordDir, busid: str, previous: dict[str, Any] | None) -> None:
+def _restore_record(records: ExportRecords, busid: str, previous: ExportRecord | None) -> None:
     try:
         if previous is None:
             records.remove(busid)
@@ -186,7 +182,7 @@ def cmd_disconnect(args: argparse.Namespace) -> int:
     _require_busid(args)
     records = exports_dir()
     record = records.get(args.busid)
-    remote = args.remote or (record or {}).get("target")
+    remote = args.remote or (record.target if record is not None else None)
     if not remote:
         raise UsageError(f"no record of where {args.busid} was exported: give -r HOST[:PORT]")
     endpoint = _remote(args, remote, record)
@@ -217,7 +213,8 @@ def device_rows() -> list[dict[str, Any]]:
         record = records.get(device.busid)
         exported_to = None
         if status == StubStatus.USED:
-            exported_to = (record or {}).get("target", "another usbip peer")
+            # A record without a target says nothing of where (as if there were none).
+            exported_to = record.raw.get("target", PEER) if record is not None else PEER
         rows.append(
             {
                 "busid": device.busid,

@@ -19,12 +19,16 @@ after `retry.delay(round, rand)` of the rule's own (first) target.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from hotplug.device.policy.model import Policy, Target
 from hotplug.usb import Device
+from hotplug.wire.address import parse_address
+
+if TYPE_CHECKING:  # read, never written or imported at run time: records.py does I/O
+    from hotplug.device.records import ExportRecord
 
 Phase = Literal["idle", "exporting", "exported", "backoff", "unexporting", "releasing", "foreign"]
 BUSY: frozenset[str] = frozenset({"exporting", "unexporting", "releasing"})
@@ -81,6 +85,9 @@ class Export:
     busid: str
     target: Target
     adopt: bool  # the device is bound to usbip-host by us already
+    # The rule that wants it there, for the log and the record: the policy is
+    # not asked again while the export runs.
+    rule: str | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -273,7 +280,7 @@ def _one(
         s = replace(s, position=0)
     position = s.position if s.position < len(w.chain) else 0
     target = w.chain[position]
-    plan.actions.append(Export(busid, target, adopt=s.owned and o.bound))
+    plan.actions.append(Export(busid, target, adopt=s.owned and o.bound, rule=w.rule))
     return phase(s, "exporting", target=target, position=position, next_at=None, aborting=False)
 
 
@@ -391,3 +398,96 @@ def _short_error(slot: Slot) -> str:
             error = error[len(prefix) :]
             break
     return f"{target.name}: {error}" if error else target.name
+
+
+# --------------------------------------------------------------------------- re-adoption
+
+
+@dataclass(frozen=True)
+class Adoption:
+    """What to do at start with one record a previous run of the daemon left.
+
+    `slot` None: drop the record (and, with `release`, ask usbip-host to forget
+    the busid's table entry: the device is gone). `message` is the log line,
+    None for a record dropped without a word (not one we can read).
+    """
+
+    busid: str
+    slot: Slot | None
+    message: str | None = None
+    release: bool = False
+    target: Target | None = None
+    rule: str | None = None
+
+
+def target_from_record(record: ExportRecord, targets: Mapping[str, Target]) -> Target | None:
+    """The target a record names: the policy's own if it is still the same far end,
+    else one made from the record (the far end is still where the record says,
+    and so are the certificate files to reach it). None: not a record we wrote."""
+    try:
+        scheme, host, port, path = parse_address(record.target)
+    except ValueError:
+        return None
+    name = record.target_name or record.target
+    current = targets.get(name)
+    if current is not None and (current.scheme, current.host, current.port, current.path) == (
+        scheme,
+        host,
+        port,
+        path,
+    ):
+        return current
+    if record.foreign_tls:
+        return None
+    return Target(name=name, host=host, port=port, scheme=scheme, path=path, tls=record.tls)
+
+
+def adopt(
+    records: Iterable[tuple[str, ExportRecord]],
+    present: Collection[str],
+    bound: Mapping[str, bool],
+    used: Mapping[str, bool],
+    targets: Mapping[str, Target],
+    now: float,
+    wall: float,
+) -> list[Adoption]:
+    """Take back what a previous run exported, as the kernel and our records say.
+
+    `records`: the daemon's own records (by == "daemon"); `present`: the busids
+    plugged in; `bound`: whether each present one is bound to usbip-host;
+    `used`: whether its usbip_status is "used" (a live link). `now` is
+    time.monotonic(), `wall` time.time() (a record's `since` is wall time).
+    Nothing is exported again here: a device still "used" stays exported as
+    it is; one bound but not used is ours to export again.
+    """
+    out = []
+    for busid, record in records:
+        if busid not in present or not bound.get(busid, False):
+            why = "it is gone" if busid not in present else "it is no longer bound to usbip-host"
+            message = f"dropping the record of {busid}: {why}"
+            out.append(Adoption(busid, None, message, release=busid not in present))
+            continue
+        target = target_from_record(record, targets)
+        if target is None:
+            out.append(Adoption(busid, None))
+            continue
+        age = max(0.0, wall - (record.since or wall))
+        if used.get(busid, False):
+            slot = Slot(
+                phase="exported", owned=True, target=target, exported_to=target, since=now - age
+            )
+            message = f"adopted {busid}: still exported to {target.name} ({target.address})"
+        else:
+            # Only an export that had succeeded may have left a port over there.
+            was_exported = record.state in ("exported", "moving")
+            slot = Slot(
+                phase="idle",
+                owned=True,
+                target=target,
+                exported_to=target if was_exported else None,
+                since=now,
+                last_error="link lost while the daemon was not running" if was_exported else None,
+            )
+            message = f"adopted {busid}: bound by us but not exported; exporting again"
+        out.append(Adoption(busid, slot, message, target=target, rule=record.rule))
+    return out

@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 
 from hotplug.device.control import AlreadyRunning, ControlError, bind_control_socket, request, serve
-from hotplug.device.daemon import Canceller, display_state
 from hotplug.device.export import ExportError
+from hotplug.device.operations import Canceller
 from hotplug.device.policy.watch import PolicyWatcher, policy_files
 from hotplug.device.reconcile import Slot, Wanted
-from hotplug.device.status import render_status
+from hotplug.device.status import display_state, render_status
 
 
 def test_watcher_sees_edits_replacements_and_dropins(tmp_path: Path) -> None:

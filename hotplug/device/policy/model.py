@@ -179,6 +179,12 @@ class Target:
         return str(Endpoint(self.host, self.port))
 
     @property
+    def address(self) -> str:
+        """Where, as a user reads it: host:port for plain TCP (as usbip shows it),
+        the URL for tls:// and wss://."""
+        return self.display if self.scheme == "tcp" else self.url
+
+    @property
     def url(self) -> str:
         """`scheme://host:port[/path]`."""
         return f"{self.scheme}://{self.display}{self.path or ''}"
