@@ -59,7 +59,7 @@ WSS_PATH = "/bench"
 
 
 async def serve(kind: str, cert: str, key: str, ca: str, kernel_port: int) -> None:
-    """The application side's per-session work, as usbipa does it (appd_link.py)."""
+    """The application side's per-session work, as usbipa does it (hotplug/app/link.py)."""
     context = server_context(cert, key, ca)
     listener = socket.create_server(("127.0.0.1", 0))
     listener.setblocking(False)

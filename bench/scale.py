@@ -62,7 +62,7 @@ BARE_REQUEST = b"\x01\x11\x80\x06\x00\x00\x00\x00"
 def record(n: int) -> DeviceRecord:
     """Device number n, distinct in busid and devid as the peer sees it."""
     busnum, devnum = n // 127 + 1, n % 127 + 1
-    return DeviceRecord(
+    return DeviceRecord.bare(
         path=f"/sys/devices/pci0000:00/usb{busnum}/{busnum}-{devnum}",
         busid=f"{busnum}-{devnum}",
         busnum=busnum,
@@ -71,9 +71,6 @@ def record(n: int) -> DeviceRecord:
         id_vendor=0x1D6B,
         id_product=0x0104,
         bcd_device=0x0100,
-        device_class=0,
-        device_subclass=0,
-        device_protocol=0,
         configuration_value=1,
         num_configurations=1,
         num_interfaces=1,

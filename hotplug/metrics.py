@@ -1,7 +1,7 @@
 """The Prometheus endpoint both daemons share: a private registry, served over HTTP.
 
 Each daemon keeps its metric families in a registry of its own (its module,
-`daemon_metrics` or `appd_metrics`, says which), with the library's process,
+`hotplug.device.metrics` or `hotplug.app.metrics`, says which), with the library's process,
 platform and garbage-collector collectors beside them. Counters count whether
 or not anything serves them; `MetricsServer` serves the registry only when
 the admin asks for it (`settings.metrics.listen`, `metrics.listen`, or

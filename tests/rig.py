@@ -54,6 +54,7 @@ __all__ = [
     "proc_stats",
     "raise_fd_limit",
     "run_cli",
+    "run_program",
     "run_usbipa",
     "running_usbipa",
     "start_ready",
@@ -85,30 +86,36 @@ def env_for(tree: FakeTree, state: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def run_cli(
-    tree: FakeTree, state: Path, *args: str, timeout: float = 30, env: dict[str, str] | None = None
+def run_program(
+    program: str,
+    tree: FakeTree,
+    state: Path,
+    *args: str,
+    timeout: float = 30,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """`usbip-hotplug ARGS` on the fake machine, its output captured."""
+    """`program ARGS` (usbip-hotplug or usbipa) on the fake machine, to its end,
+    its output captured."""
     return subprocess.run(
-        command("usbip-hotplug", *args),
+        command(program, *args),
         env=env if env is not None else env_for(tree, state),
         capture_output=True,
         text=True,
         timeout=timeout,
     )
+
+
+def run_cli(
+    tree: FakeTree, state: Path, *args: str, timeout: float = 30, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return run_program("usbip-hotplug", tree, state, *args, timeout=timeout, env=env)
 
 
 def run_usbipa(
     tree: FakeTree, state: Path, *args: str, timeout: float = 30, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """`usbipa ARGS` expected to exit by itself (`status`, a bad configuration)."""
-    return subprocess.run(
-        command("usbipa", *args),
-        env=env if env is not None else env_for(tree, state),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    """usbipa expected to exit by itself (`status`, a bad configuration)."""
+    return run_program("usbipa", tree, state, *args, timeout=timeout, env=env)
 
 
 def start_ready(

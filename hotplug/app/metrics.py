@@ -1,4 +1,4 @@
-"""usbipa's metric families (`usbipa_*`), fed by one-line hooks in appd.py.
+"""usbipa's metric families (`usbipa_*`), fed by one-line hooks in server.py.
 
 Who a session belongs to is labelled by the `allow` entry that admitted it
 (its index: usbipa.yaml's entries in order, then those of --allow and
@@ -48,7 +48,7 @@ logger = log.get("usbipa")
 # hostile client runs into limits.control_timeout (10 s by default).
 CONTROL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
-# The refusal reasons, and how the messages appd.py logs map to them (first match).
+# The refusal reasons, and how the messages server.py logs map to them (first match).
 REASONS = (
     "address",  # no allow entry admits the address: closed at accept
     "peer_connections",  # limits.per_peer_connections reached
@@ -193,21 +193,12 @@ class AppdMetrics:
             return known
         # Adopted from a previous run: its certificate is gone with that run,
         # so an entry is found for plain sessions only.
-        record = DeviceRecord(
+        record = DeviceRecord.bare(
+            session.busid,
             path=session.path,
-            busid=session.busid,
-            busnum=0,
-            devnum=0,
             speed=Speed(session.speed),
             id_vendor=session.vendor,
             id_product=session.product,
-            bcd_device=0,
-            device_class=0,
-            device_subclass=0,
-            device_protocol=0,
-            configuration_value=0,
-            num_configurations=0,
-            num_interfaces=0,
         )
         plain = session.client_id is None
         entry = admitting_entry(self.appd.config, session.peer, record, None) if plain else ""

@@ -8,7 +8,6 @@ local user. One JSON request line, one JSON reply line, then close.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
@@ -17,12 +16,15 @@ import socket
 import struct
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hotplug import log
 from hotplug.errors import HotplugError
 from hotplug.privdir import ensure_private_dir
 from hotplug.state import StateError
+
+if TYPE_CHECKING:
+    import asyncio
 
 logger = log.get("hotplug.control")
 
@@ -82,6 +84,9 @@ def _peer_uid(sock: socket.socket) -> int:
 
 
 async def serve(sock: socket.socket, handler: Handler) -> asyncio.Server:
+    # Here, not at the top: `usbip-hotplug status` is a client, and asyncio pulls in ssl.
+    import asyncio
+
     """Answer requests on `sock` with `handler` (runs on the loop: keep it quick)."""
 
     async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

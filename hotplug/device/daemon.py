@@ -54,7 +54,8 @@ from hotplug.device.reconcile import (
     unexport_finished,
 )
 from hotplug.device.records import BY_DAEMON, DaemonRecords, ExportRecords
-from hotplug.device.status import DaemonInfo, StatusReply, device_rows, display_state, table_report
+from hotplug.device.report import device_rows, display_state, table_report
+from hotplug.device.status import DaemonInfo, StatusReply
 from hotplug.device.transport import remote_for_target
 from hotplug.kernel.stub import STUB_DRIVER, StubStatus, UsbipHost
 from hotplug.kernel.sysfs import KernelError, driver_name

@@ -22,7 +22,7 @@ from hotplug.faultpoints import reach
 from hotplug.kernel.stub import STUB_DRIVER, StubStatus, UsbipHost
 from hotplug.kernel.sysfs import DeviceNotFound, KernelError, read_device
 from hotplug.kernel.vudc import Vudc
-from hotplug.usb import Device, Speed
+from hotplug.usb import Device
 from hotplug.wire.protocol import (
     DeviceRecord,
     UnexportStatus,
@@ -177,22 +177,7 @@ def log_where(remote: Remote) -> dict[str, str]:
 
 def bare_record(busid: str) -> DeviceRecord:
     """The record of a device that is gone: the far side finds it by busid alone."""
-    return DeviceRecord(
-        path="",
-        busid=busid,
-        busnum=0,
-        devnum=0,
-        speed=Speed.UNKNOWN,
-        id_vendor=0,
-        id_product=0,
-        bcd_device=0,
-        device_class=0,
-        device_subclass=0,
-        device_protocol=0,
-        configuration_value=0,
-        num_configurations=0,
-        num_interfaces=0,
-    )
+    return DeviceRecord.bare(busid)
 
 
 def request_unexport(record: DeviceRecord, remote: Remote) -> UnexportStatus:

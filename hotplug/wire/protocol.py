@@ -59,11 +59,12 @@ misused the API (an unencodable PDU, data after end of stream).
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum, IntEnum
-from typing import Final, TypeAlias
+from typing import Any, Final, TypeAlias
 
 from hotplug.errors import HotplugError
 from hotplug.usb import Speed
@@ -216,6 +217,18 @@ class DeviceRecord:
     @property
     def devid(self) -> int:
         return (self.busnum << 16) | self.devnum
+
+    @classmethod
+    def bare(cls, busid: str, **known: Any) -> DeviceRecord:
+        """A record with only what is `known`, every other field zero: what the wire
+        carries for "unknown" (an UNEXPORT of a device that is gone is found by
+        its busid alone)."""
+        return dataclasses.replace(_ZERO_RECORD, busid=busid, **known)
+
+
+# Every number zero, no path, no busid, speed unknown.
+_NUMBERS: dict[str, Any] = {f.name: 0 for f in dataclasses.fields(DeviceRecord) if f.type == "int"}
+_ZERO_RECORD = DeviceRecord(path="", busid="", speed=Speed.UNKNOWN, **_NUMBERS)
 
 
 @dataclass(frozen=True)

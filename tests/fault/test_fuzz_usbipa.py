@@ -132,7 +132,7 @@ def test_every_truncation_is_refused_cleanly(
     usbipa: Usbipa, device: FakeKernel, tmp_path: Path
 ) -> None:
     base = usbipa.fds()
-    record = DeviceRecord(
+    record = DeviceRecord.bare(
         path="/sys/devices/pci0000:00/usb1/1-4",
         busid="1-4",
         busnum=1,
@@ -141,9 +141,6 @@ def test_every_truncation_is_refused_cleanly(
         id_vendor=0x1D6B,
         id_product=0x0104,
         bcd_device=0x0100,
-        device_class=0,
-        device_subclass=0,
-        device_protocol=0,
         configuration_value=1,
         num_configurations=1,
         num_interfaces=1,
@@ -225,21 +222,15 @@ def test_slow_loris_closed_at_the_control_timeout(
 
 
 def _record(busid: str) -> DeviceRecord:
-    return DeviceRecord(
-        path="",
+    return DeviceRecord.bare(
         busid=busid,
         busnum=1,
         devnum=int(busid.rsplit("-", 1)[1]),
         speed=Speed.HIGH,
         id_vendor=0x1D6B,
         id_product=0x0104,
-        bcd_device=0,
-        device_class=0,
-        device_subclass=0,
-        device_protocol=0,
         configuration_value=1,
         num_configurations=1,
-        num_interfaces=0,
     )
 
 

@@ -46,7 +46,7 @@ def record(
     path: str | None = None,
     speed: Speed = Speed.HIGH,
 ) -> DeviceRecord:
-    return DeviceRecord(
+    return DeviceRecord.bare(
         path=path if path is not None else f"/sys/devices/pci0000:00/usb{busnum}/{busid}",
         busid=busid,
         busnum=busnum,
@@ -55,9 +55,6 @@ def record(
         id_vendor=vendor,
         id_product=product,
         bcd_device=0x0100,
-        device_class=0,
-        device_subclass=0,
-        device_protocol=0,
         configuration_value=1,
         num_configurations=1,
         num_interfaces=1,

@@ -38,7 +38,7 @@ from tests.integration.test_daemon import (
     used_ports,
 )
 from tests.integration.tls_support import cli, client_flags, secure_usbipa
-from tests.rig import command, env_for, usbipa_process
+from tests.rig import command, env_for, stop, usbipa_process
 from tests.tlscerts import Pki
 
 daemons = test_daemon.daemons  # the fixture
@@ -263,12 +263,7 @@ def prometheus(tmp_path: Path, jobs: dict[str, str]) -> Iterator[Callable[[str],
         wait_for(ready, 30, "prometheus ready")
         yield query
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
 
 def scalar(result: list[Any]) -> float | None:

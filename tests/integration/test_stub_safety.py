@@ -162,7 +162,7 @@ def test_pulled_out_before_usbip_host_lets_go_frees_the_entry(tree: FakeTree) ->
 def test_table_report_counts_used_and_leaked_slots_and_warns() -> None:
     """`status` says how many of usbip-host's 16 slots are used or leaked, and warns
     before they run out (issue 11, item 3)."""
-    from hotplug.device.status import table_report
+    from hotplug.device.report import table_report
 
     class Table:
         def __init__(self, table: list[str], leftovers: list[str]) -> None:
@@ -190,7 +190,7 @@ def test_table_report_counts_used_and_leaked_slots_and_warns() -> None:
 
 
 def test_table_report_on_the_fake_kernel(tree: FakeTree) -> None:
-    from hotplug.device.status import table_report
+    from hotplug.device.report import table_report
 
     stub = tree.stub()
     tree.add_device(DISK)

@@ -31,7 +31,7 @@ from tests.integration.tls_support import (
     relay_pids,
     secure_usbipa,
 )
-from tests.rig import running_usbipa
+from tests.rig import running_usbipa, stop
 from tests.tlscerts import Pki
 
 STUNNEL = shutil.which("stunnel4") or shutil.which("stunnel")
@@ -68,12 +68,7 @@ def daemon(cmd: list[str], port: int, log: Path) -> Iterator[subprocess.Popen[by
         assert proc.poll() is None, f"{cmd[0]} exited: {log.read_text()}"
         yield proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
 
 @contextmanager

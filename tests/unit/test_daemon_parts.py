@@ -17,7 +17,8 @@ from hotplug.device.export import ExportError
 from hotplug.device.operations import Canceller
 from hotplug.device.policy.watch import PolicyWatcher, policy_files
 from hotplug.device.reconcile import Slot, Wanted
-from hotplug.device.status import display_state, render_status
+from hotplug.device.report import display_state
+from hotplug.device.status import render_status
 
 
 def test_watcher_sees_edits_replacements_and_dropins(tmp_path: Path) -> None:

@@ -375,7 +375,7 @@ class StandInStub:
 def exposed() -> dict[str, set[str]]:
     """Our families as a scrape names them -> the sample names each has."""
     from hotplug.device.metrics import DeviceMetrics
-    from hotplug.device.status import display_state
+    from hotplug.device.report import display_state
 
     appd = Appd(AppdConfig(), StandInVhci({}))  # type: ignore[arg-type]
     device = DeviceMetrics(StandInStub(), display_state)  # type: ignore[arg-type]
