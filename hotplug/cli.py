@@ -24,10 +24,17 @@ from hotplug.export import (
 )
 from hotplug.kernel import KernelError, make_stub
 from hotplug.kernel.stub import STUB_DRIVER, StubStatus, UsbipHost
-from hotplug.kernel.sysfs import BUSID_RE, list_devices, validate_busid
+from hotplug.kernel.sysfs import BUSID_RE, list_devices, read_device, validate_busid
 from hotplug.kernel.vudc import VUDC_RE, Vudc
 from hotplug.printable import printable
-from hotplug.state import RecordDir, RecordTaken, StateError, default_dir, writer_alive
+from hotplug.state import (
+    RecordDir,
+    RecordTaken,
+    StateError,
+    default_dir,
+    record_devid,
+    writer_alive,
+)
 from hotplug.transport import Remote, parse_remote
 
 Handler = Callable[[argparse.Namespace], int]
@@ -144,6 +151,11 @@ def cmd_connect(args: argparse.Namespace) -> int:
         "since": time.time(),
         **_remote_record(endpoint),
     }
+    # Which device this is (busnum << 16 | devnum): `disconnect` gives back only
+    # this one, never a device plugged in at the same busid since. (No device:
+    # export() says so, after what else it checks first.)
+    with contextlib.suppress(KernelError):
+        intent["devid"] = read_device(stub.paths, args.busid).devid
     # The record first, then the bind (issue 12, findings 5 and 8): a device bound
     # with no record is "another tool's" to the daemon for good.
     previous = _claim_record(records, args.busid, intent)
@@ -155,10 +167,16 @@ def cmd_connect(args: argparse.Namespace) -> int:
     try:
         records.put(
             args.busid,
-            {**intent, "state": "exported", "since": time.time(), "vid_pid": device.vid_pid},
+            {
+                **intent,
+                "state": "exported",
+                "since": time.time(),
+                "vid_pid": device.vid_pid,
+                "devid": device.devid,
+            },
         )
     except BaseException as exc:
-        _roll_back(stub, args, endpoint)
+        _roll_back(stub, args, endpoint, device.devid)
         _restore_record(records, args.busid, previous)
         if isinstance(exc, StateError):
             raise StateError(f"{exc}; the export of {args.busid} is rolled back") from None
@@ -215,10 +233,12 @@ def _restore_record(records: RecordDir, busid: str, previous: dict[str, Any] | N
         print(f"usbip-hotplug: warning: {exc}", file=sys.stderr)
 
 
-def _roll_back(stub: UsbipHost, args: argparse.Namespace, endpoint: Endpoint | Remote) -> None:
+def _roll_back(
+    stub: UsbipHost, args: argparse.Namespace, endpoint: Endpoint | Remote, devid: int
+) -> None:
     """Withdraw an export that succeeded but could not be recorded."""
     with contextlib.suppress(ExportError, KernelError):
-        unexport(stub, args.busid, endpoint, _timeouts(args))
+        unexport(stub, args.busid, endpoint, _timeouts(args), devid=devid)
 
 
 def cmd_disconnect(args: argparse.Namespace) -> int:
@@ -234,7 +254,9 @@ def cmd_disconnect(args: argparse.Namespace) -> int:
         print(f"unexported {args.busid} from {endpoint}")
         return 0
     try:
-        status = unexport(make_stub(), args.busid, endpoint, _timeouts(args))
+        status = unexport(
+            make_stub(), args.busid, endpoint, _timeouts(args), devid=record_devid(record)
+        )
     finally:
         try:
             records.remove(args.busid)

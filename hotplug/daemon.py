@@ -62,7 +62,7 @@ from hotplug.reconcile import (
     status_line,
     unexport_finished,
 )
-from hotplug.state import RecordDir, RecordTaken, StateError, writer_alive
+from hotplug.state import RecordDir, RecordTaken, StateError, record_devid, writer_alive
 from hotplug.transport import remote_for_target
 from hotplug.watch import PolicyWatcher
 
@@ -678,6 +678,9 @@ class Daemon:
             "state": state,
             "since": since if since is not None else old.get("since", time.time()),
             "vid_pid": device.vid_pid if device is not None else old.get("vid_pid"),
+            # Which device (busnum << 16 | devnum): giving it back must never touch
+            # a device plugged in at the same busid after it was unplugged.
+            "devid": device.devid if device is not None else old.get("devid"),
             "rule": self._rule_of(busid) or old.get("rule"),
         }
 
@@ -957,16 +960,19 @@ class Daemon:
 
     def _withdraw(self, busid: str, target: Target, release: bool) -> None:
         """OP_UNEXPORT, then give the device back (or keep it bound to export elsewhere)."""
+        devid = record_devid(self.records.get(busid))
         try:
             remote = remote_for_target(target)
-            unexport(self.stub, busid, remote, timeouts_of(target), release=release)
+            unexport(
+                self.stub, busid, remote, timeouts_of(target), release=release, devid=devid
+            )
         finally:
             if not self.stub.paths.device_dir(busid).exists():
                 # Unplugged: usbip-host keeps the busid in match_busid. Ask it to
                 # forget; Debian's 6.1 accepts that and keeps the entry anyway (a
                 # re-plugged device still goes to its usual driver, seen in the VM).
                 with contextlib.suppress(KernelError):
-                    self.stub.release(busid)
+                    self.stub.release(busid, devid)
             elif not release:
                 # Staying bound to move elsewhere: stop our end of the old link now
                 # instead of waiting for the kernel to notice the far end closed.
@@ -976,8 +982,12 @@ class Daemon:
     async def _release(self, action: Release) -> None:
         busid = action.busid
         error: str | None = None
+        device = self.devices.get(busid)
+        devid = device.devid if device is not None else None
         try:
-            await self._blocking(f"release {busid}", lambda: self.stub.release(busid), KERNEL_SLACK)
+            await self._blocking(
+                f"release {busid}", lambda: self.stub.release(busid, devid), KERNEL_SLACK
+            )
         except (KernelError, OSError) as exc:
             error = str(exc)
         try:

@@ -137,6 +137,13 @@ class RecordDir:
                     yield name[: -len(".json")], data
 
 
+def record_devid(record: dict[str, Any] | None) -> int | None:
+    """The device a record describes (busnum << 16 | devnum), if it says; records
+    of older versions do not."""
+    devid = (record or {}).get("devid")
+    return devid if isinstance(devid, int) and not isinstance(devid, bool) else None
+
+
 def writer_alive(record: dict[str, Any]) -> bool:
     """Whether the process that wrote `record` (its "pid") still runs.
 
