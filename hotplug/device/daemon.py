@@ -550,6 +550,7 @@ class Daemon:
             state,
             since=since,
             vid_pid=device.vid_pid if device is not None else None,
+            devid=device.devid if device is not None else None,
             rule=rule or self._rule_of(busid),
         )
         return self.records.write(busid, record)
@@ -593,6 +594,7 @@ class Daemon:
             target,
             "exporting",
             vid_pid=device.vid_pid if device is not None else None,
+            devid=device.devid if device is not None else None,
             rule=action.rule,
         )
         refused = self.records.claim(busid, intent, owned=action.adopt)
@@ -726,16 +728,20 @@ class Daemon:
 
     def _withdraw(self, busid: str, target: Target, release: bool) -> None:
         """OP_UNEXPORT, then give the device back (or keep it bound to export elsewhere)."""
+        # Which device we exported: a different one plugged in at `busid` since is
+        # left alone (UsbipHost.release).
+        record = self.records.get(busid)
+        devid = record.devid if record is not None else None
         try:
             remote = remote_for_target(target)
-            unexport(self.stub, busid, remote, release=release)
+            unexport(self.stub, busid, remote, release=release, devid=devid)
         finally:
             if not self.stub.paths.device_dir(busid).exists():
                 # Unplugged: usbip-host keeps the busid in match_busid. Ask it to
                 # forget; Debian's 6.1 accepts that and keeps the entry anyway (a
                 # re-plugged device still goes to its usual driver, seen in the VM).
                 with contextlib.suppress(KernelError):
-                    self.stub.release(busid)
+                    self.stub.release(busid, devid)
             elif not release:
                 # Staying bound to move elsewhere: stop our end of the old link now
                 # instead of waiting for the kernel to notice the far end closed.
@@ -745,8 +751,12 @@ class Daemon:
     async def _release(self, action: Release) -> None:
         busid = action.busid
         error: str | None = None
+        device = self.devices.get(busid)
+        devid = device.devid if device is not None else None
         try:
-            await in_thread(f"release {busid}", lambda: self.stub.release(busid), KERNEL_SLACK)
+            await in_thread(
+                f"release {busid}", lambda: self.stub.release(busid, devid), KERNEL_SLACK
+            )
         except (KernelError, OSError) as exc:
             error = str(exc)
         try:

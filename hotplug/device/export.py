@@ -117,7 +117,7 @@ def export(
     except BaseException as exc:
         if bound_here:
             with contextlib.suppress(KernelError):
-                stub.release(busid)
+                stub.release(busid, before.devid)
         if (
             isinstance(exc, (KernelError, ExportError, OSError))
             and not stub.paths.device_dir(busid).exists()
@@ -144,12 +144,15 @@ def unexport(
     remote: Remote,
     device: Device | None = None,
     release: bool = True,
+    devid: int | None = None,
 ) -> UnexportStatus:
     """Ask `remote` to detach `busid`, then give the device back to its driver.
 
     Idempotent: an unknown busid on the far side is not an error. The device is
     released even when the target cannot be reached (the kernel then closes the
-    link and the far side's port is freed by its own kernel).
+    link and the far side's port is freed by its own kernel). `devid`, when the
+    caller knows which device it exported: a different device plugged in at
+    `busid` since is left alone (UsbipHost.release).
     """
     if device is None:
         try:
@@ -161,12 +164,12 @@ def unexport(
         return request_unexport(record, remote)
     finally:
         if release and device is not None:
-            stub.release(busid)
+            stub.release(busid, devid)
         elif release:
             # Unplugged: usbip-host keeps the busid in match_busid. Ask it to
             # forget (Debian's 6.1 keeps the entry all the same, seen in the VM).
             with contextlib.suppress(KernelError):
-                stub.release(busid)
+                stub.release(busid, devid)
 
 
 def log_where(remote: Remote) -> dict[str, str]:

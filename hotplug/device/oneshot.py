@@ -35,7 +35,7 @@ from hotplug.device.transport import Remote, parse_remote
 from hotplug.errors import HotplugError
 from hotplug.kernel import KernelError, make_stub
 from hotplug.kernel.stub import STUB_DRIVER, StubStatus, UsbipHost
-from hotplug.kernel.sysfs import list_devices, validate_busid
+from hotplug.kernel.sysfs import list_devices, read_device, validate_busid
 from hotplug.kernel.vudc import Vudc
 from hotplug.printable import printable
 from hotplug.state import StateError
@@ -104,6 +104,11 @@ def cmd_connect(args: argparse.Namespace) -> int:
         tls=endpoint.tls if endpoint.secure else None,
         proxy=endpoint.proxy if endpoint.secure else None,
     )
+    # Which device this is (busnum << 16 | devnum): `disconnect` gives back only
+    # this one, never a device plugged in at the same busid since. (No device:
+    # export() says so, after what else it checks first.)
+    with contextlib.suppress(KernelError):
+        intent = replace(intent, devid=read_device(stub.paths, args.busid).devid)
     # The record first, then the bind (issue 12, findings 5 and 8): a device bound
     # with no record is "another tool's" to the daemon for good.
     previous = _claim_record(records, args.busid, intent)
@@ -113,10 +118,16 @@ def cmd_connect(args: argparse.Namespace) -> int:
         _restore_record(records, args.busid, previous)
         raise
     try:
-        done = replace(intent, state="exported", since=time.time(), vid_pid=device.vid_pid)
+        done = replace(
+            intent,
+            state="exported",
+            since=time.time(),
+            vid_pid=device.vid_pid,
+            devid=device.devid,
+        )
         records.put(args.busid, done)
     except BaseException as exc:
-        _roll_back(stub, args, endpoint)
+        _roll_back(stub, args, endpoint, device.devid)
         _restore_record(records, args.busid, previous)
         if isinstance(exc, StateError):
             raise StateError(f"{exc}; the export of {args.busid} is rolled back") from None
@@ -172,10 +183,10 @@ def _restore_record(records: ExportRecords, busid: str, previous: ExportRecord |
         print(f"usbip-hotplug: warning: {exc}", file=sys.stderr)
 
 
-def _roll_back(stub: UsbipHost, args: argparse.Namespace, endpoint: Remote) -> None:
+def _roll_back(stub: UsbipHost, args: argparse.Namespace, endpoint: Remote, devid: int) -> None:
     """Withdraw an export that succeeded but could not be recorded."""
     with contextlib.suppress(ExportError, KernelError):
-        unexport(stub, args.busid, endpoint)
+        unexport(stub, args.busid, endpoint, devid=devid)
 
 
 def cmd_disconnect(args: argparse.Namespace) -> int:
@@ -191,7 +202,8 @@ def cmd_disconnect(args: argparse.Namespace) -> int:
         print(f"unexported {args.busid} from {endpoint}")
         return 0
     try:
-        status = unexport(make_stub(), args.busid, endpoint)
+        devid = record.devid if record is not None else None
+        status = unexport(make_stub(), args.busid, endpoint, devid=devid)
     finally:
         try:
             records.remove(args.busid)

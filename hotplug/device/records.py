@@ -54,6 +54,9 @@ class ExportRecord:
     proxy: str | None = None  # connect's --proxy (the daemon resolves its own)
     target_name: str | None = None  # the policy's name of the target (daemon)
     vid_pid: str | None = None
+    # Which device (busnum << 16 | devnum): giving it back must never touch a
+    # device plugged in at the same busid after it was unplugged.
+    devid: int | None = None
     rule: str | None = None  # the policy rule that exported it (daemon)
     # A "tls" that is not ours to read (keys of another version): not a record
     # the daemon may act on.
@@ -78,6 +81,7 @@ class ExportRecord:
                 "state": self.state,
                 "since": self.since,
                 "vid_pid": self.vid_pid,
+                "devid": self.devid,
                 "rule": self.rule,
             }
         data: dict[str, Any] = {
@@ -91,6 +95,8 @@ class ExportRecord:
             data.update(tls=tls, proxy=self.proxy)
         if self.vid_pid is not None:
             data["vid_pid"] = self.vid_pid
+        if self.devid is not None:
+            data["devid"] = self.devid
         return data
 
     @classmethod
@@ -105,6 +111,7 @@ class ExportRecord:
             except TypeError:
                 foreign_tls = True
         pid = data.get("pid")
+        devid = data.get("devid")  # records of older versions have none
         return cls(
             by=str(data.get("by", "")),
             state=str(data.get("state", "")),
@@ -115,6 +122,7 @@ class ExportRecord:
             proxy=_text(data.get("proxy")),
             target_name=_text(data.get("target_name")),
             vid_pid=_text(data.get("vid_pid")),
+            devid=devid if isinstance(devid, int) and not isinstance(devid, bool) else None,
             rule=_text(data.get("rule")),
             foreign_tls=foreign_tls,
             raw=dict(data),
@@ -206,10 +214,11 @@ class DaemonRecords:
         *,
         since: float | None = None,
         vid_pid: str | None = None,
+        devid: int | None = None,
         rule: str | None = None,
     ) -> ExportRecord:
         """Our record of `busid` in `state`; what is not given is carried over
-        from our previous record of it (since, vid_pid, rule)."""
+        from our previous record of it (since, vid_pid, devid, rule)."""
         old = self.records.get(busid)
         if old is not None and old.by != BY_DAEMON:
             old = None  # another tool's: nothing of it is ours to carry over
@@ -223,6 +232,7 @@ class DaemonRecords:
             state=state,
             since=since if since is not None else (old.since if old else None) or time.time(),
             vid_pid=vid_pid if vid_pid is not None else (old.vid_pid if old else None),
+            devid=devid if devid is not None else (old.devid if old else None),
             rule=rule or (old.rule if old else None),
         )
 

@@ -121,24 +121,31 @@ class UsbipHost(SysfsWriter):
             # signal (issue 12, finding 8). Never `rebind` blindly here: the
             # entry may not point at this device (see the module's docstring).
             with contextlib.suppress(KernelError):
-                self.release(busid)
+                self.release(busid, device.devid)
             raise
 
-    def release(self, busid: str) -> None:
+    def release(self, busid: str, devid: int | None = None) -> None:
         """Give the device back to its usual driver, without risking a kernel oops.
 
         Idempotent. A device that is gone leaves its table entry behind (nothing
         can free it safely); see `leftovers()`.
+
+        `devid` (busnum << 16 | devnum) names the device the caller worked on.
+        If another device is at `busid` now (that one was unplugged and a new
+        one plugged in), the new one is not the caller's and is left alone: in
+        the moment after plug-in it has no driver yet, and taking it for a device
+        whose bind did not finish would claim a stranger. Without `devid`, a
+        device with no driver is handed to the usual drivers, never bound here.
         """
         validate_busid(busid)
         if not self.loaded:
             return
         with self.held(busid) as device:
-            if device is None:
+            if device is None or (devid is not None and device.devid != devid):
                 return
             driver = device.driver
-            if driver is None and busid in self.table():
-                # Taken from its driver by a bind that did not finish: bind it to
+            if driver is None and devid is not None and busid in self.table():
+                # Taken from its driver by our bind that did not finish: bind it to
                 # usbip-host first, so that the entry records this very device and
                 # `rebind` below frees the entry safely.
                 with contextlib.suppress(KernelError):

@@ -47,6 +47,7 @@ RX_CAP = 1 << 20
 SERVER_SOCKET = ".fake-kernel.sock"
 TABLE_FILE = ".fake-kernel-busids.json"
 OOPS_FILE = ".fake-kernel-oops"
+TRACE_FILE = ".fake-kernel-trace"
 MAX_BUSID = 16  # usbip-host's busid_table (stub_main.c)
 
 
@@ -216,8 +217,19 @@ class FakeTree:
         (real / ".fake-udev").write_text(f"{token} {node}\n")
         (self.paths.usb_devices / dev.busid).symlink_to(real)
         # Debian's 6.1 gives a new device to its usual driver even when
-        # usbip-host's table holds its busid (seen in the VM).
-        _set_driver(self.paths, dev.busid, "usb")
+        # usbip-host's table holds its busid (seen in the VM). As in the kernel,
+        # that probe is serialised with every other driver write and finds the
+        # device taken if someone bound it in the moment after it appeared.
+        if self.server_socket.exists():
+            with contextlib.suppress(KernelError, OSError):
+                _send_write(
+                    self.server_socket, self.paths.sys / "bus/usb/drivers_probe", dev.busid, None
+                )
+        else:
+            _set_driver(self.paths, dev.busid, "usb")
+        if os.environ.get("USBIP_HOTPLUG_FAKE_KERNEL_TRACE"):
+            with open(self.root / TRACE_FILE, "a") as f:
+                f.write(f"{time.monotonic():.4f} plugged {dev.busid} devnum {attrs['devnum']}\n")
         return real
 
     def remove_device(self, busid: str) -> None:
@@ -363,6 +375,11 @@ class FakeKernelServer:
         self.rx_dir.mkdir(exist_ok=True)
         self.table_file = root / TABLE_FILE
         self.oops_file = root / OOPS_FILE
+        # USBIP_HOTPLUG_FAKE_KERNEL_TRACE=1: every write, its answer and the busid's table
+        # slot after it, one line each, for reading a soak's failure afterwards.
+        self.trace = (
+            root / TRACE_FILE if os.environ.get("USBIP_HOTPLUG_FAKE_KERNEL_TRACE") else None
+        )
 
     # -- stub
 
@@ -756,6 +773,22 @@ class FakeKernelServer:
             # As the kernel, the write is applied even if the writer died meanwhile.
             with contextlib.suppress(OSError):
                 conn.send(json.dumps({"errno": code}).encode())
+            if self.trace is not None:
+                self._trace(request, writer, code)
+
+    def _trace(self, request: dict[str, str], writer: int | None, code: int) -> None:
+        assert self.trace is not None
+        path = Path(request["path"])
+        text = request["text"].strip()
+        busid = text.split()[-1] if text and path.parent == self.paths.stub_driver else ""
+        slot = self._slot(self._slots(), busid) if busid else None
+        where = os.path.relpath(path, self.paths.sys)
+        answer = errno.errorcode.get(code, code)
+        line = f"{time.monotonic():.4f} pid={writer} {where} {text!r} -> {answer}"
+        if slot is not None:
+            line += f" slot={slot['status']}"
+        with open(self.trace, "a") as f:
+            f.write(line + "\n")
 
     def _held(self) -> list[socket.socket]:
         return [*self.stub_socks.values(), *self.vhci_socks.values()]

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from hotplug.kernel.stub import STUB_DRIVER
-from hotplug.kernel.sysfs import KernelError
+from hotplug.kernel.sysfs import KernelError, read_device
 from hotplug.testing.fake_kernel import FakeTree, FakeUsbDevice, FakeUsbipHost
 from tests.integration.conftest import DISK
 from tests.integration.test_connect_usbipa import driver
@@ -105,6 +105,46 @@ def test_a_leftover_entry_heals_at_the_next_export_of_its_busid(tree: FakeTree) 
     stub.release("1-1")
     assert table(tree) == []
     assert driver(tree, "1-1") == "usb"
+
+
+def _unplug_and_plug_another(tree: FakeTree) -> int:
+    """The bound disk at 1-1 pulled out and another device plugged into the same
+    socket, caught in the moment before its usual driver probes it (no driver
+    yet, as the kernel shows it right after it appears). The disk's devid."""
+    stub = tree.stub()
+    tree.add_device(DISK)
+    stub.bind("1-1")
+    exported = read_device(tree.paths, "1-1").devid
+    tree.remove_device("1-1")
+    tree.add_device(FakeUsbDevice(busid="1-1", vendor=0x1234, product=0x5678), devnum=3)
+    stub.write(tree.paths.device_dir("1-1") / "driver/unbind", "1-1")
+    assert driver(tree, "1-1") is None
+    return exported
+
+
+def test_release_never_claims_a_device_plugged_in_since(tree: FakeTree) -> None:
+    """Withdrawing an unplugged export must not touch the device that took its
+    socket. The release used to take a driverless device at a busid in the table
+    for one whose bind had not finished, and bound the newcomer to usbip-host (in
+    the soak, its usual driver's probe then marked the entry for removal, and the
+    busid could never be exported again)."""
+    stub = tree.stub()
+    exported = _unplug_and_plug_another(tree)
+    stub.release("1-1", exported)
+    assert driver(tree, "1-1") is None  # left for its usual driver's probe
+    assert stub.leftovers() == ["1-1"]
+    stub.bind("1-1")  # and it can still be exported, through the same entry
+    assert driver(tree, "1-1") == STUB_DRIVER
+
+
+def test_release_without_knowing_the_device_probes_a_driverless_one(tree: FakeTree) -> None:
+    """Not knowing which device it worked on (an old record), release() hands a
+    device without a driver to the usual drivers; it never binds it here."""
+    stub = tree.stub()
+    _unplug_and_plug_another(tree)
+    stub.release("1-1")
+    assert driver(tree, "1-1") == "usb"
+    assert stub.leftovers() == ["1-1"]
 
 
 def test_held_device_unplugged_during_release_is_safe(tree: FakeTree) -> None:

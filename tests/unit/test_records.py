@@ -33,6 +33,7 @@ def test_connect_writes_what_disconnect_needs_and_no_more() -> None:
         tls=TLS,
         proxy="http://p:3128",
         vid_pid="1d6b:0104",
+        devid=(1 << 16) | 5,
     )
     assert secure.to_json() == {
         "by": "connect",
@@ -43,6 +44,7 @@ def test_connect_writes_what_disconnect_needs_and_no_more() -> None:
         "tls": {"cert": "/c.pem", "key": "/c.key", "ca": None},
         "proxy": "http://p:3128",
         "vid_pid": "1d6b:0104",
+        "devid": 65541,
     }
 
 
@@ -57,6 +59,7 @@ def test_the_daemon_writes_every_key_of_its_own() -> None:
         "state",
         "since",
         "vid_pid",
+        "devid",
         "rule",
     ]
 
@@ -73,11 +76,16 @@ def test_reading_is_lenient_and_putting_back_is_exact() -> None:
 def test_the_daemon_carries_over_what_it_is_not_told(tmp_path: Path) -> None:
     records = DaemonRecords(ExportRecords(RecordDir(tmp_path)))
     lab = Target(name="lab", host="2001:db8::7", port=3240, scheme="tls", tls=TLS)
-    first = records.make("1-1", lab, "exporting", vid_pid="1d6b:0104", rule="disks")
+    first = records.make("1-1", lab, "exporting", vid_pid="1d6b:0104", devid=65541, rule="disks")
     assert records.write("1-1", first)
     assert first.target == "tls://[2001:db8::7]:3240" and first.target_name == "lab"
     later = records.make("1-1", lab, "exported", since=50.0)
-    assert (later.vid_pid, later.rule, later.since) == ("1d6b:0104", "disks", 50.0)
+    assert (later.vid_pid, later.devid, later.rule, later.since) == (
+        "1d6b:0104",
+        65541,
+        "disks",
+        50.0,
+    )
     again = records.make("1-1", lab, "retrying")
     assert again.since == first.since
     assert records.claim("1-1", again, owned=False) is None  # ours: replaced
