@@ -5,7 +5,8 @@
 For each start-up below, runs `python -X importtime` on it `--runs` times in
 a fresh interpreter and prints the median of the total import time (the
 top-level imports' cumulative times added up), how many of our modules it
-loaded, and whether it loaded PyYAML, ssl or prometheus_client:
+loaded, and whether it loaded PyYAML, ssl or prometheus_client. The bare
+interpreter's own start-up (what `python -c pass` imports) is left out:
 
 - usbipa: the console script's import (`hotplug.app.cli`; before the layout
   of issue 13, `hotplug.appd_cli`).
@@ -46,8 +47,11 @@ OLD = {
 MARKERS = ("yaml", "ssl", "prometheus_client")
 
 
-def one_run(tree: Path, argv: list[str], state: str) -> tuple[int, int, set[str]]:
-    """(total import µs, our modules, markers loaded) of one start-up."""
+def one_run(
+    tree: Path, argv: list[str], state: str, startup: frozenset[str] = frozenset()
+) -> tuple[int, int, set[str]]:
+    """(total import µs, our modules, markers loaded) of one start-up; the
+    top-level imports in `startup` (the bare interpreter's own) are not counted."""
     env = {**os.environ, "USBIP_HOTPLUG_STATE_DIR": state, "PYTHONPATH": str(tree)}
     env.pop("PYTHONSTARTUP", None)
     done = subprocess.run(
@@ -65,13 +69,35 @@ def one_run(tree: Path, argv: list[str], state: str) -> tuple[int, int, set[str]
             continue
         _, cumulative, name = line[len("import time:") :].split("|")
         module = name.strip()
-        if not name.startswith("   ") and cumulative.strip().isdigit():  # a top-level import
+        top = not name.startswith("   ")
+        if top and module not in startup and cumulative.strip().isdigit():
             total += int(cumulative)
         if module == "hotplug" or module.startswith("hotplug."):
             ours += 1
         if module in MARKERS:
             markers.add(module)
     return total, ours, markers
+
+
+def bare_startup(tree: Path, state: str) -> frozenset[str]:
+    """The top-level imports of `python -c pass`: the interpreter's own start-up
+    (site, encodings, a development install's path hook), the same for all."""
+    env = {**os.environ, "USBIP_HOTPLUG_STATE_DIR": state, "PYTHONPATH": str(tree)}
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", "pass"],
+        cwd=tree,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    names = set()
+    for line in done.stderr.splitlines():
+        if line.startswith("import time:") and "cumulative" not in line:
+            name = line.split("|")[2]
+            if not name.startswith("   "):
+                names.add(name.strip())
+    return frozenset(names)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,11 +118,14 @@ def main(argv: list[str] | None = None) -> int:
         trees.append((Path(path), label.removesuffix(":old") or path, names))
     print(f"machine: {machine()}")
     with tempfile.TemporaryDirectory(prefix="bench-importtime-") as state:
+        startup = bare_startup(ROOT, state)
         results: dict[tuple[str, str], list[tuple[int, int, set[str]]]] = {}
         for _ in range(args.runs):
             for tree, label, names in trees:
                 for what, command in names.items():
-                    results.setdefault((label, what), []).append(one_run(tree, command, state))
+                    results.setdefault((label, what), []).append(
+                        one_run(tree, command, state, startup)
+                    )
     print(f"{'start-up':<8} {'tree':<12} {'imports ms (median)':>20} {'our modules':>12}  loads")
     for (label, what), runs in sorted(results.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         median = statistics.median(r[0] for r in runs) / 1000

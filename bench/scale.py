@@ -43,7 +43,6 @@ from bench.harness import (
     summary,
     wait_for,
 )
-from hotplug.usb import Speed
 from hotplug.wire.protocol import (
     HEADER_SIZE,
     DeviceRecord,
@@ -53,6 +52,7 @@ from hotplug.wire.protocol import (
     decode_header,
     encode,
 )
+from tests.helpers import disk_record
 from tests.rig import FakeKernel, ProcStats, Usbipa, proc_stats
 
 PORTS_PER_HUB = 15  # USB_SS_MAXPORTS: the kernel's vhci_hcd allows no more per hub
@@ -62,19 +62,7 @@ BARE_REQUEST = b"\x01\x11\x80\x06\x00\x00\x00\x00"
 def record(n: int) -> DeviceRecord:
     """Device number n, distinct in busid and devid as the peer sees it."""
     busnum, devnum = n // 127 + 1, n % 127 + 1
-    return DeviceRecord.bare(
-        path=f"/sys/devices/pci0000:00/usb{busnum}/{busnum}-{devnum}",
-        busid=f"{busnum}-{devnum}",
-        busnum=busnum,
-        devnum=devnum,
-        speed=Speed.HIGH,
-        id_vendor=0x1D6B,
-        id_product=0x0104,
-        bcd_device=0x0100,
-        configuration_value=1,
-        num_configurations=1,
-        num_interfaces=1,
-    )
+    return disk_record(f"{busnum}-{devnum}", busnum=busnum, devnum=devnum)
 
 
 async def recv_exactly(sock: socket.socket, size: int) -> bytes:

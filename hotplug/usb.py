@@ -1,13 +1,14 @@
 """What we know about one USB device on the device side.
 
 `Device` is plain data: built from sysfs (hotplug.kernel.sysfs) or from a udev
-event (hotplug.device.udev), consumed by the policy matcher and the exporter. This
+event (hotplug.device.udev), both through `device_from_attributes` so that
+the two agree, and consumed by the policy matcher and the exporter. This
 module does no I/O.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -91,3 +92,47 @@ class Device:
     @property
     def vid_pid(self) -> str:
         return f"{self.vendor:04x}:{self.product:04x}"
+
+
+def device_from_attributes(
+    busid: str,
+    path: str,
+    attribute: Callable[[str], str | None],
+    *,
+    interfaces: tuple[Interface, ...],
+    driver: str | None,
+    properties: Mapping[str, str] | None = None,
+) -> Device:
+    """A `Device` from its sysfs attributes, however they are read (files under
+    /sys, a udev device's attributes): `attribute(name)` is the text, stripped,
+    or None. A number missing or unreadable is 0, the kernel's "not known" (an
+    unconfigured device shows an empty bConfigurationValue)."""
+
+    def number(name: str, base: int) -> int:
+        text = attribute(name)
+        try:
+            return int(text, base) if text else 0
+        except ValueError:
+            return 0
+
+    return Device(
+        busid=busid,
+        path=path,
+        busnum=number("busnum", 10),
+        devnum=number("devnum", 10),
+        speed=SYSFS_SPEEDS.get(attribute("speed") or "", Speed.UNKNOWN),
+        vendor=number("idVendor", 16),
+        product=number("idProduct", 16),
+        bcd_device=number("bcdDevice", 16),
+        device_class=number("bDeviceClass", 16),
+        device_subclass=number("bDeviceSubClass", 16),
+        device_protocol=number("bDeviceProtocol", 16),
+        configuration_value=number("bConfigurationValue", 10),
+        num_configurations=number("bNumConfigurations", 10),
+        interfaces=interfaces,
+        serial=attribute("serial"),
+        manufacturer=attribute("manufacturer"),
+        product_name=attribute("product"),
+        driver=driver,
+        properties=dict(properties or {}),
+    )

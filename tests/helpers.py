@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
+
+from hotplug.usb import Speed
+from hotplug.wire.protocol import DeviceRecord
 
 T = TypeVar("T")
 
@@ -83,3 +88,62 @@ def disk_policy(
     if broken:
         lines += ["  - name: broken", "    match:", '      vendor: "zz"', "    export: lab"]
     return "\n".join(lines) + "\n"
+
+
+def disk_record(
+    busid: str = "1-1", *, busnum: int = 1, devnum: int = 2, **known: Any
+) -> DeviceRecord:
+    """The USB/IP record of a Linux Foundation disk (1d6b:0104, high speed, one
+    configuration, one interface) at `busid` of bus `busnum`; `known` overrides."""
+    fields: dict[str, Any] = {
+        "path": f"/sys/devices/pci0000:00/usb{busnum}/{busid}",
+        "speed": Speed.HIGH,
+        "id_vendor": 0x1D6B,
+        "id_product": 0x0104,
+        "bcd_device": 0x0100,
+        "configuration_value": 1,
+        "num_configurations": 1,
+        "num_interfaces": 1,
+    }
+    return DeviceRecord.bare(busid, busnum=busnum, devnum=devnum, **{**fields, **known})
+
+
+@contextmanager
+def loopback_server(
+    handle: Callable[[socket.socket], None], *, threaded: bool = False
+) -> Iterator[int]:
+    """A TCP server on 127.0.0.1 for one block, yielding its port, calling
+    `handle(conn)` for each connection: in the accepting thread, the connection
+    held open until the block ends; or, `threaded`, in a thread of its own that
+    owns the connection (a stand-in for a slow or stateful peer)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    stop = threading.Event()
+    held: list[socket.socket] = []
+
+    def serve() -> None:
+        listener.settimeout(0.05)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if threaded:
+                threading.Thread(target=handle, args=(conn,), daemon=True).start()
+            else:
+                held.append(conn)
+                handle(conn)
+
+    acceptor = threading.Thread(target=serve, daemon=True)
+    acceptor.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        stop.set()
+        acceptor.join(timeout=5)
+        listener.close()
+        for conn in held:
+            conn.close()

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 from hotplug import log
 from hotplug.device.events import DeviceEvent
 from hotplug.kernel.sysfs import BUSID_RE, KernelError, SysfsPaths, list_devices, read_interfaces
-from hotplug.usb import SYSFS_SPEEDS, Device, Speed
+from hotplug.usb import Device, device_from_attributes
 
 logger = log.get("hotplug.udev")
 
@@ -94,30 +94,13 @@ def device_from_udev(dev: UdevDevice) -> Device | None:
     if vendor is None or product is None:
         return None  # unplugged while we looked: its attributes are gone
 
-    def number(name: str, base: int, default: int = 0) -> int:
-        value = _number(attrs, name, base)
-        return default if value is None else value
-
-    return Device(
-        busid=busid,
-        path=dev.sys_path,
-        busnum=number("busnum", 10),
-        devnum=number("devnum", 10),
-        speed=SYSFS_SPEEDS.get(_text(attrs, "speed") or "", Speed.UNKNOWN),
-        vendor=vendor,
-        product=product,
-        bcd_device=number("bcdDevice", 16),
-        device_class=number("bDeviceClass", 16),
-        device_subclass=number("bDeviceSubClass", 16),
-        device_protocol=number("bDeviceProtocol", 16),
-        configuration_value=number("bConfigurationValue", 10, default=1),
-        num_configurations=number("bNumConfigurations", 10, default=1),
+    return device_from_attributes(
+        busid,
+        dev.sys_path,
+        lambda name: _text(attrs, name),
         # Interfaces are child directories in sysfs; reading them there is cheaper
         # than a udev enumeration of the children, and the same on every kernel.
         interfaces=read_interfaces(Path(dev.sys_path), busid),
-        serial=_text(attrs, "serial"),
-        manufacturer=_text(attrs, "manufacturer"),
-        product_name=_text(attrs, "product"),
         driver=dev.driver,
         properties=dict(dev.properties),
     )

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,7 @@ from hotplug.wire.protocol import (
     encode,
 )
 from hotplug.wire.sockets import Timeouts
-from tests.helpers import wait_for
+from tests.helpers import loopback_server, wait_for
 from tests.integration.conftest import DISK
 from tests.integration.test_connect_usbipa import driver, stub_status, used_ports
 from tests.rig import command, env_for, run_cli, running_usbipa
@@ -41,37 +40,9 @@ def assert_untouched(tree: FakeTree, busid: str = "1-1") -> None:
     assert busid not in match.split()
 
 
-@contextmanager
-def fake_peer(behaviour: Callable[[socket.socket], None]) -> Iterator[int]:
+def fake_peer(behaviour: Callable[[socket.socket], None]) -> AbstractContextManager[int]:
     """A hand-rolled application side on loopback that does `behaviour` per connection."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(8)
-    stop = threading.Event()
-    held: list[socket.socket] = []
-
-    def serve() -> None:
-        listener.settimeout(0.05)
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            held.append(conn)
-            behaviour(conn)
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        yield listener.getsockname()[1]
-    finally:
-        stop.set()
-        thread.join(timeout=5)
-        listener.close()
-        for conn in held:
-            conn.close()
+    return loopback_server(behaviour)
 
 
 def read_request(conn: socket.socket) -> bytes:

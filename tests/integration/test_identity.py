@@ -29,7 +29,7 @@ from hotplug.wire.protocol import (
     UnexportStatus,
     encode,
 )
-from tests.helpers import wait_for
+from tests.helpers import disk_record, wait_for
 from tests.integration.test_connect_usbipa import used_ports
 from tests.integration.tls_support import log_of, raw_tls_client, secure_usbipa
 from tests.rig import running_usbipa
@@ -46,18 +46,15 @@ def record(
     path: str | None = None,
     speed: Speed = Speed.HIGH,
 ) -> DeviceRecord:
-    return DeviceRecord.bare(
-        path=path if path is not None else f"/sys/devices/pci0000:00/usb{busnum}/{busid}",
-        busid=busid,
+    where = {"path": path} if path is not None else {}
+    return disk_record(
+        busid,
         busnum=busnum,
         devnum=devnum,
         speed=speed,
         id_vendor=vendor,
         id_product=product,
-        bcd_device=0x0100,
-        configuration_value=1,
-        num_configurations=1,
-        num_interfaces=1,
+        **where,
     )
 
 

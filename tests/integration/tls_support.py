@@ -10,10 +10,11 @@ import struct
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 from hotplug.testing.fake_kernel import FakeTree
+from tests.helpers import loopback_server
 from tests.rig import env_for, run_cli, run_usbipa, usbipa_process
 from tests.tlscerts import Pair, Pki
 
@@ -100,36 +101,9 @@ def rx_bytes(tree: FakeTree, busid: str = "1-1") -> bytes:
     return path.read_bytes() if path.exists() else b""
 
 
-@contextmanager
-def threaded_server(handle: Callable[[socket.socket], None]) -> Iterator[int]:
+def threaded_server(handle: Callable[[socket.socket], None]) -> AbstractContextManager[int]:
     """A loopback TCP server running `handle(conn)` per connection in threads."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(8)
-    stop = threading.Event()
-    threads: list[threading.Thread] = []
-
-    def serve() -> None:
-        listener.settimeout(0.05)
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            thread = threading.Thread(target=handle, args=(conn,), daemon=True)
-            thread.start()
-            threads.append(thread)
-
-    acceptor = threading.Thread(target=serve, daemon=True)
-    acceptor.start()
-    try:
-        yield listener.getsockname()[1]
-    finally:
-        stop.set()
-        acceptor.join(timeout=5)
-        listener.close()
+    return loopback_server(handle, threaded=True)
 
 
 class Cutter:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
 import time
 
 import pytest
 
-from hotplug.app.config import ConfigError, parse_config
+from hotplug.app.config import AllowRule, AppdConfig, ConfigError, authorize, parse_config
 from hotplug.yamlnodes import MAX_FILE_BYTES
 
 
@@ -93,3 +94,48 @@ def test_the_shipped_example_still_parses() -> None:
     )
     assert config.port == 3241 and config.allow[0].max_devices == 2
     assert config.state_dir == "/run/usbipa" and config.limits.control_timeout == 2.5
+
+
+def rule(*nets: str, devices: tuple[str, ...] = (), max_devices: int | None = None) -> AllowRule:
+    return AllowRule(tuple(ipaddress.ip_network(n) for n in nets), devices, max_devices)
+
+
+def test_authorize_default_deny() -> None:
+    assert authorize(AppdConfig(), ipaddress.ip_address("127.0.0.1"), 1, 2, 0) == (
+        "peer not in any allow list"
+    )
+
+
+def test_authorize_devices_and_limits() -> None:
+    config = AppdConfig(allow=(rule("10.0.0.0/8", devices=("0781:*",), max_devices=1),))
+    peer = ipaddress.ip_address("10.1.2.3")
+    assert authorize(config, peer, 0x0781, 0x5567, 0) is None
+    assert "not allowed" in (authorize(config, peer, 0x1234, 0x5678, 0) or "")
+    assert "max_devices 1" in (authorize(config, peer, 0x0781, 0x5567, 1) or "")
+    assert authorize(config, ipaddress.ip_address("::1"), 0x0781, 0x5567, 0) is not None
+
+
+def test_parse_config_full() -> None:
+    config = parse_config(
+        "listen: [127.0.0.1]\nport: 3241\nallow:\n  - from: [127.0.0.0/8, '::1']\n"
+        "    devices: ['1d6b:*']\n    max_devices: 2\nlimits: {control_timeout: 2}\n",
+        "usbipa.yaml",
+    )
+    assert config.listen == ("127.0.0.1",) and config.port == 3241
+    assert config.allow[0].max_devices == 2 and config.limits.control_timeout == 2.0
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("allow:\n  - form: 10.0.0.0/8\n", "allow[0]: unknown key 'form'"),
+        ("allow:\n  - from: 10.0.0.300/8\n", "expected an address or CIDR network"),
+        ("allow:\n  - from: 10.0.0.0/8\n    devices: [zz]\n", "expected vid:pid"),
+        ("port: 0\n", "port: expected 1..65535"),
+        ("listen: [\n", "usbipa.yaml:2: YAML syntax error"),
+        ("limits: {control_timeout: -1}\n", "expected a positive number"),
+    ],
+)
+def test_parse_config_errors(text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        parse_config(text, "usbipa.yaml")
