@@ -31,6 +31,7 @@ import re
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -69,6 +70,13 @@ SUITE_TIMEOUT = _env_float("USBIP_VM_SUITE_TIMEOUT", 2400.0)  # the whole guest 
 GUEST_TEST_TIMEOUT = _env_float("USBIP_VM_TEST_TIMEOUT", 300.0)  # each guest test
 BOOT_TIMEOUT = _env_float("USBIP_VM_BOOT_TIMEOUT", 240.0)
 
+
+# The guest session starts in the background as soon as the host's test loop
+# does, so that the host-side tests (mostly waiting on sockets and child
+# processes: about a fifth of two cores) run while the guest works; its output
+# is held back until the first guest test reports. USBIP_VM_BACKGROUND=0: boot
+# the guest only when the first guest test runs, as before.
+BACKGROUND = os.environ.get("USBIP_VM_BACKGROUND", "1") != "0"
 
 # A kernel fault costs one test and one boot, never the suite timeout.
 FAULT_GRACE = _env_float("USBIP_VM_FAULT_GRACE", 30.0)
@@ -381,6 +389,13 @@ class VmSession:
         self.deb: Path | None = None  # built for DEB_TESTS
         self.deb_error: str | None = None
         self.deb_info = ""
+        # The background guest session (BACKGROUND): its thread, what it raised
+        # (a skip or failure meant for every guest test), and its output held
+        # back (None: written at once) while host-side tests use the terminal.
+        self._thread: threading.Thread | None = None
+        self._thread_error: BaseException | None = None
+        self._held: list[str] | None = None
+        self._lock = threading.Lock()
         # A private copy of the terminal: pytest's fd capture cannot swallow
         # what the VM threads print, whenever they print it.
         self._term: IO[str] | None = None
@@ -391,6 +406,13 @@ class VmSession:
             self._term = os.fdopen(os.dup(1), "w", buffering=1)
 
     def write(self, line: str) -> None:
+        with self._lock:
+            if self._held is not None:
+                self._held.append(line)
+                return
+            self._write_now(line)
+
+    def _write_now(self, line: str) -> None:
         with contextlib.suppress(Exception):
             sys.stdout.flush()
         if self._term is not None:
@@ -447,6 +469,37 @@ class VmSession:
             f" booted in {vm.boot_seconds:.1f}s" + "".join(f"\n  note: {n}" for n in vm.notes)
         )
         return vm
+
+    def start_background(self, items: list[pytest.Item]) -> None:
+        """Boot the guest and run its session now, in a thread (BACKGROUND)."""
+        self._held = []
+
+        def run() -> None:
+            try:
+                self.guest_results(items)
+            except BaseException as exc:  # pytest's skip/fail outcomes included
+                self._thread_error = exc
+
+        self._thread = threading.Thread(target=run, name="guest-session", daemon=True)
+        self._thread.start()
+
+    def join_background(self) -> None:
+        """The guest's output so far, live from now on; then wait for its session.
+        Re-raises what the session raised (a skip or a failure), for every guest test."""
+        self._release_output()
+        thread = self._thread
+        if thread is None:
+            return
+        while thread.is_alive():
+            thread.join(1.0)  # in steps: pytest-timeout's signal still gets through
+        if self._thread_error is not None:
+            raise self._thread_error
+
+    def _release_output(self) -> None:
+        with self._lock:
+            held, self._held = self._held, None
+            for line in held or []:
+                self._write_now(line)
 
     def guest_results(self, items: list[pytest.Item]) -> dict[str, GuestOutcome]:
         """Run every selected guest test in the guest (once), in one pytest session
@@ -637,6 +690,9 @@ class VmSession:
         if self.vm is not None:
             self.vm.close()
             self.vm = None
+        if self._thread is not None:
+            self._thread.join(30)  # ends once its VM is gone
+            self._release_output()
         if self._term is not None:
             with contextlib.suppress(OSError):
                 self._term.close()
@@ -686,8 +742,10 @@ class GuestTestProxy(pytest.Item):
     _outcome: GuestOutcome | None = None
 
     def setup(self) -> None:
-        # The first proxy to get here runs the whole guest session.
+        # The first proxy to get here runs the whole guest session (or waits for
+        # the one started in the background).
         state = _vm_session(self.config)
+        state.join_background()
         results = state.guest_results(self.session.items)
         outcome = results.get(self.nodeid)
         if outcome is None:
@@ -723,7 +781,21 @@ def guest_vm(request: pytest.FixtureRequest) -> Iterator[Any]:
     """The session's booted GuestVM, for host-side tests that drive it directly."""
     if IN_VM:
         pytest.skip("already inside the test VM")
-    yield _vm_session(request.config).get_vm()
+    state = _vm_session(request.config)
+    state.join_background()  # one guest at a time: after the guest session
+    yield state.get_vm()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtestloop(session: pytest.Session) -> Any:
+    if (
+        not IN_VM
+        and BACKGROUND
+        and not session.config.option.collectonly
+        and any(isinstance(item, GuestTestProxy) for item in session.items)
+    ):
+        _vm_session(session.config).start_background(session.items)
+    yield
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -1,41 +1,49 @@
 """Issue 11, item 3: the real-kernel fault matrix, inside the test VM.
 
-A device pulled out or the link cut at each step of export, for one-shot
-`usbip-hotplug connect` exporting to `usbipa` on the same guest (the part that
-passed in the VM). The rest (disconnect at each release step, SIGKILL, the
-daemon with SIGKILL/SIGTERM/policy edits/link cuts, the storm) is written but
-not proven yet: pending/fault_matrix_rest.py, whose docstring says why and how
-to run it; it reuses this module's rig and checks. The steps are hit
-deterministically through the product's fault points (hotplug/faultpoints.py):
-the test creates `<name>.pause`, waits for `<name>.reached`, acts, and removes
-the pause file.
+A device pulled out, a process killed or stopped, or the link cut at each step
+of export and of release, for one-shot `usbip-hotplug connect`/`disconnect` and
+for the daemon (`usbip-hotplug run`), exporting to `usbipa` on the same guest;
+then a seeded storm of plugs and pulls. The steps are hit deterministically
+through the product's fault points (hotplug/faultpoints.py): the test creates
+`<name>.pause`, waits for `<name>.reached`, acts, and removes the pause file.
 
 Every case ends with the same checks (`assert_clean_and_usable`): the kernel
 log is clean (judged by the harness, tests/vm/conftest.py, for every test), the
 daemon alive and answering `status`, no vhci port used, nothing bound to
 usbip-host, usbip-host's table holds at most this module's busid and `status`
 accounts for every entry, and a fresh plug at the same socket is exported and
-moves data (a few KiB verified against the gadget's backing file; the full data
-check, 1 MiB, is the last case of pending/fault_matrix_rest.py).
+moves data (a few KiB verified against the gadget's backing file; 1 MiB in the
+last case).
 
-Cheap by construction (the matrix must fit CI's budget): one usbipa and one
-daemon serve every case and are restarted only where a case kills or stops
-one; fault points are re-armed per case in the running processes; and one-shot
-commands run `hotplug.device.cli.main` in a child forked from this test process
-(`OneShot`), because starting a new Python and importing the CLI costs seconds
-per command in the emulated guest. The child is a process of its own (pid, exit
-status, signals, file descriptors), so
-SIGKILL and the kernel's view of "the process that wrote the socket" are real.
+The suite runs a subset that reaches every fault point once per actor (CI's
+time budget); the rest carries the marker `fault_matrix_full` and runs by hand:
+`pytest -m "vm or fault_matrix_full" tests/vm/guest/test_fault_matrix.py`.
+
+Cheap by construction: one usbipa and one daemon serve every case and are
+restarted only where a case kills or stops one; fault points are re-armed per
+case in the running processes; and one-shot commands run `hotplug.device.cli.main`
+in a child forked from this test process (`OneShot`), because starting a new
+Python and importing the CLI costs seconds per command in the emulated guest.
+The child is a process of its own (pid, exit status, signals, file
+descriptors), so SIGKILL and the kernel's view of "the process that wrote the
+socket" are real.
 
 All gadgets plug into one dummy UDC (the last one), so every case reuses one
 busid and one table slot, and other modules' busids never see our leftovers;
 the module's teardown frees that slot again through the safe release.
+
+Known kernel fault, not ours (seen under full slab poisoning,
+USBIP_VM_SLUB_DEBUG=P, not under the suite's default): Debian's 6.1.192
+usbip-host reads its stub_priv after the URB it just submitted may have
+completed and been freed by the tx thread (GPF at stub_rx_loop+0x8cb, address
+0x6b6b...), during ordinary data transfer, in about one case in five or six.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -67,21 +75,16 @@ _serial = iter(range(1, 10_000))
 BIND_POINTS = ["bind.after-match-add", "bind.after-driver-unbind", "bind.after-stub-bind"]
 EXPORT_POINTS = ["export.after-connect", "export.after-reply", "export.after-hand-over"]
 RELEASE_POINTS = ["release.before-unbind", "release.before-rebind"]
-# The rest of the matrix, by hand: `pytest -m fault_matrix_full` (tests/vm/conftest.py
-# deselects these unless -m names the marker). The suite keeps a subset that hits
-# every fault point once per actor (connect/disconnect, the daemon).
+# The rest of the matrix, by hand: `pytest -m "vm or fault_matrix_full"`
+# (tests/vm/conftest.py deselects these unless -m names the marker). The suite
+# keeps a subset that hits every fault point once per actor (connect/disconnect,
+# the daemon).
 FULL = pytest.mark.fault_matrix_full
 
 
 def points(names: list[str], *, fast: set[str]) -> list[Any]:
-    """`names` as parameters; those not in `fast` only in the full matrix.
-
-    For now every case is by hand: in the whole suite's order, the systemd unit
-    tests that run after this module found usbipa.service failing to start
-    (each passes alone and after the other modules); until that is understood
-    the matrix stays out of CI. `fast` is the subset meant for CI.
-    """
-    return [pytest.param(n, marks=FULL) for n in names]
+    """`names` as parameters; those not in `fast` only in the full matrix."""
+    return [pytest.param(n, marks=() if n in fast else FULL) for n in names]
 
 
 def serial(prefix: str) -> str:
@@ -509,3 +512,276 @@ def test_fault_connect_link_cut_at(
     assert busid not in table() and on_usbip_host() == []
     g.unplug(timeout=ENUM)
     assert_clean_and_usable(rig, g, udc, busid, record_property, by="connect")
+
+
+@pytest.mark.parametrize("point", points(RELEASE_POINTS, fast={"release.before-rebind"}))
+def test_fault_disconnect_pulled_at(
+    rig: MatrixRig,
+    gadget: Callable[[str], gd.MassStorageGadget],
+    udc: str,
+    point: str,
+    record_property: Callable[[str, object], None],
+) -> None:
+    """`disconnect` with the device pulled out while it is being given back: the
+    device is gone, so there is nothing left to do; status 0."""
+    g = gadget(CONNECT_SERIAL)
+    g.plug(udc)
+    busid = g.wait_busid(timeout=ENUM)
+    wait_configured(busid)
+    result = rig.cli_run("connect", "-r", TARGET, "-b", busid, "--timeout", "10")
+    assert result.returncode == 0, result.stderr
+    gd.wait_until(lambda: gd.exported_port(busid), timeout=ENUM, what=f"{busid} exported")
+    with Pause(point) as pause:
+        proc = rig.cli("disconnect", "-b", busid)
+        pause.wait(proc.alive)
+        g.unplug(timeout=ENUM)
+    result = proc.wait()
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result
+    assert_clean_and_usable(rig, g, udc, busid, record_property, by="connect")
+
+
+def test_fault_connect_sigkilled_after_reply_then_disconnect_gives_back(
+    rig: MatrixRig,
+    gadget: Callable[[str], gd.MassStorageGadget],
+    udc: str,
+    record_property: Callable[[str, object], None],
+) -> None:
+    """`connect` SIGKILLed between the reply and the hand-over: the far side's port
+    goes with the dead socket; the device stays with usbip-host (nobody can know
+    it is orphaned) and `disconnect -r` gives it back."""
+    g = gadget(CONNECT_SERIAL)
+    g.plug(udc)
+    busid = g.wait_busid(timeout=ENUM)
+    wait_configured(busid)
+    with Pause("export.after-reply") as pause:
+        proc = rig.cli("connect", "-r", TARGET, "-b", busid, "--timeout", "10")
+        pause.wait(proc.alive)
+        proc.kill()
+    gd.wait_until(lambda: not used_ports(), timeout=ENUM, what="the dead link's port freed")
+    assert on_usbip_host() == [busid]
+    result = rig.cli_run("disconnect", "-r", TARGET, "-b", busid)
+    assert result.returncode == 0, result.stderr
+    wait_configured(busid)
+    assert busid not in table()
+    g.unplug(timeout=ENUM)
+    assert_clean_and_usable(rig, g, udc, busid, record_property, by="connect")
+
+
+# --------------------------------------------------------------------------- the daemon
+
+
+@pytest.mark.parametrize(
+    "point",
+    points(
+        BIND_POINTS + EXPORT_POINTS,
+        fast={"bind.after-match-add", "bind.after-stub-bind", "export.after-reply"},
+    ),
+)
+def test_fault_daemon_pulled_at(
+    rig: MatrixRig,
+    gadget: Callable[[str], gd.MassStorageGadget],
+    udc: str,
+    point: str,
+    record_property: Callable[[str, object], None],
+) -> None:
+    """The daemon exporting a freshly plugged disk, pulled out at `point`."""
+    g = gadget(DAEMON_SERIAL)
+    with Pause(point) as pause:
+        g.plug(udc)
+        busid = g.wait_busid(timeout=ENUM)
+        pause.wait(rig.alive)
+        g.unplug(timeout=ENUM)
+    gd.wait_until(lambda: daemon_forgot(rig, busid), timeout=ENUM, what="the daemon done with it")
+    assert_clean_and_usable(rig, g, udc, busid, record_property, by="daemon")
+
+
+@pytest.mark.parametrize(
+    "point", points(EXPORT_POINTS, fast={"export.after-connect", "export.after-hand-over"})
+)
+def test_fault_daemon_link_cut_at(
+    rig: MatrixRig,
+    gadget: Callable[[str], gd.MassStorageGadget],
+    udc: str,
+    point: str,
+    record_property: Callable[[str, object], None],
+) -> None:
+    """The link cut at `point` of the daemon's export: the export fails (or its
+    link dies right after), and the daemon exports the disk again; data moves."""
+    g = gadget(DAEMON_SERIAL)
+    with Pause(point) as pause:
+        g.plug(udc)
+        busid = g.wait_busid(timeout=ENUM)
+        pause.wait(rig.alive)
+        assert cut_link(), "no connection to usbipa to cut"
+    gd.wait_until(
+        lambda: (
+            rig.usbipa_text().count(f"attached {busid} from") >= 1
+            and rig.daemon_text().count(f"exporting {busid} to lab") >= 2
+        ),
+        timeout=ENUM,
+        what="a second export attempt",
+    )
+    gd.wait_until(lambda: gd.exported_port(busid), timeout=ENUM, what=f"{busid} exported again")
+    record_property("s_vhci_disk_and_data_again", f"{moves_data(g, SMALL):.2f}")
+    g.unplug(timeout=ENUM)
+    gd.wait_until(lambda: daemon_forgot(rig, busid), timeout=ENUM, what="the daemon done with it")
+    assert_clean_and_usable(rig, g, udc, busid, record_property, by="daemon")
+
+
+@pytest.mark.parametrize("point", points(RELEASE_POINTS, fast={"release.before-rebind"}))
+def test_fault_daemon_withdrawn_by_policy_pulled_at(
+    rig: MatrixRig,
+    gadget: Callable[[str], gd.MassStorageGadget],
+    udc: str,
+    point: str,
+    record_property: Callable[[str, object], None],
+) -> None:
+    """A policy edit withdraws an exported disk; it is pulled out at `point` of the
+    release."""
+    g = gadget(DAEMON_SERIAL)
+    busid = exported_by_daemon(rig, g, udc)
+    try:
+        with Pause(point) as pause:
+            rig.write_policy(policy("NOMATCH*"))
+            pause.wait(rig.alive)
+            g.unplug(timeout=ENUM)
+        gd.wait_until(lambda: daemon_forgot(rig, busid), timeout=ENUM, what="the daemon done")
+        assert f"released {busid}:" not in rig.daemon_text(), "the release reported an error"
+    finally:
+        rig.set_policy(policy())
+    assert_clean_and_usable(rig, g, udc, busid, record_property, by="daemon")
+
+
+@pytest.mark.parametrize("point", points(RELEASE_POINTS, fast={"release.before-unbind"}))
+def test_fault_daemon_sigterm_pulled_at(
+    rig: MatrixRig,
+    gadget: Callable[[str], gd.MassStorageGadget],
+    udc: str,
+    point: str,
+    record_property: Callable[[str, object], None],
+) -> None:
+    """SIGTERM with `on_stop: unexport` (the default) while a disk is exported; it
+    is pulled out at `point` of the release on the way out. The daemon still
+    exits 0, nothing is left attached or bound, and the next daemon starts clean."""
+    g = gadget(DAEMON_SERIAL)
+    busid = exported_by_daemon(rig, g, udc)
+    assert rig.daemon is not None
+    with Pause(point) as pause:
+        rig.daemon.send_signal(signal.SIGTERM)
+        pause.wait(rig.alive)
+        g.unplug(timeout=ENUM)
+    assert rig.stop_daemon(signal.SIGTERM) == 0, rig.daemon_text()
+    text = rig.daemon_text()
+    assert "stopping (unexporting exported devices)" in text and "Traceback" not in text, text
+    assert not used_ports()
+    rig.start_daemon()
+    record_property("s_daemon_start", f"{rig.start_seconds:.2f}")
+    assert_clean_and_usable(rig, g, udc, busid, record_property, by="daemon")
+
+
+@pytest.mark.parametrize(
+    "point",
+    points(["bind.after-driver-unbind", "export.after-reply"], fast={"bind.after-driver-unbind"}),
+)
+def test_fault_daemon_sigkilled_at(
+    rig: MatrixRig,
+    gadget: Callable[[str], gd.MassStorageGadget],
+    udc: str,
+    point: str,
+    record_property: Callable[[str, object], None],
+) -> None:
+    """SIGKILL of the daemon mid-export: the next daemon finds the device half
+    done (no driver, or bound but not exported) and exports it; data moves."""
+    g = gadget(DAEMON_SERIAL)
+    with Pause(point) as pause:
+        g.plug(udc)
+        busid = g.wait_busid(timeout=ENUM)
+        pause.wait(rig.alive)
+        rig.stop_daemon(signal.SIGKILL)
+    gd.wait_until(lambda: not used_ports(), timeout=ENUM, what="no port left by the dead daemon")
+    rig.start_daemon()
+    record_property("s_daemon_start", f"{rig.start_seconds:.2f}")
+    gd.wait_until(lambda: gd.exported_port(busid), timeout=ENUM, what=f"{busid} exported again")
+    record_property("s_vhci_disk_and_data_again", f"{moves_data(g, SMALL):.2f}")
+    g.unplug(timeout=ENUM)
+    gd.wait_until(lambda: daemon_forgot(rig, busid), timeout=ENUM, what="the daemon done with it")
+    assert_clean_and_usable(rig, g, udc, busid, record_property, by="daemon")
+
+
+@FULL
+def test_fault_daemon_usbipa_killed_at_connect(
+    rig: MatrixRig,
+    gadget: Callable[[str], gd.MassStorageGadget],
+    udc: str,
+    record_property: Callable[[str, object], None],
+) -> None:
+    """usbipa SIGKILLed after it accepted the connection, before the request: the
+    export fails and is rolled back; once usbipa is back, the disk is exported."""
+    g = gadget(DAEMON_SERIAL)
+    with Pause("export.after-connect") as pause:
+        g.plug(udc)
+        busid = g.wait_busid(timeout=ENUM)
+        pause.wait(rig.alive)
+        rig.stop_usbipa(signal.SIGKILL)
+    gd.wait_until(
+        lambda: f"export of {busid} to lab failed" in rig.daemon_text(),
+        timeout=ENUM,
+        what="the failed export logged",
+    )
+    assert not used_ports()
+    rig.start_usbipa()
+    gd.wait_until(lambda: gd.exported_port(busid), timeout=ENUM, what=f"{busid} exported")
+    record_property("s_vhci_disk_and_data_again", f"{moves_data(g, SMALL):.2f}")
+    g.unplug(timeout=ENUM)
+    gd.wait_until(lambda: daemon_forgot(rig, busid), timeout=ENUM, what="the daemon done with it")
+    assert_clean_and_usable(rig, g, udc, busid, record_property, by="daemon")
+
+
+STORM_ROUNDS = int(os.environ.get("USBIP_FAULT_STORM_ROUNDS", "8"))
+STORM_SEED = int(os.environ.get("USBIP_FAULT_STORM_SEED", "11"))
+
+
+def test_fault_daemon_storm(
+    rig: MatrixRig,
+    gadget: Callable[[str], gd.MassStorageGadget],
+    udc: str,
+    record_property: Callable[[str, object], None],
+) -> None:
+    """Plug and pull at delays spread over 0-0.9 s after plug-in, while the daemon
+    runs. Seeded (USBIP_FAULT_STORM_SEED, default fixed so that CI replays the
+    same delays; the seed and delays are in the test's properties)."""
+    print(f"storm seed {STORM_SEED}, {STORM_ROUNDS} rounds")
+    record_property("seed", STORM_SEED)
+    rng = random.Random(STORM_SEED)
+    # Spread-out delays: one in each tenth of 0-0.9 s (shuffled), jittered.
+    delays = [(i % 9) / 10 + rng.uniform(0, 0.1) for i in range(STORM_ROUNDS)]
+    rng.shuffle(delays)
+    record_property("delays", " ".join(f"{d:.2f}" for d in delays))
+    g = gadget(DAEMON_SERIAL)
+    g.plug(udc)  # round 0: pulled as soon as it has a busid
+    busid = g.wait_busid(timeout=ENUM)
+    g.unplug(timeout=ENUM)
+    t0 = time.monotonic()
+    for delay in delays:
+        g.plug(udc)
+        time.sleep(delay)  # the stimulus itself, not a synchronisation
+        g.unplug(timeout=ENUM)
+    record_property("s_storm", f"{time.monotonic() - t0:.2f}")
+    gd.wait_until(lambda: daemon_forgot(rig, busid), timeout=ENUM, what="the daemon done with it")
+    assert_clean_and_usable(rig, g, udc, busid, record_property, by="daemon")
+
+
+def test_fault_matrix_full_data_at_the_end(
+    rig: MatrixRig,
+    gadget: Callable[[str], gd.MassStorageGadget],
+    udc: str,
+    record_property: Callable[[str, object], None],
+) -> None:
+    """After every case above, on the same busid and table slot: the daemon exports
+    a fresh disk and 1 MiB goes through it intact; then all is clean again."""
+    g = gadget(DAEMON_SERIAL)
+    busid = exported_by_daemon(rig, g, udc)
+    record_property("s_vhci_disk_and_data", f"{moves_data(g, MiB):.2f}")
+    g.unplug(timeout=ENUM)
+    gd.wait_until(lambda: daemon_forgot(rig, busid), timeout=ENUM, what="the daemon done with it")
+    assert_clean(rig, g, busid, record_property)
