@@ -33,7 +33,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Self
 
 import yaml
 
@@ -401,36 +401,18 @@ class FakeKernel:
 # --------------------------------------------------------------------------- usbipa
 
 
-class Usbipa:
-    """The real usbipa as a child process, listening on 127.0.0.1.
+class Child:
+    """One of our daemons as a child process: the subclass starts it (`start`);
+    stopping, killing, signalling, its log and what it costs are the same for all."""
 
-    `config` is written as usbipa.yaml (limits, allow, ...); the listen
-    address, port and state directory come from the command line. A restart
-    reuses the port and the state directory, as systemd would.
-    """
+    proc: subprocess.Popen[str] | None
+    log_path: Path
+    stop_timeout = 10.0  # SIGTERM, then this long before SIGKILL
 
-    def __init__(
-        self,
-        kernel: FakeKernel,
-        workdir: Path,
-        config: dict[str, Any] | None = None,
-        port: int = 0,
-        extra_env: dict[str, str] | None = None,
-    ) -> None:
-        self.kernel = kernel
-        self.workdir = workdir
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.config = {"allow": [{"from": "127.0.0.0/8"}], **(config or {})}
-        self.config_path = workdir / "usbipa.yaml"
-        self.config_path.write_text(yaml.safe_dump(self.config))
-        self.state_dir = workdir / "state"
-        self.log_path = workdir / "usbipa.log"
-        self.port = port
-        self.extra_env = extra_env or {}
-        self.proc: subprocess.Popen[str] | None = None
-        self.starts = 0
+    def start(self, timeout: float = 15.0) -> None:
+        raise NotImplementedError
 
-    def __enter__(self) -> Usbipa:
+    def __enter__(self) -> Self:
         self.start()
         return self
 
@@ -438,45 +420,16 @@ class Usbipa:
         self.stop()
 
     @property
-    def endpoint(self) -> Endpoint:
-        return Endpoint("127.0.0.1", self.port)
-
-    @property
     def pid(self) -> int:
         assert self.proc is not None
         return self.proc.pid
 
-    def command(self) -> list[str]:
-        return [
-            *command("usbipa"),
-            "-c",
-            str(self.config_path),
-            "--listen",
-            "127.0.0.1",
-            "-t",
-            str(self.port),
-            "--state-dir",
-            str(self.state_dir),
-        ]
-
-    def start(self, timeout: float = 15.0) -> None:
-        env = {**env_for(self.kernel.tree, self.workdir), **self.extra_env}
-        try:
-            with self.log_path.open("a") as log:
-                self.proc, ready = start_ready(
-                    self.command(), env, self.workdir, stderr=log, timeout=timeout
-                )
-        except AssertionError:
-            raise AssertionError(f"usbipa did not start; its log:\n{self.log()}") from None
-        self.starts += 1
-        self.port = listener_ports(ready["STATUS"])["tcp"]
-
-    def stop(self) -> int | None:
+    def stop(self, timeout: float | None = None) -> int | None:
         """SIGTERM and wait; returns the exit status (None if it was not running)."""
         if self.proc is None:
             return None
         proc, self.proc = self.proc, None
-        return stop(proc)
+        return stop(proc, self.stop_timeout if timeout is None else timeout)
 
     def kill(self) -> None:
         """SIGKILL: no clean-up of any kind, as a crash or the OOM killer."""
@@ -505,6 +458,65 @@ class Usbipa:
     def fds(self) -> int:
         return fd_count(self.pid)
 
+
+class Usbipa(Child):
+    """The real usbipa as a child process, listening on 127.0.0.1.
+
+    `config` is written as usbipa.yaml (limits, allow, ...); the listen
+    address, port and state directory come from the command line. A restart
+    reuses the port and the state directory, as systemd would.
+    """
+
+    def __init__(
+        self,
+        kernel: FakeKernel,
+        workdir: Path,
+        config: dict[str, Any] | None = None,
+        port: int = 0,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
+        self.kernel = kernel
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.config = {"allow": [{"from": "127.0.0.0/8"}], **(config or {})}
+        self.config_path = workdir / "usbipa.yaml"
+        self.config_path.write_text(yaml.safe_dump(self.config))
+        self.state_dir = workdir / "state"
+        self.log_path = workdir / "usbipa.log"
+        self.port = port
+        self.extra_env = extra_env or {}
+        self.proc = None
+        self.starts = 0
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return Endpoint("127.0.0.1", self.port)
+
+    def command(self) -> list[str]:
+        return [
+            *command("usbipa"),
+            "-c",
+            str(self.config_path),
+            "--listen",
+            "127.0.0.1",
+            "-t",
+            str(self.port),
+            "--state-dir",
+            str(self.state_dir),
+        ]
+
+    def start(self, timeout: float = 15.0) -> None:
+        env = {**env_for(self.kernel.tree, self.workdir), **self.extra_env}
+        try:
+            with self.log_path.open("a") as log:
+                self.proc, ready = start_ready(
+                    self.command(), env, self.workdir, stderr=log, timeout=timeout
+                )
+        except AssertionError:
+            raise AssertionError(f"usbipa did not start; its log:\n{self.log()}") from None
+        self.starts += 1
+        self.port = listener_ports(ready["STATUS"])["tcp"]
+
     def status_json(self) -> list[dict[str, Any]]:
         """`usbipa status --json`, as an operator would run it."""
         result = run_usbipa(
@@ -526,13 +538,15 @@ class Usbipa:
 # --------------------------------------------------------------------------- usbip-hotplug run
 
 
-class HotplugDaemon:
+class HotplugDaemon(Child):
     """The real `usbip-hotplug run` as a child process, fed device events through its
     test event source (a FIFO of JSON lines) instead of udev.
 
     Its state directory (control socket, export records) is `workdir/device`.
     `module` may be "bench.probe" to run it with timing probes.
     """
+
+    stop_timeout = 30.0  # its stop unexports every device first
 
     def __init__(
         self,
@@ -554,19 +568,7 @@ class HotplugDaemon:
         self.args = args
         self.module = module
         self.extra_env = extra_env or {}
-        self.proc: subprocess.Popen[str] | None = None
-
-    def __enter__(self) -> HotplugDaemon:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
+        self.proc = None
 
     def start(self, timeout: float = 15.0) -> None:
         env = {**env_for(self.kernel.tree, self.workdir), **self.extra_env}
@@ -579,22 +581,6 @@ class HotplugDaemon:
                 )
         except AssertionError:
             raise AssertionError(f"the daemon did not start; its log:\n{self.log()}") from None
-
-    def stop(self, timeout: float = 30.0) -> int | None:
-        if self.proc is None:
-            return None
-        proc, self.proc = self.proc, None
-        return stop(proc, timeout)
-
-    def kill(self) -> None:
-        if self.proc is None:
-            return
-        proc, self.proc = self.proc, None
-        proc.kill()
-        proc.wait()
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
 
     def events(self, *events: tuple[str, str]) -> None:
         """Send (action, busid) events in one write, as a burst from udev."""
@@ -631,15 +617,3 @@ class HotplugDaemon:
     def records(self) -> list[str]:
         """Busids the daemon keeps an export record for."""
         return sorted(p.stem for p in (self.state_dir / "exports").glob("*.json"))
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def stats(self) -> ProcStats:
-        return proc_stats(self.pid)
-
-    def fds(self) -> int:
-        return fd_count(self.pid)
