@@ -2,12 +2,12 @@
 
 It wires the edges (udev or a test event source, the stub driver, the records
 under /run, systemd) to the pure core (`policy`, `reconcile`). One loop step:
-look at the kernel, ask the policy, let `reconcile` decide, start what it
-says. Each operation (export, unexport, release) runs in a thread of its own
-(operations.py), at most one per device, so a slow or dead target only ever
-delays its own device. What the records say is kept by records.py, what
-`status` shows is built by status.py, and what a restart takes back is decided
-by reconcile.adopt: this module is the loop and the glue.
+look at the kernel, ask the policy, let `reconcile` decide, and hand what it
+says to `Operations` (operations.py: one thread per operation, at most one
+per device, so a slow or dead target only ever delays its own device). What
+the records say is kept by records.py, what `status` shows is built by
+report.py, and what a restart takes back is decided by reconcile.adopt: this
+module is the loop, the devices it knows, and the policy in force.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import random
 import signal
 import time
 from collections.abc import Callable
@@ -27,16 +26,12 @@ from typing import Any, Literal, TypeVar
 from hotplug import log, usbids
 from hotplug.device.control import ControlError, bind_control_socket, serve, socket_path
 from hotplug.device.events import DeviceEvent, EventSource
-from hotplug.device.export import Attempt, ExportError, export, unexport
-from hotplug.device.operations import KERNEL_SLACK, Canceller, in_thread
+from hotplug.device.operations import Operations, in_thread
 from hotplug.device.policy import DEFAULT_CONFIG_DIR
 from hotplug.device.policy.files import load_policy
 from hotplug.device.policy.model import Policy, PolicyError, Target
 from hotplug.device.policy.watch import PolicyWatcher
 from hotplug.device.reconcile import (
-    Abort,
-    Action,
-    Export,
     Observed,
     Release,
     Slot,
@@ -44,19 +39,14 @@ from hotplug.device.reconcile import (
     Wanted,
     adopt,
     desire,
-    export_failed,
-    export_succeeded,
     reconcile,
-    release_finished,
     retry_now,
     status_line,
     target_from_record,
-    unexport_finished,
 )
 from hotplug.device.records import BY_DAEMON, DaemonRecords, ExportRecords
 from hotplug.device.report import device_rows, display_state, table_report
 from hotplug.device.status import DaemonInfo, StatusReply
-from hotplug.device.transport import remote_for_target
 from hotplug.kernel.stub import STUB_DRIVER, StubStatus, UsbipHost
 from hotplug.kernel.sysfs import KernelError, driver_name
 from hotplug.notify import Notifier
@@ -117,8 +107,7 @@ class Daemon:
         self.leftovers: set[str] = set()
         self.slots: dict[str, Slot] = {}
         self.observed: dict[str, Observed] = {}
-        self.ops: dict[str, asyncio.Task[None]] = {}
-        self.cancellers: dict[str, Canceller] = {}
+        self.ops = Operations(self)
         self.wake_at: float | None = None
         self.watchdog_interval = Notifier.watchdog_interval()
         self.last_ping = 0.0
@@ -233,18 +222,17 @@ class Daemon:
             event="stopping",
         )
         if mode == "unexport":
-            for canceller in self.cancellers.values():
-                canceller.fire()
-        await self._drain(STOP_GRACE)
+            self.ops.cut_exports_short()
+        await self.ops.drain(STOP_GRACE)
         if mode == "unexport":
             for busid, slot in sorted(self.slots.items()):
-                if busid in self.ops:
+                if self.ops.busy(busid):
                     continue
                 if slot.exported_to is not None:
-                    self._start(Unexport(busid, slot.exported_to, release=True))
+                    self.ops.start(Unexport(busid, slot.exported_to, release=True))
                 elif slot.owned:
-                    self._start(Release(busid))
-            await self._drain(STOP_GRACE)
+                    self.ops.start(Release(busid))
+            await self.ops.drain(STOP_GRACE)
         # A last try for writes the loop kept retrying: with on_stop keep, the next
         # start adopts only what its records name.
         self.records.retry()
@@ -256,13 +244,6 @@ class Daemon:
                 busid=busid,
                 event="state-error",
             )
-
-    async def _drain(self, timeout: float) -> None:
-        pending = list(self.ops.values())
-        if pending:
-            _, late = await asyncio.wait(pending, timeout=timeout)
-            for task in late:
-                logger.warning("stopping without waiting for %s", task.get_name())
 
     # ------------------------------------------------------------------ one step
 
@@ -277,7 +258,7 @@ class Daemon:
         self.records.retry()
         self._observe()
         self._take_stranded()
-        wanted = {busid: self._wanted(device) for busid, device in self.devices.items()}
+        wanted = {busid: self.wanted(device) for busid, device in self.devices.items()}
         plan = reconcile(wanted, self.observed, self.slots, now)
         self.slots = plan.slots
         self.wake_at = plan.wake_at
@@ -294,7 +275,7 @@ class Daemon:
                 rule=note.rule,
             )
         for action in plan.actions:
-            self._start(action)
+            self.ops.start(action)
         self.metrics.devices(wanted, self.slots, self.settling)
         self.notifier.status(self.status_text())
         self._watchdog(now)
@@ -318,7 +299,7 @@ class Daemon:
                 self.settling.pop(busid, None)
                 observed[busid] = Observed()
                 continue
-            bound = self._bound(busid)
+            bound = self.bound(busid)
             used = bound and self.stub.status(busid) == StubStatus.USED
             observed[busid] = Observed(bound=bound, used=used)
         self.observed = observed
@@ -333,7 +314,7 @@ class Daemon:
         """
         for busid, seen in self.observed.items():
             slot = self.slots.get(busid, Slot())
-            if not seen.bound or seen.used or slot.owned or busid in self.ops:
+            if not seen.bound or seen.used or slot.owned or self.ops.busy(busid):
                 continue
             record = self.records.get(busid)
             if (
@@ -347,7 +328,7 @@ class Daemon:
             if target is None:
                 continue
             self.slots[busid] = replace(slot, owned=True, phase="idle", last_error=None)
-            self._record(busid, target, "retrying")
+            self.record(busid, target, "retrying")
             log.event(
                 logger,
                 logging.WARNING,
@@ -367,10 +348,10 @@ class Daemon:
             and busid in self.stub.table()
         )
 
-    def _bound(self, busid: str) -> bool:
+    def bound(self, busid: str) -> bool:
         return driver_name(self.stub.paths.device_dir(busid)) == STUB_DRIVER
 
-    def _wanted(self, device: Device) -> Wanted:
+    def wanted(self, device: Device) -> Wanted:
         if device.busid in self.settling:
             return Wanted("none", None, "waiting for the kernel to configure it")
         owned = self.slots.get(device.busid, Slot()).owned
@@ -457,7 +438,7 @@ class Daemon:
             self._log_decision(device, prefix)
 
     def _log_decision(self, device: Device, prefix: str) -> None:
-        wanted = self._wanted(device)
+        wanted = self.wanted(device)
         names = usbids.names(
             device.vendor, device.product, device.manufacturer, device.product_name
         )
@@ -502,7 +483,7 @@ class Daemon:
                 event="state-unreadable",
             )
             return
-        bound = {busid: self._bound(busid) for busid, _ in ours if busid in self.devices}
+        bound = {busid: self.bound(busid) for busid, _ in ours if busid in self.devices}
         used = {
             b: self.stub.status(b) == StubStatus.USED for b, is_bound in bound.items() if is_bound
         }
@@ -534,7 +515,7 @@ class Daemon:
     def _forget_record(self, busid: str) -> None:
         self.records.forget(busid)
 
-    def _record(
+    def record(
         self,
         busid: str,
         target: Target,
@@ -557,223 +538,7 @@ class Daemon:
 
     def _rule_of(self, busid: str) -> str | None:
         device = self.devices.get(busid)
-        return self._wanted(device).rule if device is not None else None
-
-    # ------------------------------------------------------------------ operations
-
-    def _start(self, action: Action) -> None:
-        if isinstance(action, Abort):
-            canceller = self.cancellers.get(action.busid)
-            if canceller is not None:
-                canceller.fire()
-            return
-        if action.busid in self.ops:  # reconcile never does this; belt and braces
-            logger.error("%s: an operation is already running", action.busid)
-            return
-        if isinstance(action, Export):
-            coro = self._export(action)
-        elif isinstance(action, Unexport):
-            coro = self._unexport(action)
-        else:
-            coro = self._release(action)
-        task = asyncio.create_task(coro, name=f"{type(action).__name__.lower()} {action.busid}")
-        self.ops[action.busid] = task
-
-    def _finish(self, busid: str) -> None:
-        self.ops.pop(busid, None)
-        self.kick()
-
-    async def _export(self, action: Export) -> None:
-        busid, target = action.busid, action.target
-        canceller = Canceller()
-        self.cancellers[busid] = canceller
-        attempt = Attempt()
-        device = self.devices.get(busid)
-        intent = self.records.make(
-            busid,
-            target,
-            "exporting",
-            vid_pid=device.vid_pid if device is not None else None,
-            devid=device.devid if device is not None else None,
-            rule=action.rule,
-        )
-        refused = self.records.claim(busid, intent, owned=action.adopt)
-        if refused is not None:
-            self.cancellers.pop(busid, None)
-            try:
-                self._export_done(action, refused, False, attempt, False)
-            finally:
-                self._finish(busid)
-            return
-        log.event(
-            logger,
-            logging.INFO,
-            f"exporting {busid} to {target.name} ({target.address})",
-            busid=busid,
-            target=target.name,
-            event="exporting",
-            rule=action.rule,
-        )
-        error: str | None = None
-        try:
-            remote = remote_for_target(target)
-            await in_thread(
-                f"export {busid}",
-                lambda: export(
-                    self.stub,
-                    busid,
-                    remote,
-                    adopt_bound=action.adopt,
-                    on_connect=canceller.watch,
-                    attempt=attempt,
-                ),
-                target.connect_timeout + target.handshake_timeout + KERNEL_SLACK,
-                canceller,
-            )
-        except (ExportError, KernelError, OSError) as exc:
-            error = str(exc)
-        except Exception as exc:
-            logger.exception("export of %s failed unexpectedly", busid)
-            error = f"internal error: {exc!r}"
-        finally:
-            canceller.forget()
-            self.cancellers.pop(busid, None)
-        try:
-            self._export_done(action, error, canceller.fired, attempt, True)
-        finally:
-            self._finish(busid)
-
-    def _export_done(
-        self, action: Export, error: str | None, cut: bool, attempt: Attempt, recorded: bool
-    ) -> None:
-        """`recorded`: our "exporting" record was written (and so is ours to remove)."""
-        busid, target, rule, owned_before = action.busid, action.target, action.rule, action.adopt
-        now = time.monotonic()
-        slot = self.slots.get(busid, Slot())
-        if error is None:
-            self.slots[busid] = export_succeeded(slot, target, now)
-            self.metrics.exported(busid, target)
-            self._record(busid, target, "exported", since=time.time(), rule=rule)
-            return
-        device = self.devices.get(busid)
-        wanted = self._wanted(device) if device is not None else None
-        chain = wanted.chain if wanted is not None and wanted.exports else ()
-        # Bound now is ours only if this transaction bound it (and could not give
-        # it back) or it was ours already: a `usbip bind` or `connect` that got
-        # there in between owns what it bound (issue 12, finding 10).
-        ours = self._bound(busid) and (owned_before or attempt.bound)
-        new = export_failed(slot, chain, error, ours, now, random.random())
-        self.slots[busid] = new
-        self.metrics.export_failed(target, chain, cut, new, now)
-        if ours:
-            self._record(busid, target, "retrying", rule=rule)
-        elif recorded:
-            self._forget_record(busid)
-        if cut or not chain:
-            message = f"export of {busid} to {target.name} stopped: {error}"
-        elif new.phase == "backoff" and new.next_at is not None:
-            message = (
-                f"export of {busid} to {target.name} failed: {error}; "
-                f"next round in {new.next_at - now:.1f} s"
-            )
-        else:
-            message = (
-                f"export of {busid} to {target.name} failed: {error}; "
-                f"trying fallback {chain[new.position].name}"
-            )
-        log.event(
-            logger,
-            logging.WARNING,
-            message,
-            busid=busid,
-            target=target.name,
-            event="export-failed",
-            rule=rule,
-        )
-
-    async def _unexport(self, action: Unexport) -> None:
-        busid, target = action.busid, action.target
-        error: str | None = None
-        try:
-            await in_thread(
-                f"unexport {busid}",
-                lambda: self._withdraw(busid, target, action.release),
-                target.connect_timeout + target.handshake_timeout + KERNEL_SLACK,
-            )
-        except (ExportError, KernelError, OSError) as exc:
-            error = str(exc)  # unexport() released the device anyway; its kernel drops the link
-        except Exception as exc:
-            logger.exception("unexport of %s failed unexpectedly", busid)
-            error = f"internal error: {exc!r}"
-        self.metrics.unexport_done(target, error)
-        if error is not None:
-            log.event(
-                logger,
-                logging.WARNING,
-                f"unexport of {busid}: {error}",
-                busid=busid,
-                target=target.name,
-                event="unexport-failed",
-            )
-        try:
-            bound = self._bound(busid)
-            slot = self.slots.get(busid, Slot())
-            self.slots[busid] = unexport_finished(slot, bound, error, time.monotonic())
-            if not bound:
-                self._forget_record(busid)
-            else:
-                self._record(busid, target, "moving")
-        finally:
-            self._finish(busid)
-
-    def _withdraw(self, busid: str, target: Target, release: bool) -> None:
-        """OP_UNEXPORT, then give the device back (or keep it bound to export elsewhere)."""
-        # Which device we exported: a different one plugged in at `busid` since is
-        # left alone (UsbipHost.release).
-        record = self.records.get(busid)
-        devid = record.devid if record is not None else None
-        try:
-            remote = remote_for_target(target)
-            unexport(self.stub, busid, remote, release=release, devid=devid)
-        finally:
-            if not self.stub.paths.device_dir(busid).exists():
-                # Unplugged: usbip-host keeps the busid in match_busid. Ask it to
-                # forget; Debian's 6.1 accepts that and keeps the entry anyway (a
-                # re-plugged device still goes to its usual driver, seen in the VM).
-                with contextlib.suppress(KernelError):
-                    self.stub.release(busid, devid)
-            elif not release:
-                # Staying bound to move elsewhere: stop our end of the old link now
-                # instead of waiting for the kernel to notice the far end closed.
-                with contextlib.suppress(KernelError):
-                    self.stub.stop(busid)
-
-    async def _release(self, action: Release) -> None:
-        busid = action.busid
-        error: str | None = None
-        device = self.devices.get(busid)
-        devid = device.devid if device is not None else None
-        try:
-            await in_thread(
-                f"release {busid}", lambda: self.stub.release(busid, devid), KERNEL_SLACK
-            )
-        except (KernelError, OSError) as exc:
-            error = str(exc)
-        try:
-            bound = self._bound(busid)
-            slot = self.slots.get(busid, Slot())
-            self.slots[busid] = release_finished(slot, bound, error, time.monotonic())
-            if not bound:
-                self._forget_record(busid)
-            log.event(
-                logger,
-                logging.INFO if error is None else logging.WARNING,
-                f"released {busid}" + (f": {error}" if error else ""),
-                busid=busid,
-                event="released",
-            )
-        finally:
-            self._finish(busid)
+        return self.wanted(device).rule if device is not None else None
 
     # ------------------------------------------------------------------ policy
 
@@ -864,5 +629,5 @@ class Daemon:
                 on_stop=self.options.on_stop or self.policy.settings.on_stop,
             ),
             usbip_host=table_report(self.stub),
-            devices=device_rows(self.devices, self.slots, self.settling, self._wanted),
+            devices=device_rows(self.devices, self.slots, self.settling, self.wanted),
         )
