@@ -6,7 +6,7 @@ Three paths between two "kernels" (this process's sockets), measured in one run:
   plain  the kernels' sockets connected directly over loopback TCP (what a
          plain-TCP export hands the kernels);
   tls    kernel A - loopback - the device side's relay process (the real
-         `hotplug.tunnel`, started by `transport.run_tunnel` after a real
+         `hotplug.device.tunnel`, started by `transport.run_tunnel` after a real
          EXPORT exchange) - TLS over loopback - the application side's relay
          (a process running usbipa's per-session code: TlsStream handshake,
          Inbox, reply, relay) - loopback - kernel B;
@@ -29,16 +29,15 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from bench.harness import machine, percentile, proc_stats
-from hotplug.channel import Channel, Inbox, TlsStream, WebSocketChannel
-from hotplug.device import Speed
-from hotplug.export import Timeouts
-from hotplug.policy import TlsOptions
-from hotplug.protocol import (
+from bench.harness import machine, percentile
+from hotplug.device.policy.model import TlsOptions
+from hotplug.device.transport import Remote, run_tunnel
+from hotplug.usb import Speed
+from hotplug.wire.channel import Channel, Inbox, TlsStream, WebSocketChannel
+from hotplug.wire.protocol import (
     DEVICE_RECORD_SIZE,
     HEADER_SIZE,
     DeviceRecord,
@@ -47,9 +46,9 @@ from hotplug.protocol import (
     ExportStatus,
     encode,
 )
-from hotplug.relay import loopback_pair, relay
-from hotplug.tlsconfig import server_context
-from hotplug.transport import Remote, run_tunnel
+from hotplug.wire.relay import loopback_pair, relay
+from hotplug.wire.tls import server_context
+from tests.rig import proc_stats
 
 CHUNK = 256 * 1024
 PING = 48
@@ -60,7 +59,7 @@ WSS_PATH = "/bench"
 
 
 async def serve(kind: str, cert: str, key: str, ca: str, kernel_port: int) -> None:
-    """The application side's per-session work, as usbipa does it (appd_link.py)."""
+    """The application side's per-session work, as usbipa does it (hotplug/app/link.py)."""
     context = server_context(cert, key, ca)
     listener = socket.create_server(("127.0.0.1", 0))
     listener.setblocking(False)
@@ -123,7 +122,7 @@ def open_path(
     remote = Remote(kind, "127.0.0.1", port, path, tls)  # type: ignore[arg-type]
     a, relay_end = loopback_pair()
     with relay_end:
-        _, pid = run_tunnel(remote, request(), asdict(Timeouts()), relay_end.fileno())
+        _, pid = run_tunnel(remote, request(), relay_end.fileno())
     b, _ = kernels.accept()
     kernels.close()
     b.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -27,17 +27,14 @@ from pathlib import Path
 
 from bench.harness import (
     DirWatch,
-    FakeKernel,
-    HotplugDaemon,
-    Usbipa,
     add_dir_option,
     machine,
     percentile,
-    proc_stats,
     raise_fd_limit,
     scratch_dir,
     wait_for,
 )
+from tests.rig import FakeKernel, HotplugDaemon, Usbipa, proc_stats
 
 TARGET_S = 1.0
 POLICY = """\

@@ -25,18 +25,10 @@ import sys
 import time
 from pathlib import Path
 
-from bench.harness import (
-    FakeKernel,
-    HotplugDaemon,
-    ProcStats,
-    Usbipa,
-    add_dir_option,
-    machine,
-    proc_stats,
-    scratch_dir,
-    wait_for,
-)
-from hotplug.export import export
+from bench.harness import add_dir_option, machine, scratch_dir, wait_for
+from hotplug.device.export import export
+from hotplug.device.transport import Remote
+from tests.rig import FakeKernel, HotplugDaemon, ProcStats, Usbipa, proc_stats
 
 POLICY = """\
 version: 1
@@ -101,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.no_daemon:
                 stub = dev.stub()
                 for busid in busids:
-                    export(stub, busid, usbipa.endpoint)
+                    export(stub, busid, Remote.plain(usbipa.endpoint))
                 stats = measure(pids, args.seconds)
                 attached = len(app.used_ports())
             else:

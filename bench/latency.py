@@ -17,7 +17,7 @@ loopback TCP; each side has its own fake kernel process (two machines).
      hand-over       the socket fd written to usbip_sockfd
      confirm         usbip_status read back
    then unplugs the device and times the unexport the daemon would send.
-   The real `hotplug.export.export` runs unchanged: its steps are timed by
+   The real `hotplug.device.export.export` runs unchanged: its steps are timed by
    wrapping the functions it calls (time.perf_counter around each).
 2. usbipa's side of the handshake (reap, find port, attach, record), timed
    in this process by calling the same Appd methods on a fake vhci.
@@ -48,13 +48,11 @@ from pathlib import Path
 from typing import ParamSpec, TypeVar
 from unittest import mock
 
-import hotplug.export as export_mod
+import hotplug.device.export as export_mod
+import hotplug.device.transport as transport_mod
 from bench.harness import (
     DirWatch,
     EchoServer,
-    FakeKernel,
-    HotplugDaemon,
-    Usbipa,
     add_dir_option,
     machine,
     scratch_dir,
@@ -63,14 +61,18 @@ from bench.harness import (
     wait_for,
 )
 from hotplug import log
-from hotplug.address import Endpoint
-from hotplug.appd import Appd
-from hotplug.appd_config import AllowRule, AppdConfig, parse_network
-from hotplug.device import Device, Speed
-from hotplug.export import Timeouts, device_record, export, unexport
+from hotplug.app.config import AllowRule, AppdConfig, parse_network
+from hotplug.app.server import Appd
+from hotplug.device.export import device_record, export, unexport
+from hotplug.device.policy.merge import parse_policy
+from hotplug.device.policy.model import Policy
+from hotplug.device.transport import Remote
 from hotplug.kernel.sysfs import read_device
-from hotplug.policy import Policy, parse_policy
-from hotplug.protocol import DeviceRecord, ExportRequest
+from hotplug.usb import Device, Speed
+from hotplug.wire.address import Endpoint
+from hotplug.wire.protocol import DeviceRecord, ExportRequest
+from hotplug.wire.sockets import Timeouts
+from tests.rig import FakeKernel, HotplugDaemon, Usbipa
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -188,13 +190,15 @@ def client_cycles(
             mock.patch.object(export_mod, "read_device", steps.wrap("checks+read", read_device))
         )
         stack.enter_context(
-            mock.patch.object(export_mod, "connect", steps.wrap("connect", export_mod.connect))
+            mock.patch.object(
+                transport_mod, "connect", steps.wrap("connect", transport_mod.connect)
+            )
         )
         stack.enter_context(
             mock.patch.object(
-                export_mod,
+                transport_mod,
                 "_exchange",
-                steps.wrap("handshake", export_mod._exchange, mark="attached"),
+                steps.wrap("handshake", transport_mod._exchange, mark="attached"),
             )
         )
         for n in range(warmup + cycles):
@@ -211,7 +215,7 @@ def client_cycles(
             endpoint = Endpoint(target.host, target.port)
             steps.current["policy"] = time_ms(t1)
             writes[0] = 0
-            export(stub, busid, endpoint, timeouts)
+            export(stub, busid, Remote.plain(endpoint, timeouts))
             export_writes = writes[0]
             total = time_ms(t0)
             attached = (steps.marks["attached"] - t0) * 1000.0
@@ -219,7 +223,7 @@ def client_cycles(
             # --- unplug; the daemon would send the unexport
             dev.unplug(busid)
             t2 = time.perf_counter()
-            unexport(stub, busid, endpoint, timeouts)
+            unexport(stub, busid, Remote.plain(endpoint, timeouts))
             unexport_ms = time_ms(t2)
             wait_for(lambda: not app.used_ports(), what="the vhci port to be freed")
             # --- baselines, interleaved so both see the same machine

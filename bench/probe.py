@@ -52,21 +52,22 @@ def _around(step: str, fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def install() -> None:
-    import hotplug.daemon as daemon
-    import hotplug.events as events
-    import hotplug.export as export
+    import hotplug.device.daemon as daemon
+    import hotplug.device.transport as transport
+    import hotplug.testing.fifo_events as fifo_events
+    from hotplug.device.events import DeviceEvent
+    from hotplug.device.reconcile import Export
     from hotplug.kernel.stub import UsbipHost
-    from hotplug.reconcile import Export
 
-    read_events = events.JsonLinesSource.read_events
+    read_events = fifo_events.JsonLinesSource.read_events
 
-    def read_and_mark(self: events.JsonLinesSource) -> list[events.DeviceEvent]:
+    def read_and_mark(self: fifo_events.JsonLinesSource) -> list[DeviceEvent]:
         found = read_events(self)
         for event in found:
             mark(f"event-{event.action}", event.busid)
         return found
 
-    events.JsonLinesSource.read_events = read_and_mark  # type: ignore[method-assign]
+    fifo_events.JsonLinesSource.read_events = read_and_mark  # type: ignore[method-assign]
 
     start = daemon.Daemon._start
 
@@ -92,8 +93,8 @@ def install() -> None:
     names["export"] = export_and_mark
     UsbipHost.bind = _around("bind", UsbipHost.bind)  # type: ignore[method-assign]
     UsbipHost.hand_over = _around("hand-over", UsbipHost.hand_over)  # type: ignore[method-assign]
-    export.connect = _around("connect", export.connect)
-    export._exchange = _around("handshake", export._exchange)
+    transport.connect = _around("connect", transport.connect)
+    transport._exchange = _around("handshake", transport._exchange)
 
 
 def _dump() -> None:
@@ -105,7 +106,7 @@ def _dump() -> None:
 def main() -> int:
     install()
     atexit.register(_dump)
-    from hotplug import cli
+    from hotplug.device import cli
 
     return cli.main(sys.argv[1:])
 

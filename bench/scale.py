@@ -4,7 +4,7 @@
 
 One asyncio client opens --connections TCP connections to a real usbipa at
 once, each sending OP_REQ_EXPORT for a distinct device (busid, busnum/devnum)
-built with hotplug.protocol; after a status-0 reply the fake vhci holds the
+built with hotplug.wire.protocol; after a status-0 reply the fake vhci holds the
 socket, and the client keeps its end open, as usbip-host would. Then it sends
 as many OP_REQ_UNEXPORT, each on a new connection, all at once.
 
@@ -36,19 +36,14 @@ from pathlib import Path
 
 from bench.harness import (
     EchoServer,
-    FakeKernel,
-    ProcStats,
-    Usbipa,
     add_dir_option,
     machine,
-    proc_stats,
     raise_fd_limit,
     scratch_dir,
     summary,
     wait_for,
 )
-from hotplug.device import Speed
-from hotplug.protocol import (
+from hotplug.wire.protocol import (
     HEADER_SIZE,
     DeviceRecord,
     ExportRequest,
@@ -57,6 +52,8 @@ from hotplug.protocol import (
     decode_header,
     encode,
 )
+from tests.helpers import disk_record
+from tests.rig import FakeKernel, ProcStats, Usbipa, proc_stats
 
 PORTS_PER_HUB = 15  # USB_SS_MAXPORTS: the kernel's vhci_hcd allows no more per hub
 BARE_REQUEST = b"\x01\x11\x80\x06\x00\x00\x00\x00"
@@ -65,22 +62,7 @@ BARE_REQUEST = b"\x01\x11\x80\x06\x00\x00\x00\x00"
 def record(n: int) -> DeviceRecord:
     """Device number n, distinct in busid and devid as the peer sees it."""
     busnum, devnum = n // 127 + 1, n % 127 + 1
-    return DeviceRecord(
-        path=f"/sys/devices/pci0000:00/usb{busnum}/{busnum}-{devnum}",
-        busid=f"{busnum}-{devnum}",
-        busnum=busnum,
-        devnum=devnum,
-        speed=Speed.HIGH,
-        id_vendor=0x1D6B,
-        id_product=0x0104,
-        bcd_device=0x0100,
-        device_class=0,
-        device_subclass=0,
-        device_protocol=0,
-        configuration_value=1,
-        num_configurations=1,
-        num_interfaces=1,
-    )
+    return disk_record(f"{busnum}-{devnum}", busnum=busnum, devnum=devnum)
 
 
 async def recv_exactly(sock: socket.socket, size: int) -> bytes:

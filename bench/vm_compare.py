@@ -3,7 +3,7 @@
     python -m bench.vm_compare --rounds 5
 
 Issue 7, item 2. Boots the test VM once (Debian's kernel under QEMU,
-hotplug.testvm.vm) and runs `bench.vm_compare_guest` in it: a configfs
+hotplug.testing.vm) and runs `bench.vm_compare_guest` in it: a configfs
 mass-storage gadget on dummy_hcd is plugged (t0 = the write of its UDC file)
 and exported to vhci_hcd on the same kernel, `--rounds` times per variant,
 the variants taking turns:
@@ -12,7 +12,7 @@ the variants taking turns:
   udev    udev rule RUN+="usbip bind -b %k", `usbipd -D`, and a shell loop
           running `usbip attach -r 127.0.0.1 -b BUSID` every second
   floor   an already running Python process polling sysfs every 2 ms that
-          calls hotplug.export.export() to the same usbipa on first sight
+          calls hotplug.device.export.export() to the same usbipa on first sight
 
 Measured from the guest, polling sysfs every 5 ms: "attached" = a vhci port
 reads status 6 (used); "disk" = the vhci-side block device exists and a 4 KiB
@@ -281,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
 
-    from hotplug.testvm.vm import GuestVM, VMError, check_host
+    from hotplug.testing.vm.guest import GuestVM
+    from hotplug.testing.vm.kernels import VMError, check_host
 
     deadline = time.monotonic() + args.timeout
     meta: dict[str, Any] = {

@@ -1,6 +1,6 @@
 """Guest side of `bench.vm_compare`: plug to attached on the real kernel, three ways.
 
-Runs as root inside the test VM (hotplug.testvm.vm), where one kernel plays
+Runs as root inside the test VM (hotplug.testing.vm), where one kernel plays
 both machines: a configfs mass-storage gadget on dummy_hcd is the USB device,
 vhci_hcd on the same kernel is the application side. Each round plugs the
 gadget (t0 = the write of the UDC name) and polls sysfs every `--interval`
@@ -12,7 +12,7 @@ read. Variants, one round of each in turn (the order rotates every round):
           and `usbip attach -r 127.0.0.1 -b BUSID` tried every second by a
           shell loop started before the plug
   floor   an already running Python process that polls /sys/bus/usb/devices
-          every 2 ms and calls hotplug.export.export() to the same usbipa the
+          every 2 ms and calls hotplug.device.export.export() to the same usbipa the
           moment the device shows up: what no exporter can beat on this kernel
 
 All of them are started once and stay up, as on a real machine ("already
@@ -457,7 +457,7 @@ class Bench:
     gadget's serial."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        from hotplug.testvm import gadget as gd
+        from hotplug.testing.vm import gadget as gd
 
         self.gd = gd
         self.args = args
@@ -498,7 +498,7 @@ class Bench:
             self.usbipa = Child.start(
                 "usbipa",
                 [
-                    PY, "-m", "hotplug.appd_cli", "--listen", "127.0.0.1",
+                    PY, "-m", "hotplug.app.cli", "--listen", "127.0.0.1",
                     "-t", str(USBIPA_PORT), "--allow", "127.0.0.0/8",
                     "--state-dir", str(WORK / "usbipa-state"),
                 ],
@@ -557,7 +557,7 @@ class Bench:
         t = now()
         self.daemon = Child.start(
             "daemon",
-            [PY, "-m", "hotplug.cli", "run", "-c", str(self.policy)],
+            [PY, "-m", "hotplug.device.cli", "run", "-c", str(self.policy)],
             env={
                 "NOTIFY_SOCKET": str(self.daemon_notify.path),
                 "USBIP_HOTPLUG_STATE_DIR": str(state),
@@ -897,10 +897,12 @@ def floor_main(args: argparse.Namespace) -> int:
     one with the serial prefix appears, export it, print a JSON report),
     `release` (unexport it: usbipa detaches, the device goes back to its driver).
     """
-    from hotplug.address import parse_endpoint
-    from hotplug.export import ExportError, Timeouts, export, unexport
+    from hotplug.device.export import ExportError, export, unexport
+    from hotplug.device.transport import Remote
     from hotplug.kernel.stub import UsbipHost
     from hotplug.kernel.sysfs import KernelError
+    from hotplug.wire.address import parse_endpoint
+    from hotplug.wire.sockets import Timeouts
 
     stub = UsbipHost()
     endpoint = parse_endpoint(args.target)
@@ -932,7 +934,7 @@ def floor_main(args: argparse.Namespace) -> int:
                 while now() < deadline:
                     report["tries"] += 1
                     try:
-                        export(stub, busid, endpoint, timeouts)
+                        export(stub, busid, Remote.plain(endpoint, timeouts))
                     except (KernelError, ExportError) as exc:
                         # e.g. caught mid-probe: the bind loses the race; try again at once
                         report["errors"].append(str(exc))
@@ -945,7 +947,7 @@ def floor_main(args: argparse.Namespace) -> int:
                     report["error"] = f"export failed: {report['errors'][-1:]}"
             print(json.dumps(report), flush=True)
         elif cmd == "release" and exported is not None:
-            unexport(stub, exported, endpoint, timeouts)
+            unexport(stub, exported, Remote.plain(endpoint, timeouts))
             exported = None
             print("released", flush=True)
     return 0

@@ -17,7 +17,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
 
-from hotplug.address import Endpoint
+from hotplug.wire.address import Endpoint
 
 CLIENT_TIMEOUT = 10.0
 MAX_CLIENTS = 8  # a Prometheus or two, a curl, and room for a retry

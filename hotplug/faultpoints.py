@@ -14,9 +14,10 @@ the step then goes on against whatever the kernel looks like by now.
 Names: bind.after-match-add, bind.after-driver-unbind, bind.after-stub-bind
 (hotplug/kernel/stub.py), export.start (before the device is read),
 export.after-connect, export.after-reply,
-export.after-hand-over (hotplug/export.py), release.before-unbind,
+export.after-hand-over (hotplug/device/export.py; after-connect and
+after-reply are in the plain handshake, hotplug/device/transport.py), release.before-unbind,
 release.before-rebind (stub.release), run.after-lock (the daemon holds its
-instance lock, before anything else: hotplug/daemon_cli.py).
+instance lock, before anything else: hotplug/device/daemon_cli.py).
 """
 
 from __future__ import annotations

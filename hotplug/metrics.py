@@ -1,7 +1,7 @@
 """The Prometheus endpoint both daemons share: a private registry, served over HTTP.
 
 Each daemon keeps its metric families in a registry of its own (its module,
-`daemon_metrics` or `appd_metrics`, says which), with the library's process,
+`hotplug.device.metrics` or `hotplug.app.metrics`, says which), with the library's process,
 platform and garbage-collector collectors beside them. Counters count whether
 or not anything serves them; `MetricsServer` serves the registry only when
 the admin asks for it (`settings.metrics.listen`, `metrics.listen`, or
@@ -28,7 +28,8 @@ import argparse
 import threading
 from typing import TYPE_CHECKING
 
-from hotplug.address import AddressError, Endpoint, parse_listen
+from hotplug.errors import HotplugError
+from hotplug.wire.address import AddressError, Endpoint, parse_listen
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
 __all__ = ["MetricsError", "MetricsServer", "listen_arg", "new_registry"]
 
 
-class MetricsError(Exception):
+class MetricsError(HotplugError):
     """The metrics endpoint cannot be served; the message says why and where."""
 
 

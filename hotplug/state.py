@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from hotplug.errors import HotplugError
+
 DEVICE_SIDE_DIR = "/run/usbip-hotplug"
 APP_SIDE_DIR = "/run/usbipa"
 
@@ -27,7 +29,7 @@ def default_dir(kind: str) -> Path:
     return Path(env or (DEVICE_SIDE_DIR if kind == "device" else APP_SIDE_DIR))
 
 
-class StateError(Exception):
+class StateError(HotplugError):
     pass
 
 
@@ -135,13 +137,6 @@ class RecordDir:
                 data = read_json(self.directory / name)
                 if isinstance(data, dict):
                     yield name[: -len(".json")], data
-
-
-def record_devid(record: dict[str, Any] | None) -> int | None:
-    """The device a record describes (busnum << 16 | devnum), if it says; records
-    of older versions do not."""
-    devid = (record or {}).get("devid")
-    return devid if isinstance(devid, int) and not isinstance(devid, bool) else None
 
 
 def writer_alive(record: dict[str, Any]) -> bool:

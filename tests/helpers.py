@@ -1,18 +1,19 @@
-"""Shared test helpers: run our real programs against the fake kernel, as systemd would."""
+"""Shared test helpers: waiting for a condition, systemd's notify socket, a test
+policy. Starting our programs and the fake kernel is tests/rig.py's job."""
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
-import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from hotplug.kernel.fake import FakeTree
+from hotplug.usb import Speed
+from hotplug.wire.protocol import DeviceRecord
 
 T = TypeVar("T")
 
@@ -74,56 +75,6 @@ class NotifySocket:
         self.sock.close()
 
 
-def env_for(tree: FakeTree, state: Path, **extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(tree.env())
-    env["USBIP_HOTPLUG_STATE_DIR"] = str(state / "device")
-    env["USBIPA_STATE_DIR"] = str(state / "app")
-    env["PYTHONUNBUFFERED"] = "1"
-    env.pop("NOTIFY_SOCKET", None)
-    env.pop("JOURNAL_STREAM", None)
-    env.update(extra)
-    return env
-
-
-def run_cli(
-    tree: FakeTree, state: Path, *args: str, timeout: float = 30
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "hotplug.cli", *args],
-        env=env_for(tree, state),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-@contextmanager
-def running_usbipa(
-    tree: FakeTree, state: Path, *args: str, allow: str = "127.0.0.0/8"
-) -> Iterator[tuple[subprocess.Popen[str], int]]:
-    """Start the real usbipa on an ephemeral loopback port; yield (process, port)."""
-    notify = NotifySocket(state)
-    env = env_for(tree, state, NOTIFY_SOCKET=str(notify.path))
-    cmd = [sys.executable, "-m", "hotplug.appd_cli", "--listen", "127.0.0.1", "-t", "0"]
-    if allow:
-        cmd += ["--allow", allow]
-    proc = subprocess.Popen([*cmd, *args], env=env, stderr=subprocess.PIPE, text=True)
-    try:
-        ready = notify.wait("READY", proc=proc)
-        port = int(ready["STATUS"].rsplit(":", 1)[1])
-        yield proc, port
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        notify.close()
-        notify.path.unlink(missing_ok=True)
-
-
 def disk_policy(
     address: str, serial_glob: str, *, rule: str = "test-disks", broken: bool = False, **target: str
 ) -> str:
@@ -137,3 +88,62 @@ def disk_policy(
     if broken:
         lines += ["  - name: broken", "    match:", '      vendor: "zz"', "    export: lab"]
     return "\n".join(lines) + "\n"
+
+
+def disk_record(
+    busid: str = "1-1", *, busnum: int = 1, devnum: int = 2, **known: Any
+) -> DeviceRecord:
+    """The USB/IP record of a Linux Foundation disk (1d6b:0104, high speed, one
+    configuration, one interface) at `busid` of bus `busnum`; `known` overrides."""
+    fields: dict[str, Any] = {
+        "path": f"/sys/devices/pci0000:00/usb{busnum}/{busid}",
+        "speed": Speed.HIGH,
+        "id_vendor": 0x1D6B,
+        "id_product": 0x0104,
+        "bcd_device": 0x0100,
+        "configuration_value": 1,
+        "num_configurations": 1,
+        "num_interfaces": 1,
+    }
+    return DeviceRecord.bare(busid, busnum=busnum, devnum=devnum, **{**fields, **known})
+
+
+@contextmanager
+def loopback_server(
+    handle: Callable[[socket.socket], None], *, threaded: bool = False
+) -> Iterator[int]:
+    """A TCP server on 127.0.0.1 for one block, yielding its port, calling
+    `handle(conn)` for each connection: in the accepting thread, the connection
+    held open until the block ends; or, `threaded`, in a thread of its own that
+    owns the connection (a stand-in for a slow or stateful peer)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    stop = threading.Event()
+    held: list[socket.socket] = []
+
+    def serve() -> None:
+        listener.settimeout(0.05)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if threaded:
+                threading.Thread(target=handle, args=(conn,), daemon=True).start()
+            else:
+                held.append(conn)
+                handle(conn)
+
+    acceptor = threading.Thread(target=serve, daemon=True)
+    acceptor.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        stop.set()
+        acceptor.join(timeout=5)
+        listener.close()
+        for conn in held:
+            conn.close()

@@ -1,4 +1,12 @@
-"""The kernel's USB/IP interfaces: usbip-host (stub) and vhci_hcd, via sysfs."""
+"""The kernel's USB/IP interfaces, via sysfs: usbip-host (stub.py, the device
+side), vhci_hcd (vhci.py, the application side), usbip-vudc (vudc.py), and the
+reading of devices (sysfs.py).
+
+`make_stub` and `make_vhci` are the one seam where the product may load a
+test double: with USBIP_HOTPLUG_FAKE_KERNEL set they return the fake kernel's
+writers (hotplug.testing.fake_kernel), which send each write to a process
+playing the kernel. Every program gets its stub and vhci from here.
+"""
 
 from __future__ import annotations
 
@@ -32,7 +40,7 @@ def make_stub() -> UsbipHost:
     paths = SysfsPaths.from_env()
     server = _fake_server()
     if server is not None:
-        from hotplug.kernel.fake import FakeUsbipHost
+        from hotplug.testing.fake_kernel import FakeUsbipHost
 
         return FakeUsbipHost(paths, server)
     return UsbipHost(paths)
@@ -42,7 +50,7 @@ def make_vhci() -> Vhci:
     paths = SysfsPaths.from_env()
     server = _fake_server()
     if server is not None:
-        from hotplug.kernel.fake import FakeVhci
+        from hotplug.testing.fake_kernel import FakeVhci
 
         return FakeVhci(paths, server)
     return Vhci(paths)

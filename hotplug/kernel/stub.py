@@ -29,7 +29,6 @@ from collections.abc import Iterator
 from enum import IntEnum
 from pathlib import Path
 
-from hotplug.device import Device
 from hotplug.faultpoints import reach
 from hotplug.kernel.sysfs import (
     DeviceNotFound,
@@ -41,6 +40,7 @@ from hotplug.kernel.sysfs import (
     read_device,
     validate_busid,
 )
+from hotplug.usb import Device
 
 STUB_DRIVER = "usbip-host"
 # stub_main.c's busid_table: entries are freed only by `rebind` or a module reload.

@@ -14,14 +14,15 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from hotplug.device import SYSFS_SPEEDS, Device, Interface, Speed
+from hotplug.errors import HotplugError
+from hotplug.usb import Device, Interface, device_from_attributes
 
 # A USB device (not a root hub "usb1", not an interface "1-1:1.0"). ASCII digits
 # and \Z, not \d and $: "1-1\n" and fullwidth or Arabic-Indic digits are not busids.
 BUSID_RE = re.compile(r"\A[0-9]+-[0-9]+(?:\.[0-9]+)*\Z")
 
 
-class KernelError(Exception):
+class KernelError(HotplugError):
     """A kernel interface refused or is missing; the message says what to do."""
 
 
@@ -98,12 +99,12 @@ class SysfsWriter:
         try:
             os.write(fd, text.encode())
         except OSError as exc:
-            raise KernelError(_explain_write_error(path, text, exc)) from exc
+            raise KernelError(explain_write_error(path, text, exc)) from exc
         finally:
             os.close(fd)
 
 
-def _explain_write_error(path: Path, text: str, exc: OSError) -> str:
+def explain_write_error(path: Path, text: str, exc: OSError) -> str:
     what = f"writing '{text.strip()}' to {path}"
     reasons = {
         errno.ENODEV: "no such device",
@@ -189,25 +190,11 @@ def read_device(paths: SysfsPaths, busid: str) -> Device:
         real = Path(os.path.realpath(dev_dir))
     except OSError as e:  # unplugged between the lstat and the readlink
         raise DeviceNotFound(busid) from e
-    speed_text = read_attr(dev_dir / "speed") or ""
-    return Device(
-        busid=busid,
-        path=paths.unrooted(real),
-        busnum=_int(dev_dir / "busnum", 10),
-        devnum=_int(dev_dir / "devnum", 10),
-        speed=SYSFS_SPEEDS.get(speed_text, Speed.UNKNOWN),
-        vendor=_int(dev_dir / "idVendor", 16),
-        product=_int(dev_dir / "idProduct", 16),
-        bcd_device=_int(dev_dir / "bcdDevice", 16),
-        device_class=_int(dev_dir / "bDeviceClass", 16),
-        device_subclass=_int(dev_dir / "bDeviceSubClass", 16),
-        device_protocol=_int(dev_dir / "bDeviceProtocol", 16),
-        configuration_value=_int(dev_dir / "bConfigurationValue", 10),
-        num_configurations=_int(dev_dir / "bNumConfigurations", 10),
+    return device_from_attributes(
+        busid,
+        paths.unrooted(real),
+        lambda name: read_attr(dev_dir / name),
         interfaces=read_interfaces(dev_dir, busid),
-        serial=read_attr(dev_dir / "serial"),
-        manufacturer=read_attr(dev_dir / "manufacturer"),
-        product_name=read_attr(dev_dir / "product"),
         driver=driver_name(dev_dir),
     )
 

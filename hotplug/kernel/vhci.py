@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
 
-from hotplug.device import Speed
 from hotplug.kernel.sysfs import KernelError, SysfsPaths, SysfsWriter, read_attr
+from hotplug.usb import Speed
 
 
 class PortState(IntEnum):

@@ -16,9 +16,9 @@ import re
 import socket
 import struct
 
-from hotplug.device import Speed
 from hotplug.kernel.sysfs import KernelError, SysfsPaths, SysfsWriter, read_attr
-from hotplug.protocol import DeviceRecord
+from hotplug.usb import Speed
+from hotplug.wire.protocol import DeviceRecord
 
 VUDC_RE = re.compile(r"\Ausbip-vudc\.[0-9]+\Z")
 DESCRIPTOR = struct.Struct("<BBHBBBBHHHBBBB")

@@ -10,8 +10,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench.harness import FakeKernel, Usbipa
-from hotplug.protocol import (
+from hotplug.wire.protocol import (
     HEADER_SIZE,
     USBIP_VERSION,
     Decoder,
@@ -24,7 +23,8 @@ from hotplug.protocol import (
     ProtocolError,
     UnexportRequest,
 )
-from tests.helpers import run_cli, wait_for
+from tests.helpers import wait_for
+from tests.rig import FakeKernel, Usbipa, run_cli
 
 REQUESTS = (Op.REQ_EXPORT, Op.REQ_UNEXPORT, Op.REQ_DEVLIST, Op.REQ_IMPORT)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.harness import FakeKernel, Usbipa
+from tests.rig import FakeKernel, Usbipa
 
 # Short enough that a test can wait for it, long enough for a loaded CI box.
 CONTROL_TIMEOUT = 0.5

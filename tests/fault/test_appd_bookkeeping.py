@@ -17,14 +17,16 @@ from typing import Any
 
 import pytest
 
-from bench.harness import FakeKernel
-from hotplug.address import Endpoint
-from hotplug.appd import Appd
-from hotplug.appd_config import AllowRule, AppdConfig, Limits, parse_network
-from hotplug.export import Timeouts, export, unexport
-from hotplug.protocol import DevlistRequest, encode
+from hotplug.app.config import AllowRule, AppdConfig, Limits, parse_network
+from hotplug.app.server import Appd
+from hotplug.device.export import export, unexport
+from hotplug.device.transport import Remote
+from hotplug.wire.address import Endpoint
+from hotplug.wire.protocol import DevlistRequest, encode
+from hotplug.wire.sockets import Timeouts
 from tests.fault.checks import check_reply, closed_by_server, dribble, talk
 from tests.helpers import wait_for
+from tests.rig import FakeKernel
 
 
 class LoopThread:
@@ -99,9 +101,9 @@ def test_books_balance_after_hostile_clients(
         sock.close()
     # A real export and unexport in between.
     device.plug("1-1")
-    export(device.stub(), "1-1", served.endpoint, Timeouts(2, 2))
+    export(device.stub(), "1-1", Remote.plain(served.endpoint, Timeouts(2, 2)))
     assert served.books()[3] == 1 and len(app.used_ports()) == 1
-    unexport(device.stub(), "1-1", served.endpoint, Timeouts(2, 2))
+    unexport(device.stub(), "1-1", Remote.plain(served.endpoint, Timeouts(2, 2)))
     check_reply(encode(DevlistRequest()), talk(port, encode(DevlistRequest())))
     wait_for(lambda: served.books() == (0, 0, {}, 0), 5, "usbipa's books to balance")
     assert not app.used_ports()

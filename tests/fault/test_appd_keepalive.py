@@ -10,13 +10,15 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from bench.harness import FakeKernel
-from hotplug.appd import Appd
-from hotplug.appd_config import AllowRule, AppdConfig, parse_network
-from hotplug.device import Speed
-from hotplug.export import Timeouts, export
-from hotplug.kernel.fake import FakeVhci
+from hotplug.app.config import AllowRule, AppdConfig, parse_network
+from hotplug.app.server import Appd
+from hotplug.device.export import export
+from hotplug.device.transport import Remote
+from hotplug.testing.fake_kernel import FakeVhci
+from hotplug.usb import Speed
+from hotplug.wire.sockets import Timeouts
 from tests.fault.test_appd_bookkeeping import LoopThread
+from tests.rig import FakeKernel
 
 
 class WatchedVhci(FakeVhci):
@@ -52,7 +54,7 @@ def test_plain_socket_has_keepalive_before_vhci_gets_it(
     runner = LoopThread(Appd(config, vhci))
     try:
         device.plug("1-1")
-        export(device.stub(), "1-1", runner.endpoint, Timeouts(2, 2))
+        export(device.stub(), "1-1", Remote.plain(runner.endpoint, Timeouts(2, 2)))
     finally:
         runner.stop()
     wanted = Timeouts()

@@ -9,9 +9,9 @@ import json
 import signal
 from pathlib import Path
 
-from bench.harness import FakeKernel, HotplugDaemon, Usbipa
 from tests.fault.checks import assert_no_leaks
 from tests.helpers import wait_for
+from tests.rig import FakeKernel, HotplugDaemon, Usbipa
 
 POLICY = """\
 version: 1

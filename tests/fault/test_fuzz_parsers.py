@@ -19,10 +19,11 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hotplug.appd_config import ConfigError, parse_config
-from hotplug.channel import ChannelError, WebSocketChannel
-from hotplug.peercert import PatternError, parse_san_pattern, parse_subject_pattern
-from hotplug.policy import PolicyError, parse_policy
+from hotplug.app.config import ConfigError, parse_config
+from hotplug.device.policy.merge import parse_policy
+from hotplug.device.policy.model import PolicyError
+from hotplug.wire.channel import ChannelError, WebSocketChannel
+from hotplug.wire.peercert import PatternError, parse_san_pattern, parse_subject_pattern
 
 ROOT = Path(__file__).resolve().parents[2]
 POLICY_SEEDS = [

@@ -28,12 +28,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bench.harness import FakeKernel
-from hotplug.address import Endpoint
-from hotplug.export import ExportError, Timeouts, _exchange, export, recv_exactly
-from hotplug.protocol import HEADER_SIZE, USBIP_VERSION, Op
+from hotplug.device.export import ExportError, export
+from hotplug.device.transport import Remote, _exchange, recv_exactly
+from hotplug.wire.address import Endpoint
+from hotplug.wire.protocol import HEADER_SIZE, USBIP_VERSION, Op
+from hotplug.wire.sockets import Timeouts
 from tests.helpers import wait_for
 from tests.integration.test_export_errors import fake_peer, read_request
+from tests.rig import FakeKernel
 
 End = Literal["eof", "silence", "reset"]
 ENDPOINT = Endpoint("192.0.2.1", 3240)
@@ -203,7 +205,7 @@ def test_export_against_any_reply(kernel: FakeKernel, scripted_target: tuple[int
         script.reply, script.close = stream, close
         success = expected_status(stream, Op.REP_EXPORT) == 0
         try:
-            export(stub, "1-1", Endpoint("127.0.0.1", port), FAST)
+            export(stub, "1-1", Remote.plain(Endpoint("127.0.0.1", port), FAST))
         except ExportError as exc:
             # A peer that hangs up right after "attached" may kill the link before
             # usbip_status is read back: then the export fails, and says so.
@@ -242,7 +244,7 @@ def test_failed_export_leaves_the_device_as_it_was(
     def one(stream: bytes) -> None:
         script.reply, script.close = stream, True
         with pytest.raises(ExportError):
-            export(stub, "1-1", Endpoint("127.0.0.1", port), FAST)
+            export(stub, "1-1", Remote.plain(Endpoint("127.0.0.1", port), FAST))
         assert kernel.driver("1-1") == "usb"
         assert kernel.stub_status("1-1") is None
         assert kernel.live_match_table() == []

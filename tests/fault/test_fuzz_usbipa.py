@@ -15,10 +15,9 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bench.harness import FakeKernel, Usbipa
-from hotplug.appd import LOG_BURST, LOG_WINDOW, SESSION_POLL_INTERVAL
-from hotplug.device import Speed
-from hotplug.protocol import (
+from hotplug.app.server import LOG_BURST, LOG_WINDOW, SESSION_POLL_INTERVAL
+from hotplug.usb import Speed
+from hotplug.wire.protocol import (
     DeviceRecord,
     DevlistRequest,
     ExportRequest,
@@ -36,7 +35,8 @@ from tests.fault.checks import (
     talk,
 )
 from tests.fault.conftest import CONTROL_TIMEOUT
-from tests.helpers import wait_for
+from tests.helpers import disk_record, wait_for
+from tests.rig import FakeKernel, Usbipa
 
 FUZZ = settings(
     max_examples=150,
@@ -132,22 +132,7 @@ def test_every_truncation_is_refused_cleanly(
     usbipa: Usbipa, device: FakeKernel, tmp_path: Path
 ) -> None:
     base = usbipa.fds()
-    record = DeviceRecord(
-        path="/sys/devices/pci0000:00/usb1/1-4",
-        busid="1-4",
-        busnum=1,
-        devnum=9,
-        speed=Speed.HIGH,
-        id_vendor=0x1D6B,
-        id_product=0x0104,
-        bcd_device=0x0100,
-        device_class=0,
-        device_subclass=0,
-        device_protocol=0,
-        configuration_value=1,
-        num_configurations=1,
-        num_interfaces=1,
-    )
+    record = disk_record("1-4", devnum=9)
     requests = [
         encode(ExportRequest(record)),
         encode(UnexportRequest(record)),
@@ -225,22 +210,8 @@ def test_slow_loris_closed_at_the_control_timeout(
 
 
 def _record(busid: str) -> DeviceRecord:
-    return DeviceRecord(
-        path="",
-        busid=busid,
-        busnum=1,
-        devnum=int(busid.rsplit("-", 1)[1]),
-        speed=Speed.HIGH,
-        id_vendor=0x1D6B,
-        id_product=0x0104,
-        bcd_device=0,
-        device_class=0,
-        device_subclass=0,
-        device_protocol=0,
-        configuration_value=1,
-        num_configurations=1,
-        num_interfaces=0,
-    )
+    devnum = int(busid.rsplit("-", 1)[1])
+    return disk_record(busid, devnum=devnum, path="", bcd_device=0, num_interfaces=0)
 
 
 # --------------------------------------------------------------------------- floods

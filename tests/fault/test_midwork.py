@@ -16,14 +16,16 @@ from typing import Any
 
 import pytest
 
-import hotplug.export as export_mod
-from bench.harness import FakeKernel, Usbipa
-from hotplug.device import Device
-from hotplug.export import ExportError, Timeouts, export, unexport
+import hotplug.device.transport as transport_mod
+from hotplug.device.export import ExportError, export, unexport
+from hotplug.device.transport import Remote
 from hotplug.kernel.sysfs import KernelError
-from hotplug.protocol import UnexportStatus
+from hotplug.usb import Device
+from hotplug.wire.protocol import UnexportStatus
+from hotplug.wire.sockets import Timeouts
 from tests.fault.checks import assert_no_leaks
 from tests.helpers import wait_for
+from tests.rig import FakeKernel, Usbipa
 
 FAST = Timeouts(connect=2.0, handshake=2.0)
 
@@ -44,7 +46,7 @@ def test_target_killed_during_handshake(
 ) -> None:
     """usbipa dies after the request is sent and before it replies."""
     device.plug("1-1")
-    real_connect, real_recv = export_mod.connect, export_mod.recv_exactly
+    real_connect, real_recv = transport_mod.connect, transport_mod.recv_exactly
 
     def connect_to_frozen(*args: Any) -> socket.socket:
         usbipa.signal(signal.SIGSTOP)  # the kernel still completes the TCP handshake
@@ -54,10 +56,10 @@ def test_target_killed_during_handshake(
         usbipa.kill()  # the request sits unread in its queue
         return real_recv(*args)
 
-    monkeypatch.setattr(export_mod, "connect", connect_to_frozen)
-    monkeypatch.setattr(export_mod, "recv_exactly", recv_after_kill)
+    monkeypatch.setattr(transport_mod, "connect", connect_to_frozen)
+    monkeypatch.setattr(transport_mod, "recv_exactly", recv_after_kill)
     with caplog.at_level(logging.INFO, "hotplug.export"), pytest.raises(ExportError) as info:
-        export(device.stub(), "1-1", usbipa.endpoint, FAST)
+        export(device.stub(), "1-1", Remote.plain(usbipa.endpoint, FAST))
     assert "reset" in str(info.value) or "closed" in str(info.value)
     assert_released(device)
     assert not usbipa.kernel.used_ports()
@@ -65,7 +67,7 @@ def test_target_killed_during_handshake(
     monkeypatch.undo()
     # Converges: the target comes back and the next attempt (the daemon's retry) works.
     usbipa.start()  # on the same port and state directory, as systemd would
-    export(device.stub(), "1-1", usbipa.endpoint, FAST)
+    export(device.stub(), "1-1", Remote.plain(usbipa.endpoint, FAST))
     assert device.stub_status("1-1") == "2" and len(usbipa.kernel.used_ports()) == 1
 
 
@@ -82,7 +84,11 @@ def test_usbipa_killed_while_its_attach_is_in_flight(
 
     def run() -> None:
         try:
-            export(device.stub(), "1-1", usbipa.endpoint, Timeouts(connect=2, handshake=1))
+            export(
+                device.stub(),
+                "1-1",
+                Remote.plain(usbipa.endpoint, Timeouts(connect=2, handshake=1)),
+            )
             outcome.append(None)
         except BaseException as exc:
             outcome.append(exc)
@@ -113,7 +119,7 @@ def test_usbipa_killed_while_its_attach_is_in_flight(
     wait_for(lambda: not app.used_ports(), 10, "the orphaned port to be freed with its link")
     usbipa.start()  # on the same port and state directory, as systemd would
     assert usbipa.status_json() == []
-    export(device.stub(), "1-1", usbipa.endpoint, FAST)
+    export(device.stub(), "1-1", Remote.plain(usbipa.endpoint, FAST))
     wait_for(lambda: len(app.used_ports()) == 1, 10, "usbipa to attach (it replies first)")
 
 
@@ -131,7 +137,7 @@ def test_unplug_between_bind_and_export(device: FakeKernel, usbipa: Usbipa, capl
 
     stub.bind = bind_then_unplug  # type: ignore[method-assign]
     with caplog.at_level(logging.INFO, "hotplug.export"), pytest.raises(KernelError):
-        export(stub, "1-1", usbipa.endpoint, FAST)
+        export(stub, "1-1", Remote.plain(usbipa.endpoint, FAST))
     assert_released(device)
     assert not usbipa.kernel.used_ports()
     assert any(
@@ -140,7 +146,7 @@ def test_unplug_between_bind_and_export(device: FakeKernel, usbipa: Usbipa, capl
     )
     # Plugged in again, it exports.
     device.plug("1-1")
-    export(device.stub(), "1-1", usbipa.endpoint, FAST)
+    export(device.stub(), "1-1", Remote.plain(usbipa.endpoint, FAST))
     assert device.stub_status("1-1") == "2"
 
 
@@ -160,7 +166,7 @@ def test_unplug_between_handshake_and_hand_over(
 
     stub.hand_over = unplug_then_hand_over  # type: ignore[method-assign]
     with caplog.at_level(logging.INFO, "hotplug.export"), pytest.raises(KernelError):
-        export(stub, "1-1", usbipa.endpoint, FAST)
+        export(stub, "1-1", Remote.plain(usbipa.endpoint, FAST))
     assert_released(device)
     assert any("export failed: 1-1 was unplugged while" in r.getMessage() for r in caplog.records)
     # Our end closed; the far kernel frees the port and usbipa drops the session.
@@ -178,7 +184,7 @@ def test_usbipa_restart_adopts_attached_ports(
     stub = device.stub()
     for busid in ("1-1", "1-2", "1-3"):
         device.plug(busid)
-        export(stub, busid, usbipa.endpoint, FAST)
+        export(stub, busid, Remote.plain(usbipa.endpoint, FAST))
     ports = {row["busid"]: row["port"] for row in usbipa.status_json()}
     assert sorted(ports) == ["1-1", "1-2", "1-3"]
     if how == "SIGKILL":
@@ -204,7 +210,7 @@ def test_usbipa_restart_adopts_attached_ports(
     ]
     # Adopted for real: the unexports find their ports.
     for busid in ("1-1", "1-2"):
-        assert unexport(stub, busid, usbipa.endpoint, FAST) == UnexportStatus.DETACHED
-    assert unexport(stub, "1-3", usbipa.endpoint, FAST) == UnexportStatus.NOT_FOUND
+        assert unexport(stub, busid, Remote.plain(usbipa.endpoint, FAST)) == UnexportStatus.DETACHED
+    assert unexport(stub, "1-3", Remote.plain(usbipa.endpoint, FAST)) == UnexportStatus.NOT_FOUND
     assert_no_leaks(usbipa, base)
     assert device.live_match_table() == []

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.soak import run_soak
+from tests.fault.soak import run_soak
 
 
 # Bounded by its count (500 cycles), not by time: on an idle machine it takes

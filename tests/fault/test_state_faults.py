@@ -14,10 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from bench.harness import FakeKernel, Usbipa
-from hotplug.export import Timeouts, export
+from hotplug.device.export import export
+from hotplug.device.transport import Remote
+from hotplug.wire.sockets import Timeouts
 from tests.fault.conftest import LIMITS
-from tests.helpers import run_cli, wait_for
+from tests.helpers import wait_for
+from tests.rig import FakeKernel, Usbipa, run_cli
 
 FAST = Timeouts(connect=2.0, handshake=2.0)
 
@@ -42,7 +44,7 @@ def test_usbipa_without_its_state_directory(
             block(usbipa.state_dir)
         base = usbipa.fds()
         device.plug("1-1")
-        export(device.stub(), "1-1", usbipa.endpoint, FAST)  # still works
+        export(device.stub(), "1-1", Remote.plain(usbipa.endpoint, FAST))  # still works
         wait_for(lambda: len(app.used_ports()) == 1, 10, "usbipa to attach (it replies first)")
         assert "cannot record port 0" in usbipa.log()
         assert "a restarted usbipa will not adopt it" in usbipa.log()
@@ -54,7 +56,7 @@ def test_usbipa_without_its_state_directory(
         wait_for(lambda: usbipa.fds() == base, 10, f"usbipa back at {base} open files")
         # And it goes on serving.
         device.plug("1-2")
-        export(device.stub(), "1-2", usbipa.endpoint, FAST)
+        export(device.stub(), "1-2", Remote.plain(usbipa.endpoint, FAST))
         assert usbipa.alive()
         assert "Traceback" not in usbipa.log()
 
@@ -83,7 +85,7 @@ def test_disconnect_without_a_state_directory(
     state.mkdir()
     (state / "device").write_text("a file in the way\n")
     device.plug("1-1")
-    export(device.stub(), "1-1", usbipa.endpoint, FAST)
+    export(device.stub(), "1-1", Remote.plain(usbipa.endpoint, FAST))
     result = run_cli(device.tree, state, "disconnect", "-r", str(usbipa.endpoint), "-b", "1-1")
     assert device.driver("1-1") == "usb"  # the work was done either way
     assert "Traceback" not in result.stderr, result.stderr

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from hotplug.kernel.fake import FakeTree, FakeUsbDevice
+from hotplug.testing.fake_kernel import FakeTree, FakeUsbDevice
 
 if TYPE_CHECKING:
     from tests.tlscerts import Pki

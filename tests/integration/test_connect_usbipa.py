@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from hotplug.kernel.fake import FakeTree
 from hotplug.kernel.vhci import PortState
-from tests.helpers import run_cli, running_usbipa
+from hotplug.testing.fake_kernel import FakeTree
 from tests.integration.conftest import DISK
+from tests.rig import run_cli, running_usbipa
 
 
 def used_ports(tree: FakeTree) -> list[int]:

@@ -15,7 +15,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,11 +23,12 @@ from typing import Any
 
 import pytest
 
-from hotplug.events import write_event
-from hotplug.kernel.fake import FakeTree, FakeUsbDevice
 from hotplug.kernel.sysfs import read_device
 from hotplug.kernel.vhci import PortState, VhciPort
-from tests.helpers import NotifySocket, env_for, run_cli, running_usbipa, wait_for
+from hotplug.testing.fake_kernel import FakeTree, FakeUsbDevice
+from hotplug.testing.fifo_events import write_event
+from tests.helpers import NotifySocket, wait_for
+from tests.rig import command, env_for, run_cli, running_usbipa
 
 DISK = FakeUsbDevice("1-1", 0x1D6B, 0x0104, serial="DISK01", product_name="Disk")
 KEY = FakeUsbDevice("1-2", 0x2222, 0x0001, serial="KEY01", product_name="Key")
@@ -196,7 +196,7 @@ class Daemon:
         if self.notify is not None:
             self.notify.close()
         self.notify = Notifications(self.dir)
-        cmd = [sys.executable, "-m", "hotplug.cli", "run", "-c", str(self.policy)]
+        cmd = [*command("usbip-hotplug"), "run", "-c", str(self.policy)]
         cmd += ["--events", str(self.fifo), "--poll-interval", "0.1", "--watch-interval", "0.2"]
         with open(self.log, "a") as log:
             self.proc = subprocess.Popen(
@@ -744,7 +744,7 @@ def test_status_over_the_control_socket(tree: FakeTree, state: Path, daemons: An
 def test_second_daemon_refuses_to_start(tree: FakeTree, state: Path, daemons: Any) -> None:
     first = daemons(policy_text({"lab": target(free_port())}, [])).start()
     second = subprocess.run(
-        [sys.executable, "-m", "hotplug.cli", "run", "-c", str(first.policy)],
+        [*command("usbip-hotplug"), "run", "-c", str(first.policy)],
         env=env_for(tree, state),
         capture_output=True,
         text=True,

@@ -4,28 +4,29 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import sys
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
 
-from hotplug.address import Endpoint
-from hotplug.export import ExportError, Timeouts, export
-from hotplug.kernel.fake import FakeTree, FakeUsbDevice
+from hotplug.device.export import ExportError, export
+from hotplug.device.transport import Remote
 from hotplug.kernel.vhci import PortState
-from hotplug.protocol import (
+from hotplug.testing.fake_kernel import FakeTree, FakeUsbDevice
+from hotplug.wire.address import Endpoint
+from hotplug.wire.protocol import (
     DEVICE_RECORD_SIZE,
     HEADER_SIZE,
     ExportReply,
     ExportStatus,
     encode,
 )
-from tests.helpers import env_for, run_cli, running_usbipa, wait_for
+from hotplug.wire.sockets import Timeouts
+from tests.helpers import loopback_server, wait_for
 from tests.integration.conftest import DISK
 from tests.integration.test_connect_usbipa import driver, stub_status, used_ports
+from tests.rig import command, env_for, run_cli, running_usbipa
 
 REQUEST_SIZE = HEADER_SIZE + DEVICE_RECORD_SIZE
 
@@ -39,37 +40,9 @@ def assert_untouched(tree: FakeTree, busid: str = "1-1") -> None:
     assert busid not in match.split()
 
 
-@contextmanager
-def fake_peer(behaviour: Callable[[socket.socket], None]) -> Iterator[int]:
+def fake_peer(behaviour: Callable[[socket.socket], None]) -> AbstractContextManager[int]:
     """A hand-rolled application side on loopback that does `behaviour` per connection."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(8)
-    stop = threading.Event()
-    held: list[socket.socket] = []
-
-    def serve() -> None:
-        listener.settimeout(0.05)
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            held.append(conn)
-            behaviour(conn)
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        yield listener.getsockname()[1]
-    finally:
-        stop.set()
-        thread.join(timeout=5)
-        listener.close()
-        for conn in held:
-            conn.close()
+    return loopback_server(behaviour)
 
 
 def read_request(conn: socket.socket) -> bytes:
@@ -200,7 +173,7 @@ def test_bytes_after_the_reply_reach_the_kernel_untouched(tree: FakeTree) -> Non
         conn.sendall(encode(ExportReply(ExportStatus.ATTACHED)) + urbs)
 
     with fake_peer(reply_with_urbs) as port:
-        export(tree.stub(), "1-1", Endpoint("127.0.0.1", port), Timeouts(1, 1))
+        export(tree.stub(), "1-1", Remote.plain(Endpoint("127.0.0.1", port), Timeouts(1, 1)))
         rx = tree.root / ".fake-kernel-rx" / "1-1"
         wait_for(lambda: rx.read_bytes() == urbs, what="URB bytes at the stub")
         assert stub_status(tree, "1-1") == "2"
@@ -256,7 +229,7 @@ def test_device_bound_by_another_tool_is_not_taken(tree: FakeTree, state: Path) 
 def test_export_error_is_one_line(tree: FakeTree) -> None:
     tree.add_device(DISK)
     with pytest.raises(ExportError) as info:
-        export(tree.stub(), "1-1", Endpoint("127.0.0.1", 1), Timeouts(1, 1))
+        export(tree.stub(), "1-1", Remote.plain(Endpoint("127.0.0.1", 1), Timeouts(1, 1)))
     assert "\n" not in str(info.value)
     assert_untouched(tree)
 
@@ -300,9 +273,7 @@ def test_unplugged_mid_export_says_so(
     with running_usbipa(tree, state) as (_, port):
         proc = subprocess.Popen(
             [
-                sys.executable,
-                "-m",
-                "hotplug.cli",
+                *command("usbip-hotplug"),
                 "connect",
                 "-r",
                 f"127.0.0.1:{port}",

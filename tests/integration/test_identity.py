@@ -17,10 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from hotplug.device import Device, Speed
-from hotplug.export import bare_record
-from hotplug.kernel.fake import FakeTree, FakeUsbDevice
-from hotplug.protocol import (
+from hotplug.device.export import bare_record
+from hotplug.device.transport import Remote
+from hotplug.testing.fake_kernel import FakeTree, FakeUsbDevice
+from hotplug.usb import Device, Speed
+from hotplug.wire.protocol import (
     DeviceRecord,
     ExportRequest,
     ExportStatus,
@@ -28,9 +29,10 @@ from hotplug.protocol import (
     UnexportStatus,
     encode,
 )
-from tests.helpers import running_usbipa, wait_for
+from tests.helpers import disk_record, wait_for
 from tests.integration.test_connect_usbipa import used_ports
 from tests.integration.tls_support import log_of, raw_tls_client, secure_usbipa
+from tests.rig import running_usbipa
 from tests.tlscerts import Pair, Pki, issue_client
 
 
@@ -44,21 +46,15 @@ def record(
     path: str | None = None,
     speed: Speed = Speed.HIGH,
 ) -> DeviceRecord:
-    return DeviceRecord(
-        path=path if path is not None else f"/sys/devices/pci0000:00/usb{busnum}/{busid}",
-        busid=busid,
+    where = {"path": path} if path is not None else {}
+    return disk_record(
+        busid,
         busnum=busnum,
         devnum=devnum,
         speed=speed,
         id_vendor=vendor,
         id_product=product,
-        bcd_device=0x0100,
-        device_class=0,
-        device_subclass=0,
-        device_protocol=0,
-        configuration_value=1,
-        num_configurations=1,
-        num_interfaces=1,
+        **where,
     )
 
 
@@ -275,7 +271,7 @@ def test_fake_vhci_cuts_devid_to_32_bits_and_refuses_unknown_speed(tree: FakeTre
 def test_identity_is_the_certificate_not_its_name() -> None:
     """Issue 12, finding 2: the identity is the certificate (its SHA-256), never
     the rendered name, whenever the certificate is known."""
-    from hotplug.peercert import PeerCert
+    from hotplug.wire.peercert import PeerCert
 
     one = PeerCert.from_ssl({"subject": ((("commonName", "lab-1,O=Example"),),)}, b"a")
     two = PeerCert.from_ssl(
@@ -293,8 +289,9 @@ def test_device_that_is_not_what_its_export_claims_is_detached(
     OP_EXPORT. Once the device enumerates behind vhci, usbipa compares its
     idVendor/idProduct with the record's and detaches on a mismatch, saying why.
     Here the device side lies: it exports a 0bad:0001 as an allowed 1d6b:0104."""
-    import hotplug.export as export_module
-    from hotplug.address import Endpoint
+    import hotplug.device.export as export_module
+    from hotplug.wire.address import Endpoint
+    from hotplug.wire.sockets import Timeouts
 
     tree.add_device(FakeUsbDevice(busid="1-1", vendor=0x0BAD, product=0x0001), devnum=3)
     tree.add_device(FakeUsbDevice(busid="1-2", vendor=0x1D6B, product=0x0104), devnum=4)
@@ -308,10 +305,10 @@ def test_device_that_is_not_what_its_export_claims_is_detached(
 
     with running_usbipa(tree, state, "--device", "1d6b:0104") as (proc, port):
         endpoint = Endpoint("127.0.0.1", port)
-        export_module.export(tree.stub(), "1-2", endpoint, export_module.Timeouts(3, 3))
+        export_module.export(tree.stub(), "1-2", Remote.plain(endpoint, Timeouts(3, 3)))
         honest_port = wait_for(lambda: used_ports(tree), 5, "the honest device attached")
         monkeypatch.setattr(export_module, "device_record", lying)
-        export_module.export(tree.stub(), "1-1", endpoint, export_module.Timeouts(3, 3))
+        export_module.export(tree.stub(), "1-1", Remote.plain(endpoint, Timeouts(3, 3)))
         wait_for(lambda: len(used_ports(tree)) == 2, 5, "the lying export attached")
         # usbipa's poll (every 2 s) finds what enumerated; the honest one stays.
         wait_for(lambda: used_ports(tree) == honest_port, 10, "the lying device detached")

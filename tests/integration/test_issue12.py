@@ -7,9 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hotplug.kernel.fake import FakeTree
-from tests.helpers import env_for
+from hotplug.testing.fake_kernel import FakeTree
 from tests.integration.tls_support import client_flags
+from tests.rig import env_for
 from tests.tlscerts import Pki
 
 CLI = str(Path(sys.executable).parent / "usbip-hotplug")
@@ -30,9 +30,7 @@ def test_relay_does_not_import_from_the_working_directory(
     (shared / "hotplug").mkdir(parents=True)
     shared.chmod(0o1777)
     marker = tmp_path / "planted-code-ran"
-    (shared / "hotplug" / "__init__.py").write_text(
-        f"open({str(marker)!r}, 'w').write('owned')\n"
-    )
+    (shared / "hotplug" / "__init__.py").write_text(f"open({str(marker)!r}, 'w').write('owned')\n")
     env = env_for(tree, state)
     for name in ("PYTHONPATH", "PYTHONSAFEPATH"):
         env.pop(name, None)

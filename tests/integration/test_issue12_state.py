@@ -10,15 +10,14 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from hotplug.kernel.fake import FakeTree, FakeUsbDevice
-from tests.helpers import env_for, run_cli, running_usbipa, wait_for
+from hotplug.testing.fake_kernel import FakeTree, FakeUsbDevice
+from tests.helpers import wait_for
 from tests.integration.test_daemon import (
     Daemon,
     Notifications,
@@ -32,11 +31,12 @@ from tests.integration.test_daemon import (
     target,
     used_ports,
 )
+from tests.rig import command, env_for, run_cli, running_usbipa
 
 DISK = FakeUsbDevice("1-1", 0x1D6B, 0x0104, serial="DISK01", product_name="Disk")
-CLI = [sys.executable, "-m", "hotplug.cli"]
+CLI = [*command("usbip-hotplug")]
 
-RUN = [sys.executable, "-m", "hotplug.cli", "run"]
+RUN = [*command("usbip-hotplug"), "run"]
 
 
 class Faults:

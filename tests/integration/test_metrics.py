@@ -16,7 +16,6 @@ import signal
 import socket
 import ssl
 import subprocess
-import sys
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -27,8 +26,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from hotplug.kernel.fake import FakeTree, FakeUsbDevice
-from tests.helpers import NotifySocket, env_for, wait_for
+from hotplug.testing.fake_kernel import FakeTree, FakeUsbDevice
+from tests.helpers import wait_for
 from tests.integration import test_daemon
 from tests.integration.test_daemon import (
     DISK,
@@ -39,6 +38,7 @@ from tests.integration.test_daemon import (
     used_ports,
 )
 from tests.integration.tls_support import cli, client_flags, secure_usbipa
+from tests.rig import command, env_for, stop, usbipa_process
 from tests.tlscerts import Pki
 
 daemons = test_daemon.daemons  # the fixture
@@ -83,26 +83,11 @@ def eventually(url: str, check: Callable[[Samples], bool], what: str) -> Samples
 @contextmanager
 def usbipa(tree: FakeTree, state: Path, *args: str) -> Iterator[tuple[int, str]]:
     """usbipa with metrics on; yields (its USB/IP port, its metrics URL)."""
-    notify = NotifySocket(state)
-    env = env_for(tree, state, NOTIFY_SOCKET=str(notify.path))
-    cmd = [sys.executable, "-m", "hotplug.appd_cli", "--listen", "127.0.0.1", "-t", "0", *args]
     log = state / "usbipa.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
-    try:
-        ready = notify.wait("READY", proc=proc)
+    with usbipa_process(env_for(tree, state), state, *args, log=log) as (_, ports):
         match = URL.search(log.read_text())  # logged before READY
         assert match, log.read_text()
-        yield int(ready["STATUS"].rsplit(":", 1)[1]), match.group(1)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        notify.close()
-        notify.path.unlink(missing_ok=True)
+        yield ports["tcp"], match.group(1)
 
 
 def test_metrics_of_both_daemons_during_plug_link_loss_and_unplug(
@@ -278,12 +263,7 @@ def prometheus(tmp_path: Path, jobs: dict[str, str]) -> Iterator[Callable[[str],
         wait_for(ready, 30, "prometheus ready")
         yield query
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
 
 def scalar(result: list[Any]) -> float | None:
@@ -375,14 +355,14 @@ def test_a_metrics_port_in_use_stops_the_start_with_the_reason(
         policy.write_text(policy_text({"lab": target(9)}, [rule("d", "1d6b", "lab")]))
         env = env_for(tree, state)
         device = subprocess.run(
-            [sys.executable, "-m", "hotplug.cli", "run", "-c", str(policy), *metrics],
+            [*command("usbip-hotplug"), "run", "-c", str(policy), *metrics],
             env=env,
             capture_output=True,
             text=True,
             timeout=30,
         )
         app = subprocess.run(
-            [sys.executable, "-m", "hotplug.appd_cli", *LOOPBACK_ANY_PORT, *metrics],
+            [*command("usbipa"), *LOOPBACK_ANY_PORT, *metrics],
             env=env,
             capture_output=True,
             text=True,

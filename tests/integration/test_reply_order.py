@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from hotplug.address import Endpoint
-from hotplug.device import Speed
-from hotplug.export import ExportError, Timeouts, device_record, export
-from hotplug.kernel.fake import USBIP_CMD_SUBMIT, FakeTree
+from hotplug.device.export import ExportError, device_record, export
+from hotplug.device.transport import Remote
 from hotplug.kernel.sysfs import read_device
-from hotplug.protocol import (
+from hotplug.testing.fake_kernel import USBIP_CMD_SUBMIT, FakeTree
+from hotplug.usb import Speed
+from hotplug.wire.address import Endpoint
+from hotplug.wire.protocol import (
     DEVICE_RECORD_SIZE,
     HEADER_SIZE,
     ExportReply,
@@ -27,10 +28,12 @@ from hotplug.protocol import (
     decode_header,
     encode,
 )
-from tests.helpers import running_usbipa, wait_for
+from hotplug.wire.sockets import Timeouts
+from tests.helpers import wait_for
 from tests.integration.conftest import DISK
 from tests.integration.test_connect_usbipa import driver, stub_status, used_ports
 from tests.integration.test_export_errors import fake_peer
+from tests.rig import running_usbipa
 
 
 def recv_exactly(sock: socket.socket, size: int) -> bytes:
@@ -80,7 +83,7 @@ def test_device_side_names_an_application_side_that_attached_before_replying(
 
     with fake_peer(attach_then_reply) as port:
         with pytest.raises(ExportError) as caught:
-            export(tree.stub(), "1-1", Endpoint("127.0.0.1", port), Timeouts(2, 2))
+            export(tree.stub(), "1-1", Remote.plain(Endpoint("127.0.0.1", port), Timeouts(2, 2)))
         message = str(caught.value)
         assert "the application side sent data-phase bytes" in message
         assert "USBIP_CMD_SUBMIT 0x00000001" in message

@@ -16,14 +16,15 @@ from pathlib import Path
 
 import yaml
 
-from hotplug.appd_config import Limits
-from hotplug.kernel.fake import FakeTree
-from hotplug.protocol import ExportStatus
+from hotplug.app.config import Limits
+from hotplug.testing.fake_kernel import FakeTree
+from hotplug.wire.protocol import ExportStatus
 from tests.fault.checks import closed_by_server
-from tests.helpers import running_usbipa, wait_for
+from tests.helpers import wait_for
 from tests.integration.test_connect_usbipa import used_ports
 from tests.integration.test_identity import Peers, record
 from tests.integration.tls_support import secure_usbipa
+from tests.rig import running_usbipa
 from tests.tlscerts import Pki
 
 UNIT = Path(__file__).resolve().parents[2] / "systemd" / "usbipa.service"

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from hotplug.kernel.fake import FakeTree, FakeUsbDevice, FakeUsbipHost
 from hotplug.kernel.stub import STUB_DRIVER
 from hotplug.kernel.sysfs import KernelError, read_device
+from hotplug.testing.fake_kernel import FakeTree, FakeUsbDevice, FakeUsbipHost
 from tests.integration.conftest import DISK
 from tests.integration.test_connect_usbipa import driver
 
@@ -202,7 +202,7 @@ def test_pulled_out_before_usbip_host_lets_go_frees_the_entry(tree: FakeTree) ->
 def test_table_report_counts_used_and_leaked_slots_and_warns() -> None:
     """`status` says how many of usbip-host's 16 slots are used or leaked, and warns
     before they run out (issue 11, item 3)."""
-    from hotplug.daemon import table_report
+    from hotplug.device.report import table_report
 
     class Table:
         def __init__(self, table: list[str], leftovers: list[str]) -> None:
@@ -230,7 +230,7 @@ def test_table_report_counts_used_and_leaked_slots_and_warns() -> None:
 
 
 def test_table_report_on_the_fake_kernel(tree: FakeTree) -> None:
-    from hotplug.daemon import table_report
+    from hotplug.device.report import table_report
 
     stub = tree.stub()
     tree.add_device(DISK)

@@ -18,10 +18,11 @@ import pytest
 from websockets.sync.server import ServerConnection
 from websockets.sync.server import serve as ws_serve
 
-from hotplug.export import ExportError, Timeouts, export
-from hotplug.kernel.fake import FakeTree
-from hotplug.protocol import DEVICE_RECORD_SIZE, HEADER_SIZE, ExportReply, ExportStatus, encode
-from hotplug.transport import parse_remote
+from hotplug.device.export import ExportError, export
+from hotplug.device.transport import parse_remote
+from hotplug.testing.fake_kernel import FakeTree
+from hotplug.wire.protocol import DEVICE_RECORD_SIZE, HEADER_SIZE, ExportReply, ExportStatus, encode
+from hotplug.wire.sockets import Timeouts
 from tests.helpers import wait_for
 from tests.integration.conftest import DISK
 from tests.integration.test_connect_usbipa import driver, stub_status, used_ports
@@ -377,14 +378,19 @@ def test_no_reply_times_out_or_is_cancelled(tree: FakeTree, state: Path, pki: Pk
         assert_untouched(tree)
 
         target = parse_remote(
-            remote, cert=str(pki.client.cert), key=str(pki.client.key), ca=str(pki.ca), env={}
+            remote,
+            cert=str(pki.client.cert),
+            key=str(pki.client.key),
+            ca=str(pki.ca),
+            env={},
+            timeouts=Timeouts(5, 5),
         )
         seen: list[socket.socket] = []
         cut = threading.Timer(0.5, lambda: seen[0].shutdown(socket.SHUT_RDWR))
         cut.start()
         started = time.monotonic()
         with pytest.raises(ExportError, match="cancelled while waiting for the reply"):
-            export(tree.stub(), "1-1", target, Timeouts(5, 5), on_connect=seen.append)
+            export(tree.stub(), "1-1", target, on_connect=seen.append)
         assert time.monotonic() - started < 3
         assert_untouched(tree)
         wait_for(lambda: not relay_pids(tree), 2, "the relay process to end")

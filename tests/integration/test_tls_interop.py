@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from hotplug.kernel.fake import FakeTree
-from tests.helpers import running_usbipa, wait_for
+from hotplug.testing.fake_kernel import FakeTree
+from tests.helpers import wait_for
 from tests.integration.conftest import DISK
 from tests.integration.test_connect_usbipa import driver, stub_status, used_ports
 from tests.integration.test_export_errors import assert_untouched
@@ -31,6 +31,7 @@ from tests.integration.tls_support import (
     relay_pids,
     secure_usbipa,
 )
+from tests.rig import running_usbipa, stop
 from tests.tlscerts import Pki
 
 STUNNEL = shutil.which("stunnel4") or shutil.which("stunnel")
@@ -67,12 +68,7 @@ def daemon(cmd: list[str], port: int, log: Path) -> Iterator[subprocess.Popen[by
         assert proc.poll() is None, f"{cmd[0]} exited: {log.read_text()}"
         yield proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
 
 @contextmanager

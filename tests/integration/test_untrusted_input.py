@@ -15,11 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from hotplug.channel import MAX_MESSAGE
-from hotplug.kernel.fake import FakeTree, FakeUsbDevice
-from tests.helpers import run_cli, running_usbipa, wait_for
+from hotplug.testing.fake_kernel import FakeTree, FakeUsbDevice
+from hotplug.wire.channel import MAX_MESSAGE
+from tests.helpers import wait_for
 from tests.integration.test_daemon import Daemon, free_port, policy_text, target
 from tests.integration.tls_support import raw_tls_client, secure_usbipa
+from tests.rig import run_cli, running_usbipa
 from tests.tlscerts import Pki
 
 UPGRADE = (

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from hotplug.kernel.fake import FakeTree
-from tests.helpers import run_cli, running_usbipa, wait_for
+from hotplug.testing.fake_kernel import FakeTree
+from tests.helpers import wait_for
 from tests.integration.conftest import DISK
 from tests.integration.test_connect_usbipa import used_ports
+from tests.rig import run_cli, running_usbipa
 
 EXPORT_HEAD = struct.pack(">HHI", 0x0111, 0x8006, 0)
 

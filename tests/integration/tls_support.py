@@ -4,22 +4,19 @@ with certificates, stand-in servers and proxies, and a link we can cut."""
 from __future__ import annotations
 
 import os
-import re
 import socket
 import ssl
 import struct
 import subprocess
-import sys
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
-from hotplug.kernel.fake import FakeTree
-from tests.helpers import NotifySocket, env_for
+from hotplug.testing.fake_kernel import FakeTree
+from tests.helpers import loopback_server
+from tests.rig import env_for, run_cli, run_usbipa, usbipa_process
 from tests.tlscerts import Pair, Pki
-
-LISTENER_RE = re.compile(r"(?:(tls|wss)://)?[\d.]+:(\d+)")
 
 
 def secure_env(tree: FakeTree, state: Path, **extra: str) -> dict[str, str]:
@@ -32,24 +29,12 @@ def secure_env(tree: FakeTree, state: Path, **extra: str) -> dict[str, str]:
 
 
 def cli(tree: FakeTree, state: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "hotplug.cli", *args],
-        env=secure_env(tree, state, **env),
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    return run_cli(tree, state, *args, env=secure_env(tree, state, **env))
 
 
 def usbipa_once(tree: FakeTree, state: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """usbipa that is expected to exit at once (bad configuration)."""
-    return subprocess.run(
-        [sys.executable, "-m", "hotplug.appd_cli", *args],
-        env=secure_env(tree, state),
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    return run_usbipa(tree, state, *args, env=secure_env(tree, state))
 
 
 def client_flags(pki: Pki, pair: Pair | None = None, ca: Path | None = None) -> list[str]:
@@ -78,29 +63,14 @@ def secure_usbipa(
     readable once the block is left.
     """
     server = server or pki.server
-    notify = NotifySocket(state)
-    env = secure_env(tree, state, NOTIFY_SOCKET=str(notify.path))
-    cmd = [sys.executable, "-m", "hotplug.appd_cli", "--listen", "127.0.0.1", "-t", "0"]
-    cmd += ["--tls-cert", str(server.cert), "--tls-key", str(server.key)]
-    cmd += ["--tls-client-ca", str(pki.ca)]
+    flags = ["--tls-cert", str(server.cert), "--tls-key", str(server.key)]
+    flags += ["--tls-client-ca", str(pki.ca)]
     if wss_path is not None:
-        cmd += ["--wss-port", "0", "--wss-path", wss_path]
+        flags += ["--wss-port", "0", "--wss-path", wss_path]
     if allow:
-        cmd += ["--allow", allow]
-    proc = subprocess.Popen([*cmd, *args], env=env, stderr=subprocess.PIPE, text=True)
-    try:
-        ready = notify.wait("READY", proc=proc)
-        ports = {kind or "tcp": int(port) for kind, port in LISTENER_RE.findall(ready["STATUS"])}
+        flags += ["--allow", allow]
+    with usbipa_process(secure_env(tree, state), state, *flags, *args) as (proc, ports):
         yield proc, ports
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        notify.close()
-        notify.path.unlink(missing_ok=True)
 
 
 def log_of(proc: subprocess.Popen[str]) -> str:
@@ -109,7 +79,7 @@ def log_of(proc: subprocess.Popen[str]) -> str:
 
 
 def relay_pids(tree: FakeTree) -> list[int]:
-    """Relay processes (hotplug.tunnel) of this test's fake machine."""
+    """Relay processes (hotplug.device.tunnel) of this test's fake machine."""
     marker = f"USBIP_HOTPLUG_SYSFS_ROOT={tree.root}".encode()
     found = []
     for entry in Path("/proc").iterdir():
@@ -120,7 +90,7 @@ def relay_pids(tree: FakeTree) -> list[int]:
             environ = (entry / "environ").read_bytes()
         except OSError:
             continue
-        if b"hotplug.tunnel" in cmdline and marker in environ.split(b"\0"):
+        if b"hotplug.device.tunnel" in cmdline and marker in environ.split(b"\0"):
             found.append(int(entry.name))
     return found
 
@@ -131,36 +101,9 @@ def rx_bytes(tree: FakeTree, busid: str = "1-1") -> bytes:
     return path.read_bytes() if path.exists() else b""
 
 
-@contextmanager
-def threaded_server(handle: Callable[[socket.socket], None]) -> Iterator[int]:
+def threaded_server(handle: Callable[[socket.socket], None]) -> AbstractContextManager[int]:
     """A loopback TCP server running `handle(conn)` per connection in threads."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(8)
-    stop = threading.Event()
-    threads: list[threading.Thread] = []
-
-    def serve() -> None:
-        listener.settimeout(0.05)
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            thread = threading.Thread(target=handle, args=(conn,), daemon=True)
-            thread.start()
-            threads.append(thread)
-
-    acceptor = threading.Thread(target=serve, daemon=True)
-    acceptor.start()
-    try:
-        yield listener.getsockname()[1]
-    finally:
-        stop.set()
-        acceptor.join(timeout=5)
-        listener.close()
+    return loopback_server(handle, threaded=True)
 
 
 class Cutter:

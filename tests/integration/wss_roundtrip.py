@@ -17,7 +17,7 @@ import sys
 
 import websockets.version
 
-from hotplug.channel import ChannelError, TlsStream, WebSocketChannel
+from hotplug.wire.channel import ChannelError, TlsStream, WebSocketChannel
 
 PATH = "/usbip"
 UPLOAD = bytes(range(256)) * 1200  # several WebSocket messages (one per channel chunk)

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from hotplug import appd_cli, cli
-from hotplug.kernel.fake import FakeTree, FakeUsbDevice
+from hotplug.app import cli as app_cli
+from hotplug.device import cli
+from hotplug.testing.fake_kernel import FakeTree, FakeUsbDevice
 
 ROOT = Path(__file__).resolve().parents[2]
 BASH_COMPLETION = Path("/usr/share/bash-completion/bash_completion")
@@ -131,7 +132,6 @@ def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 
 
 def test_usbip_hotplug_script_offers_exactly_the_parsers_options(env: dict[str, str]) -> None:
-    cli._load_extras()
     parser = cli.build_parser()
     commands = {n: p for n, p in subcommands(parser).items() if n != "demo"}
     assert sorted(complete(env, "usbip-hotplug", "")) == sorted(commands)
@@ -141,6 +141,6 @@ def test_usbip_hotplug_script_offers_exactly_the_parsers_options(env: dict[str, 
 
 
 def test_usbipa_script_offers_exactly_the_parsers_options(env: dict[str, str]) -> None:
-    run = visible_options(appd_cli.run_parser())
+    run = visible_options(app_cli.run_parser())
     assert set(complete(env, "usbipa", "-")) == run
-    assert set(complete(env, "usbipa", "status -")) == visible_options(appd_cli.status_parser())
+    assert set(complete(env, "usbipa", "status -")) == visible_options(app_cli.status_parser())

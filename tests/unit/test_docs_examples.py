@@ -11,12 +11,14 @@ import re
 import shlex
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from hotplug import appd_cli, cli, policy
+from hotplug.app import cli as app_cli
+from hotplug.device import cli
+from hotplug.device.policy.merge import parse_policy
+from tests.rig import command
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
@@ -51,11 +53,10 @@ def test_readme_policies_parse() -> None:
     found = blocks("yaml")
     assert found, "README has no policy example"
     for n, text in enumerate(found, 1):
-        assert policy.parse_policy([(f"README example {n}", text)]).rules
+        assert parse_policy([(f"README example {n}", text)]).rules
 
 
 def test_readme_usbip_hotplug_commands_parse() -> None:
-    cli._load_extras()
     found = commands("usbip-hotplug")
     assert len(found) >= 8, found
     for argv in found:
@@ -67,9 +68,9 @@ def test_readme_usbipa_commands_parse() -> None:
     assert len(found) >= 3, found
     for argv in found:
         if argv[:1] == ["status"]:
-            appd_cli.status_parser().parse_args(argv[1:])
+            app_cli.status_parser().parse_args(argv[1:])
         else:
-            appd_cli.run_parser().parse_args(argv)
+            app_cli.run_parser().parse_args(argv)
 
 
 def test_readme_certificate_recipe_makes_certificates_we_accept(tmp_path: Path) -> None:
@@ -82,9 +83,7 @@ def test_readme_certificate_recipe_makes_certificates_we_accept(tmp_path: Path) 
     assert done.returncode == 0, done.stderr
     check = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "hotplug.cli",
+            *command("usbip-hotplug"),
             "cert-fingerprint",
             "lab-1.crt",
             "--key",

@@ -17,7 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from hotplug import appd_cli, appd_config, cli, policy
+from hotplug.app import cli as app_cli
+from hotplug.app import config as app_config
+from hotplug.device import cli
+from hotplug.device.policy import parse as policy_keys
+from hotplug.device.policy.merge import parse_policy
 
 ROOT = Path(__file__).resolve().parents[2]
 MAN = ROOT / "man"
@@ -106,7 +110,6 @@ def options(parser: argparse.ArgumentParser) -> Iterator[tuple[str, str]]:
 
 
 def usbip_hotplug_parser() -> argparse.ArgumentParser:
-    cli._load_extras()
     return cli.build_parser()
 
 
@@ -126,8 +129,8 @@ def test_every_usbip_hotplug_command_and_flag_is_in_its_page() -> None:
 
 def test_every_usbipa_flag_is_in_its_page() -> None:
     documented = terms(source("usbipa.8"))
-    found = [opt for _, opt in options(appd_cli.run_parser())]
-    found += [opt for _, opt in options(appd_cli.status_parser())]
+    found = [opt for _, opt in options(app_cli.run_parser())]
+    found += [opt for _, opt in options(app_cli.status_parser())]
     assert found, "no flags found: the walk over argparse is broken"
     missing = sorted(set(found) - documented)
     assert not missing, f"not in man/usbipa.8.scd: {missing}"
@@ -145,13 +148,13 @@ def key_terms(text: str) -> set[str]:
 
 def test_every_policy_key_is_in_the_policy_page() -> None:
     keys = {
-        *policy._TOP_KEYS,
-        *policy._TARGET_KEYS,
-        *policy._RETRY_KEYS,
-        *policy._SETTINGS_KEYS,
-        *policy._METRICS_KEYS,
-        *policy._RULE_KEYS,
-        *policy._MATCH_KEYS,
+        *policy_keys.TOP_KEYS,
+        *policy_keys.TARGET_KEYS,
+        *policy_keys.RETRY_KEYS,
+        *policy_keys.SETTINGS_KEYS,
+        *policy_keys.METRICS_KEYS,
+        *policy_keys.RULE_KEYS,
+        *policy_keys.MATCH_KEYS,
     }
     missing = sorted(keys - key_terms(source("usbip-hotplug-policy.5")))
     assert not missing, f"policy keys not in man/usbip-hotplug-policy.5.scd: {missing}"
@@ -159,12 +162,12 @@ def test_every_policy_key_is_in_the_policy_page() -> None:
 
 def test_every_usbipa_config_key_is_in_its_page() -> None:
     keys = {
-        *appd_config._TOP_KEYS,
-        *appd_config._ALLOW_KEYS,
-        *appd_config._TLS_KEYS,
-        *appd_config._WSS_KEYS,
-        *appd_config._LIMIT_KEYS,
-        *appd_config._METRICS_KEYS,
+        *app_config._TOP_KEYS,
+        *app_config._ALLOW_KEYS,
+        *app_config._TLS_KEYS,
+        *app_config._WSS_KEYS,
+        *app_config._LIMIT_KEYS,
+        *app_config._METRICS_KEYS,
     }
     missing = sorted(keys - key_terms(source("usbipa.yaml.5")))
     assert not missing, f"usbipa.yaml keys not in man/usbipa.yaml.5.scd: {missing}"
@@ -178,7 +181,7 @@ def test_policy_page_examples_parse() -> None:
     found = [e for e in examples(source("usbip-hotplug-policy.5")) if e.startswith("version:")]
     assert len(found) >= 5
     for n, text in enumerate(found, 1):
-        parsed = policy.parse_policy([(f"example {n}", text)])
+        parsed = parse_policy([(f"example {n}", text)])
         assert parsed.rules, f"example {n} has no rules"
 
 
@@ -186,7 +189,7 @@ def test_usbipa_config_page_examples_parse() -> None:
     found = examples(source("usbipa.yaml.5"))
     assert len(found) >= 2
     for n, text in enumerate(found, 1):
-        config = appd_config.parse_config(text, f"example {n}")
+        config = app_config.parse_config(text, f"example {n}")
         assert config.allow, f"example {n} allows nobody"
 
 
@@ -207,7 +210,7 @@ def test_page_command_examples_are_accepted_by_the_parsers() -> None:
     for argv in hotplug_examples:
         usbip_hotplug_parser().parse_args(argv)
     for argv in usbipa_examples:
-        appd_cli.run_parser().parse_args(argv)
+        app_cli.run_parser().parse_args(argv)
 
 
 def test_the_units_point_at_the_man_pages() -> None:

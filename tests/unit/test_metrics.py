@@ -23,11 +23,9 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 
-from hotplug import appd_cli, cli
 from hotplug._metrics_http import MAX_CLIENTS
-from hotplug.address import AddressError, Endpoint, parse_listen
-from hotplug.appd import Appd, _record_problem
-from hotplug.appd_config import (
+from hotplug.app import cli as app_cli
+from hotplug.app.config import (
     AllowRule,
     AppdConfig,
     ConfigError,
@@ -37,17 +35,21 @@ from hotplug.appd_config import (
     parse_network,
     with_cli,
 )
-from hotplug.appd_metrics import REASONS, refusal_reason
-from hotplug.channel import Channel
-from hotplug.device import Speed
+from hotplug.app.metrics import REASONS, refusal_reason
+from hotplug.app.server import Appd, _record_problem
+from hotplug.device import cli
+from hotplug.device.policy.merge import parse_policy
+from hotplug.device.policy.model import PolicyError
 from hotplug.kernel.vhci import PortState
 from hotplug.metrics import MetricsError, MetricsServer
-from hotplug.peercert import PeerCert, parse_subject_pattern
-from hotplug.policy import PolicyError, parse_policy
-from hotplug.relay import loopback_pair, relay
+from hotplug.usb import Speed
+from hotplug.wire.address import AddressError, Endpoint, parse_listen
+from hotplug.wire.channel import Channel
+from hotplug.wire.peercert import PeerCert, parse_subject_pattern
+from hotplug.wire.relay import loopback_pair, relay
 from tests.helpers import wait_for
 from tests.tlscerts import Pki
-from tests.unit.test_appd_sessions import StandInVhci, session
+from tests.unit.test_app_sessions import StandInVhci, session
 from tests.unit.test_protocol import DEV_A
 from tests.unit.test_tls_channel import expect, kernel_read, run, tls_pair
 from tests.unit.test_tls_channel import pki as pki  # the fixture
@@ -156,7 +158,6 @@ def test_usbipa_metrics_errors(text: str, error: str) -> None:
 
 
 def test_both_flags_refuse_a_bad_address(capsys: pytest.CaptureFixture[str]) -> None:
-    cli._load_extras()
     good = cli.build_parser().parse_args(["run", "--metrics-listen", "[::1]:9100"])
     assert good.metrics_listen == Endpoint("::1", 9100)
     with pytest.raises(SystemExit) as exited:
@@ -164,7 +165,7 @@ def test_both_flags_refuse_a_bad_address(capsys: pytest.CaptureFixture[str]) -> 
     assert exited.value.code == 2
     assert "put an IPv6 address in brackets" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        appd_cli.run_parser().parse_args(["--metrics-listen", "127.0.0.1"])
+        app_cli.run_parser().parse_args(["--metrics-listen", "127.0.0.1"])
     assert "--metrics-listen: '127.0.0.1': expected host:port" in capsys.readouterr().err
 
 
@@ -246,7 +247,8 @@ def test_commands_other_than_the_daemons_do_not_load_the_library() -> None:
     """`status`, `check`, `connect` and every tab completion import the daemon's
     module: prometheus_client (and its HTTP server) load only when a daemon starts."""
     code = (
-        "import sys; from hotplug import appd_cli, cli; cli._load_extras(); "
+        "import sys; from hotplug.app import cli as app_cli; "
+        "from hotplug.device import cli, completion, daemon, daemon_cli, oneshot, status; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('prometheus_client', "
         "'wsgiref')))"
     )
@@ -372,8 +374,8 @@ class StandInStub:
 
 def exposed() -> dict[str, set[str]]:
     """Our families as a scrape names them -> the sample names each has."""
-    from hotplug.daemon import display_state
-    from hotplug.daemon_metrics import DeviceMetrics
+    from hotplug.device.metrics import DeviceMetrics
+    from hotplug.device.report import display_state
 
     appd = Appd(AppdConfig(), StandInVhci({}))  # type: ignore[arg-type]
     device = DeviceMetrics(StandInStub(), display_state)  # type: ignore[arg-type]

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from hotplug import appd_config
-from hotplug.appd_config import parse_config
-from hotplug.policy import load_policy
+from hotplug.app import config as app_config
+from hotplug.app.config import parse_config
+from hotplug.device.policy.files import load_policy
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -86,7 +86,7 @@ def test_usbipa_example_documents_every_key_and_parses() -> None:
     text = (REPO / "config/usbipa.yaml").read_text()
     config = parse_config(text, "usbipa.yaml")
     assert config.allow and config.allow[0].max_devices == 4
-    keys = appd_config._TOP_KEYS | appd_config._ALLOW_KEYS | appd_config._LIMIT_KEYS
+    keys = app_config._TOP_KEYS | app_config._ALLOW_KEYS | app_config._LIMIT_KEYS
     for key in sorted(keys):
         assert re.search(rf"^\s*(- )?{key}:", text, re.MULTILINE), f"{key} is not in the example"
 

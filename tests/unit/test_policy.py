@@ -1,4 +1,4 @@
-"""hotplug.policy: parsing, validation errors (file:line: key: message),
+"""hotplug.device.policy: parsing, validation errors (file:line: key: message),
 merging of policy.d, matching, and the one loader function."""
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hotplug.device import Device, Interface, Speed
-from hotplug.policy import (
+from hotplug.device.policy.files import load_policy
+from hotplug.device.policy.merge import parse_policy
+from hotplug.device.policy.model import (
     Decision,
     Policy,
     PolicyError,
@@ -24,11 +25,10 @@ from hotplug.policy import (
     Settings,
     Target,
     TlsOptions,
-    load_policy,
-    parse_address,
-    parse_policy,
 )
-from hotplug.yamlsafe import MAX_FILE_BYTES, MAX_NODES
+from hotplug.usb import Device, Interface, Speed
+from hotplug.wire.address import parse_address
+from hotplug.yamlnodes import MAX_FILE_BYTES, MAX_NODES
 
 REPO = Path(__file__).resolve().parents[2]
 CASES = Path(__file__).with_name("policy_cases")
@@ -1118,7 +1118,7 @@ def test_load_not_utf8(tmp_path: Path) -> None:
 def test_load_default_location_missing_is_empty(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    import hotplug.policy as policy_module
+    import hotplug.device.policy.files as policy_module
 
     monkeypatch.setattr(policy_module, "DEFAULT_CONFIG_DIR", tmp_path / "absent")
     assert load_policy() == Policy()

@@ -1,4 +1,4 @@
-"""Tests for hotplug.protocol.
+"""Tests for hotplug.wire.protocol.
 
 The golden vectors below are written out by hand from the layout in
 PROTOCOL.md (offsets and field sizes), one field per line, not produced with
@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hotplug.device import Speed
-from hotplug.protocol import (
+from hotplug.usb import Speed
+from hotplug.wire.protocol import (
     DEFAULT_PORT,
     DEVICE_RECORD_SIZE,
     HEADER_SIZE,
@@ -742,3 +742,12 @@ def test_random_bytes_raise_protocol_error_or_decode(wire: bytes) -> None:
         decoder.next_pdu()
     except ProtocolError as exc:
         assert str(exc)
+
+
+def test_a_bare_record_is_zero_but_for_what_is_known() -> None:
+    """An UNEXPORT of a device that is gone carries its busid alone."""
+    bare = DeviceRecord.bare("1-4", id_vendor=0x1D6B)
+    assert (bare.busid, bare.id_vendor, bare.path, bare.speed) == ("1-4", 0x1D6B, "", Speed.UNKNOWN)
+    numbers = [getattr(bare, f) for f in ("busnum", "devnum", "bcd_device", "num_interfaces")]
+    assert numbers == [0, 0, 0, 0]
+    assert decode_one(encode(UnexportRequest(bare))) == UnexportRequest(bare)

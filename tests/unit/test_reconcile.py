@@ -1,14 +1,16 @@
-"""The reconciler as a table: (wanted, observed, slot) -> (actions, slot), plus backoff."""
+"""The reconciler as a table: (wanted, observed, slot) -> (actions, slot), plus backoff,
+and re-adoption as a table: (record, what the kernel says) -> (slot, or drop)."""
 
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
-from hotplug.device import Device, Interface, Speed
-from hotplug.policy import RetryPolicy, Target, parse_policy
-from hotplug.reconcile import (
+from hotplug.device.policy.merge import parse_policy
+from hotplug.device.policy.model import RetryPolicy, Target
+from hotplug.device.reconcile import (
     Abort,
     Action,
     Export,
@@ -17,6 +19,7 @@ from hotplug.reconcile import (
     Slot,
     Unexport,
     Wanted,
+    adopt,
     desire,
     export_failed,
     export_succeeded,
@@ -25,8 +28,11 @@ from hotplug.reconcile import (
     retry_now,
     same_place,
     status_line,
+    target_from_record,
     unexport_finished,
 )
+from hotplug.device.records import ExportRecord
+from hotplug.usb import Device, Interface, Speed
 
 LAB = Target(
     name="lab",
@@ -408,3 +414,143 @@ def test_status_line() -> None:
         "2 exported, 1 exporting, 1 retrying (lab: Connection refused), 1 bound by another tool"
     )
     assert status_line({}) == "0 exported"
+
+
+# --------------------------------------------------------------------------- re-adoption
+
+
+def test_an_export_carries_the_rule_that_wants_it() -> None:
+    plan = reconcile({B: EXPORT}, {B: FREE}, {}, NOW)
+    assert plan.actions == [Export(B, LAB, adopt=False)]
+    assert isinstance(plan.actions[0], Export) and plan.actions[0].rule == "r"
+
+
+def record(target: str = "10.0.0.1:3240", **fields: Any) -> ExportRecord:
+    base: dict[str, Any] = {"by": "daemon", "state": "exported", "target": target, "pid": 7}
+    base.update({"target_name": "lab", "since": 100.0, "rule": "r"}, **fields)
+    return ExportRecord.from_json(base)
+
+
+WALL = 130.0  # time.time() at start: the records are 30 s old
+GONE = "link lost while the daemon was not running"
+
+# id, record, present, bound, used, (slot phase or None = dropped, exported_to, since, error,
+# release, message starts with)
+ADOPTION: list[tuple[str, ExportRecord, bool, bool, bool, tuple[Any, ...]]] = [
+    (
+        "still exported: adopted as it is, its age kept",
+        record(),
+        True,
+        True,
+        True,
+        ("exported", LAB, NOW - 30.0, None, False, "adopted 1-1: still exported to lab"),
+    ),
+    (
+        "bound, link lost meanwhile: exported again",
+        record(),
+        True,
+        True,
+        False,
+        ("idle", LAB, NOW, GONE, False, "adopted 1-1: bound by us but not exported"),
+    ),
+    (
+        "moving when we stopped: its old port may still be there",
+        record(state="moving"),
+        True,
+        True,
+        False,
+        ("idle", LAB, NOW, GONE, False, "adopted 1-1: bound by us"),
+    ),
+    (
+        "still exporting when we stopped: no port over there",
+        record(state="exporting"),
+        True,
+        True,
+        False,
+        ("idle", None, NOW, None, False, "adopted 1-1: bound by us"),
+    ),
+    (
+        "unplugged while we were down: dropped, the table entry released",
+        record(),
+        False,
+        False,
+        False,
+        (None, None, None, None, True, "dropping the record of 1-1: it is gone"),
+    ),
+    (
+        "given back by hand: dropped",
+        record(),
+        True,
+        False,
+        False,
+        (None, None, None, None, False, "dropping the record of 1-1: it is no longer bound"),
+    ),
+    (
+        "a target we cannot read: dropped without a word",
+        record(target="not an address"),
+        True,
+        True,
+        True,
+        (None, None, None, None, False, None),
+    ),
+    (
+        "another version's tls keys: not ours to act on",
+        record(target="tls://10.0.0.9:3240", target_name="old", tls={"pin": "x"}),
+        True,
+        True,
+        True,
+        (None, None, None, None, False, None),
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("rec", "present", "bound", "used", "expected"),
+    [pytest.param(*row[1:], id=row[0]) for row in ADOPTION],
+)
+def test_adopt_table(
+    rec: ExportRecord, present: bool, bound: bool, used: bool, expected: tuple[Any, ...]
+) -> None:
+    phase, exported_to, since, error, release, message = expected
+    [a] = adopt(
+        [(B, rec)],
+        {B} if present else set(),
+        {B: bound} if present else {},
+        {B: used} if bound else {},
+        {"lab": LAB},
+        NOW,
+        WALL,
+    )
+    assert a.busid == B and a.release == release
+    if message is None:
+        assert a.message is None
+    else:
+        assert a.message is not None and a.message.startswith(message)
+    if phase is None:
+        assert a.slot is None
+        return
+    assert a.slot is not None and a.slot.owned and a.slot.target == LAB
+    assert (a.slot.phase, a.slot.exported_to, a.slot.since, a.slot.last_error) == (
+        phase,
+        exported_to,
+        since,
+        error,
+    )
+    assert a.rule == "r"
+
+
+def test_a_record_for_a_target_the_policy_moved_keeps_its_own_far_end() -> None:
+    """The policy changed while we were down: the record's address and certificate
+    files still reach the device's port; the policy's name is kept for the logs."""
+    moved = Target(name="lab", host="10.9.9.9", port=3240)
+    rec = record(target="tls://10.0.0.1:3241", tls={"cert": "/c", "key": "/k", "ca": None})
+    target = target_from_record(rec, {"lab": moved})
+    assert target is not None and target != moved
+    assert (target.name, target.scheme, target.host, target.port) == (
+        "lab",
+        "tls",
+        "10.0.0.1",
+        3241,
+    )
+    assert target.tls is not None and target.tls.cert == "/c"
+    assert target_from_record(record(), {"lab": LAB}) is LAB

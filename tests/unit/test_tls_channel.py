@@ -13,7 +13,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
-from hotplug.channel import (
+from hotplug.wire.channel import (
     CHUNK,
     MAX_MESSAGE,
     Channel,
@@ -22,8 +22,8 @@ from hotplug.channel import (
     TlsStream,
     WebSocketChannel,
 )
-from hotplug.relay import loopback_pair, relay
-from hotplug.tlsconfig import (
+from hotplug.wire.relay import loopback_pair, relay
+from hotplug.wire.tls import (
     CertError,
     check_ca,
     check_pair,

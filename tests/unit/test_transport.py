@@ -6,8 +6,7 @@ import ipaddress
 
 import pytest
 
-from hotplug.address import AddressError, Endpoint
-from hotplug.appd_config import (
+from hotplug.app.config import (
     AllowRule,
     AppdConfig,
     ConfigError,
@@ -17,20 +16,21 @@ from hotplug.appd_config import (
     parse_config,
     with_cli,
 )
-from hotplug.peercert import (
-    PatternError,
-    PeerCert,
-    parse_san_pattern,
-    parse_subject_pattern,
-)
-from hotplug.policy import Target, TlsOptions
-from hotplug.transport import (
+from hotplug.device.policy.model import Target, TlsOptions
+from hotplug.device.transport import (
     Remote,
     bypasses_proxy,
     parse_proxy,
     parse_remote,
     remote_for_target,
     resolve_proxy,
+)
+from hotplug.wire.address import AddressError, Endpoint
+from hotplug.wire.peercert import (
+    PatternError,
+    PeerCert,
+    parse_san_pattern,
+    parse_subject_pattern,
 )
 
 NO_ENV: dict[str, str] = {}

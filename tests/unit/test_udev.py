@@ -5,16 +5,18 @@ from __future__ import annotations
 import os
 import select
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from hotplug.device import Interface, Speed
-from hotplug.events import DeviceEvent, JsonLinesSource, write_event
-from hotplug.kernel.fake import FakeTree, FakeUsbDevice
-from hotplug.udev import UdevSource, device_from_udev, event_from_udev
+from hotplug.device.events import DeviceEvent
+from hotplug.device.udev import UdevSource, device_from_udev, event_from_udev
+from hotplug.kernel.sysfs import read_device
+from hotplug.testing.fake_kernel import FakeTree, FakeUsbDevice
+from hotplug.testing.fifo_events import JsonLinesSource, write_event
+from hotplug.usb import Interface, Speed
 
 
 @dataclass
@@ -102,8 +104,22 @@ def test_device_from_udev_defaults_for_odd_attributes(tmp_path: Path) -> None:
     attrs = {"idVendor": b"1d6b", "idProduct": b"0104", "speed": b"weird", "busnum": b"x"}
     device = device_from_udev(FakeUdevDevice("2-1", str(tmp_path), attrs, driver=None))
     assert device is not None
-    assert (device.speed, device.busnum, device.configuration_value) == (Speed.UNKNOWN, 0, 1)
+    # Missing or unreadable numbers are 0 ("not known"), as read_device reads them
+    # from sysfs: both sources go through usb.device_from_attributes.
+    assert (device.speed, device.busnum, device.configuration_value) == (Speed.UNKNOWN, 0, 0)
     assert device.serial is None and device.driver is None and device.interfaces == ()
+
+
+def test_udev_and_sysfs_read_one_device_alike(tmp_path: Path) -> None:
+    """The same device, read from sysfs (coldplug, export) and from a udev event,
+    is the same Device: both go through usb.device_from_attributes."""
+    tree = FakeTree(tmp_path).create(stub=False, vhci=False)
+    real = tree.add_device(FakeUsbDevice(busid="1-2", vendor=0x1D6B, product=0x0104, serial="S"))
+    attrs = {p.name: p.read_bytes() for p in real.iterdir() if p.is_file()}
+    from_udev = device_from_udev(FakeUdevDevice("1-2", str(real), attrs, driver="usb"))
+    from_sysfs = read_device(tree.paths, "1-2")
+    assert from_udev is not None and from_sysfs.driver == "usb"
+    assert replace(from_sysfs, path=from_udev.path) == from_udev
 
 
 @pytest.mark.parametrize(

@@ -2,9 +2,9 @@ import struct
 
 import pytest
 
-from hotplug.device import Speed
 from hotplug.kernel.sysfs import KernelError
 from hotplug.kernel.vudc import record_from_descriptor
+from hotplug.usb import Speed
 
 # A mass-storage gadget's device descriptor as dev_desc shows it (little-endian).
 DESC = struct.pack(

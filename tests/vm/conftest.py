@@ -2,7 +2,7 @@
 
 On the host (USBIP_IN_VM unset), every test collected under tests/vm/guest/
 is replaced by a proxy item with the same node id. The first proxy that runs
-boots the VM (hotplug.testvm.vm.GuestVM) and runs *one* pytest session inside
+boots the VM (hotplug.testing.vm.guest.GuestVM) and runs *one* pytest session inside
 it over all selected guest tests (`python -m pytest <node ids>`, env
 USBIP_IN_VM=1), streaming the guest's output live with a `[guest]` prefix.
 Each proxy then reports its own test's in-guest outcome: pass, fail (with the
@@ -161,7 +161,7 @@ def _read_results(vm: Any, timeout: float) -> str:
     rather than one frame of the whole file: one frame of ~100 KiB (a session
     with failures and their kernel logs) arrived cut short once, and the read
     then timed out."""
-    from hotplug.testvm.vm import VMError
+    from hotplug.testing.vm.kernels import VMError
 
     res = vm.run(["base64", "-w", "3072", GUEST_RESULTS], timeout=timeout, echo=False)
     if not res.ok:
@@ -375,7 +375,7 @@ class VmSession:
 
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
-        self.vm: Any = None  # hotplug.testvm.vm.GuestVM
+        self.vm: Any = None  # hotplug.testing.vm.guest.GuestVM
         self.skip_reason: str | None = None
         self.boot_error: str | None = None
         self.results: dict[str, GuestOutcome] | None = None
@@ -431,7 +431,8 @@ class VmSession:
         if os.environ.get("USBIP_VM") == "0":
             self.skip_reason = "USBIP_VM=0: the real-kernel VM tests are disabled"
             pytest.skip(self.skip_reason)
-        from hotplug.testvm.vm import GuestVM, MissingDependency, VMError, cache_dir
+        from hotplug.testing.vm.guest import GuestVM
+        from hotplug.testing.vm.kernels import MissingDependency, VMError, cache_dir
 
         logs = cache_dir() / "logs"
         for pattern in ("console-*.log", "failures-*.log"):
@@ -602,7 +603,7 @@ class VmSession:
         """One guest pytest session over `nodeids`; fills `results`. True if the
         guest kernel faulted (its remaining tests need a fresh guest)."""
         vm = self.get_vm()
-        from hotplug.testvm.vm import VMError
+        from hotplug.testing.vm.kernels import VMError
 
         cmd = self._guest_command() + nodeids
         self.write(f"[vm] running {len(nodeids)} test(s) in the guest: {shlex.join(cmd[:3])} ...")

@@ -13,7 +13,7 @@
 #     `virtme-run` is not there yet.
 #  3. Download Debian's kernel image package, unpack it and run depmod into
 #     ${USBIP_HOTPLUG_CACHE:-${XDG_CACHE_HOME:-~/.cache}/usbip-hotplug}/kernel-<release>
-#     (python -m hotplug.testvm.vm --prepare), then check every host tool.
+#     (python -m hotplug.testing.vm --prepare), then check every host tool.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -66,8 +66,8 @@ fi
 # The kernel: cached after the first run. A fresh cache needs apt's lists
 # to name the current linux-image-amd64 dependency.
 if ! PYTHONPATH="$ROOT" "$PY" -c 'import sys
-from hotplug.testvm.vm import cached_kernels
+from hotplug.testing.vm.kernels import cached_kernels
 sys.exit(0 if cached_kernels() else 1)'; then
     lists_fresh || apt-get update
 fi
-PYTHONPATH="$ROOT" "$PY" -m hotplug.testvm.vm --prepare
+PYTHONPATH="$ROOT" "$PY" -m hotplug.testing.vm --prepare

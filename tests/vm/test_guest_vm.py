@@ -52,7 +52,7 @@ def test_files_round_trip_through_the_agent(guest_vm: Any) -> None:
     guest_vm.write_file("/tmp/harness.bin", data)
     assert guest_vm.read_file("/tmp/harness.bin") == data
     assert guest_vm.run("wc -c < /tmp/harness.bin", timeout=30).stdout.strip() == str(len(data))
-    from hotplug.testvm.vm import VMError
+    from hotplug.testing.vm.kernels import VMError
 
     with pytest.raises(VMError, match="No such file"):
         guest_vm.read_file("/tmp/does-not-exist")

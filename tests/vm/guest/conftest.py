@@ -16,7 +16,7 @@ them in the VM (see tests/vm/conftest.py). Available here:
 - `usbipd` (function): Debian's classic `usbipd -D` on 127.0.0.1:3240,
   killed after the test.
 
-Helpers live in `hotplug.testvm.gadget` (wait_until, MassStorageGadget,
+Helpers live in `hotplug.testing.vm.gadget` (wait_until, MassStorageGadget,
 UdevWatcher, block devices, vhci status parsing).
 """
 
@@ -32,7 +32,7 @@ from typing import Any
 
 import pytest
 
-from hotplug.testvm import gadget as gd
+from hotplug.testing.vm import gadget as gd
 
 IN_VM = os.environ.get("USBIP_IN_VM") == "1"
 

@@ -19,11 +19,13 @@ from pathlib import Path
 
 import pytest
 
-from hotplug.address import Endpoint
-from hotplug.export import Timeouts, device_record, handshake_export
+from hotplug.device.export import device_record
+from hotplug.device.transport import Remote, handshake_export
 from hotplug.kernel.stub import StubStatus, UsbipHost
 from hotplug.kernel.sysfs import read_device
-from hotplug.testvm import gadget as gd
+from hotplug.testing.vm import gadget as gd
+from hotplug.wire.address import Endpoint
+from hotplug.wire.sockets import Timeouts
 from tests.vm.guest.test_export_real import Usbipa, start_usbipa, stop, used_ports
 
 USBIPA_PORT = 3256  # 3240 usbipd, 3250/3251 export, 3252 daemon, 3253 matrix, 3254 hid, 3255 repeat
@@ -63,7 +65,7 @@ def test_device_that_enumerates_with_other_ids_than_claimed_is_detached(
     try:
         t0 = time.monotonic()
         endpoint = Endpoint("127.0.0.1", usbipa.port)
-        with handshake_export(claim, endpoint, Timeouts(handshake=30)) as sock:
+        with handshake_export(claim, Remote.plain(endpoint, Timeouts(handshake=30))) as sock:
             stub.hand_over(busid, sock)  # accepted: usbipa attached it
         assert stub.status(busid) == StubStatus.USED
         # usbipa's detach closes the link: usbip-host's stub leaves "used".

@@ -37,7 +37,7 @@ from typing import Any
 
 import pytest
 
-from hotplug.testvm import gadget as gd
+from hotplug.testing.vm import gadget as gd
 from tests.helpers import NotifySocket, disk_policy
 
 KiB = 1 << 10
@@ -184,7 +184,7 @@ class Rig:
 
     def start_usbipa(self) -> None:
         assert not _alive(self.usbipa)
-        argv = [sys.executable, "-m", "hotplug.appd_cli", "--listen", "127.0.0.1"]
+        argv = [sys.executable, "-m", "hotplug.app.cli", "--listen", "127.0.0.1"]
         argv += ["-t", str(USBIPA_PORT), "--allow", "127.0.0.0/8"]
         argv += ["--state-dir", str(self.usbipa_state)]
         self.usbipa = self._start("usbipa", argv, self.usbipa_logs)
@@ -199,7 +199,7 @@ class Rig:
     def usbipa_status(self) -> list[dict[str, Any]]:
         r = subprocess.run(
             [
-                *(sys.executable, "-m", "hotplug.appd_cli", "status", "--json"),
+                *(sys.executable, "-m", "hotplug.app.cli", "status", "--json"),
                 *("--state-dir", str(self.usbipa_state)),
             ],
             capture_output=True,
@@ -215,7 +215,7 @@ class Rig:
 
     def start_daemon(self) -> None:
         assert not _alive(self.daemon)
-        argv = [sys.executable, "-m", "hotplug.cli", "run", "-c", str(self.policy)]
+        argv = [sys.executable, "-m", "hotplug.device.cli", "run", "-c", str(self.policy)]
         argv += ["--poll-interval", "0.5", "--watch-interval", "0.5"]
         self.daemon = self._start("daemon", argv, self.daemon_logs)
 
@@ -228,7 +228,7 @@ class Rig:
 
     def hotplug_status(self) -> dict[str, Any]:
         r = subprocess.run(
-            [sys.executable, "-m", "hotplug.cli", "status", "--json"],
+            [sys.executable, "-m", "hotplug.device.cli", "status", "--json"],
             capture_output=True,
             text=True,
             timeout=60,
@@ -241,7 +241,7 @@ class Rig:
     def status_now(self) -> dict[str, Any]:
         """The same report over the control socket, without starting a Python
         process (`usbip-hotplug status` takes 5-15 s in the emulated guest)."""
-        from hotplug.control import request, socket_path
+        from hotplug.device.control import request, socket_path
 
         return request(socket_path(self.state), {"command": "status"}, timeout=30)
 
@@ -681,10 +681,10 @@ def test_daemon_real_sigterm_unexports_and_gives_back(
 def test_daemon_real_udev_source_on_a_real_plug(
     make_gadget: Callable[..., gd.MassStorageGadget], usbip_modules: None
 ) -> None:
-    """hotplug.udev's real UdevSource (pyudev netlink monitor + udev database) turns a
+    """hotplug.device.udev's real UdevSource (pyudev netlink monitor + udev database) turns a
     real plug and unplug into the `Device` the daemon decides on."""
+    from hotplug.device.udev import UdevSource, enumerate_devices
     from hotplug.kernel.sysfs import SysfsPaths
-    from hotplug.udev import UdevSource, enumerate_devices
 
     source = UdevSource()
     try:

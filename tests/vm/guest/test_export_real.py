@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from hotplug.testvm import gadget as gd
+from hotplug.testing.vm import gadget as gd
 from tests.helpers import NotifySocket
 
 MiB = 1 << 20
@@ -27,7 +27,7 @@ USBIPA_PORT = 3250  # not 3240: the classic usbipd fixture owns that one
 def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, USBIP_HOTPLUG_STATE_DIR="/run/usbip-hotplug-test")
     return subprocess.run(
-        [sys.executable, "-m", "hotplug.cli", *args],
+        [sys.executable, "-m", "hotplug.device.cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -67,7 +67,7 @@ def start_usbipa(
         [
             sys.executable,
             "-m",
-            "hotplug.appd_cli",
+            "hotplug.app.cli",
             "--listen",
             "127.0.0.1",
             "-t",
@@ -170,7 +170,7 @@ def test_connect_moves_data_intact_and_disconnect_frees_everything(
         [
             sys.executable,
             "-m",
-            "hotplug.appd_cli",
+            "hotplug.app.cli",
             "status",
             "--json",
             "--state-dir",
@@ -347,7 +347,7 @@ def test_tls_export_moves_data_intact(
         [
             sys.executable,
             "-m",
-            "hotplug.appd_cli",
+            "hotplug.app.cli",
             "--listen",
             "127.0.0.1",
             "-t",
@@ -405,9 +405,9 @@ class StallingDevice(threading.Thread):
 
     def __init__(self, address: tuple[str, int]) -> None:
         super().__init__(daemon=True)
-        from hotplug.device import Device, Speed
-        from hotplug.export import device_record
-        from hotplug.protocol import ExportRequest, encode
+        from hotplug.device.export import device_record
+        from hotplug.usb import Device, Speed
+        from hotplug.wire.protocol import ExportRequest, encode
 
         record = device_record(
             Device(
@@ -479,7 +479,7 @@ def test_usbipa_detaches_a_port_whose_device_never_enumerates(
     notify = NotifySocket(tmp_path)
     state = str(tmp_path / "state")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "hotplug.appd_cli", "-c", str(config), "--state-dir", state],
+        [sys.executable, "-m", "hotplug.app.cli", "-c", str(config), "--state-dir", state],
         env=dict(os.environ, NOTIFY_SOCKET=str(notify.path)),
         stderr=subprocess.PIPE,
         text=True,

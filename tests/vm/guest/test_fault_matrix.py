@@ -21,7 +21,7 @@ time budget); the rest carries the marker `fault_matrix_full` and runs by hand:
 
 Cheap by construction: one usbipa and one daemon serve every case and are
 restarted only where a case kills or stops one; fault points are re-armed per
-case in the running processes; and one-shot commands run `hotplug.cli.main`
+case in the running processes; and one-shot commands run `hotplug.device.cli.main`
 in a child forked from this test process (`OneShot`), because starting a new
 Python and importing the CLI costs seconds per command in the emulated guest.
 The child is a process of its own (pid, exit status, signals, file
@@ -56,8 +56,9 @@ from typing import Any
 
 import pytest
 
-from hotplug import cli, faultpoints
-from hotplug.testvm import gadget as gd
+from hotplug import faultpoints
+from hotplug.device import cli
+from hotplug.testing.vm import gadget as gd
 from tests.helpers import disk_policy
 from tests.vm.guest.test_daemon_real import ENUM, KiB, MiB, Rig, used_ports
 
@@ -192,7 +193,7 @@ class MatrixRig(Rig):
 
     def start_usbipa(self) -> None:
         assert self.usbipa is None or self.usbipa.poll() is not None
-        argv = [sys.executable, "-m", "hotplug.appd_cli", "--listen", "127.0.0.1"]
+        argv = [sys.executable, "-m", "hotplug.app.cli", "--listen", "127.0.0.1"]
         argv += ["-t", str(USBIPA_PORT), "--allow", "127.0.0.0/8"]
         argv += ["--state-dir", str(self.usbipa_state)]
         self.usbipa = self._start("usbipa", argv, self.usbipa_logs)

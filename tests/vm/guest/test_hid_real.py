@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from hotplug.testvm import gadget as gd
+from hotplug.testing.vm import gadget as gd
 from tests.vm.guest.test_export_real import Usbipa, cli, start_usbipa, stop, used_ports
 
 USBIPA_PORT = 3254  # 3240 usbipd, 3250/3251 test_export_real, 3252 daemon, 3253 matrix

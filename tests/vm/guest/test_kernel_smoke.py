@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from hotplug.testvm import gadget as gd
+from hotplug.testing.vm import gadget as gd
 
 MiB = 1 << 20
 SYS = Path("/sys")

@@ -33,7 +33,7 @@ from typing import Any
 
 import pytest
 
-from hotplug.testvm import gadget as gd
+from hotplug.testing.vm import gadget as gd
 from tests.helpers import disk_policy
 
 SYSTEMD = Path("/lib/systemd/systemd")
@@ -170,7 +170,7 @@ def _install_programs() -> None:
         pytest.skip(f"/usr/bin/python3 is {have}, the virtualenv's packages are for {wanted}")
     site = sysconfig.get_paths()["purelib"]
     BIN.mkdir(parents=True, exist_ok=True)
-    for program, module in (("usbip-hotplug", "hotplug.cli"), ("usbipa", "hotplug.appd_cli")):
+    for program, module in (("usbip-hotplug", "hotplug.device.cli"), ("usbipa", "hotplug.app.cli")):
         path = BIN / program
         path.write_text(
             f"#!{SYSTEM_PYTHON}\nimport site, sys\nsite.addsitedir({site!r})\n"

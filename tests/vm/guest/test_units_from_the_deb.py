@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import yaml
 
-from hotplug.testvm import gadget as gd
+from hotplug.testing.vm import gadget as gd
 from tests.tlscerts import make_pki
 from tests.vm.guest.test_systemd_units import CONF, ENUM, MASKED, UNITS, Systemd
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-from hotplug.testvm import gadget as gd
+from hotplug.testing.vm import gadget as gd
 
 STUB = "/sys/bus/usb/drivers/usbip-host"
 

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import pytest
 
-from hotplug.testvm import gadget as gd
+from hotplug.testing.vm import gadget as gd
 from tests.helpers import disk_policy
 from tests.vm.guest.test_daemon_real import ENUM, Rig, used_ports
 
@@ -52,7 +52,7 @@ class RepeatRig(Rig):
 
     def start_usbipa(self) -> None:
         assert self.usbipa is None or self.usbipa.poll() is not None
-        argv = [sys.executable, "-m", "hotplug.appd_cli", "--listen", "127.0.0.1"]
+        argv = [sys.executable, "-m", "hotplug.app.cli", "--listen", "127.0.0.1"]
         argv += ["-t", str(USBIPA_PORT), "--allow", "127.0.0.0/8"]
         argv += ["--state-dir", str(self.usbipa_state)]
         self.usbipa = self._start("usbipa", argv, self.usbipa_logs)
