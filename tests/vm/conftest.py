@@ -27,7 +27,6 @@ import base64
 import contextlib
 import json
 import os
-import re
 import shlex
 import subprocess
 import sys
@@ -39,6 +38,8 @@ from pathlib import Path
 from typing import IO, Any
 
 import pytest
+
+from hotplug.testing.vm.kmsg import KERNEL_FAULT, TEST_MARK, KmsgReader, kernel_fault_lines
 
 IN_VM = os.environ.get("USBIP_IN_VM") == "1"
 HERE = Path(__file__).resolve().parent
@@ -134,26 +135,7 @@ def _deselect_by_hand_only(config: pytest.Config, items: list[pytest.Item]) -> N
 
 
 # ---------------------------------------------------------------------------
-# the kernel's log as the judge (both sides)
-
-# What the kernel prints when it is in trouble: oopses, BUG/WARN, lockups and
-# hung tasks, sanitizers, list/refcount corruption.
-KERNEL_FAULT = re.compile(
-    r"BUG:|Oops|general protection fault|WARNING:|Call Trace|Kernel panic|kernel BUG at"
-    r"|blocked for more than \d+ seconds|soft lockup|hard LOCKUP|rcu_sched self-detected"
-    r"|UBSAN:|KASAN:|refcount_t:|list_add corruption|list_del corruption|Poison overwritten"
-)
-# Written into the kernel's log by the guest session around each test, so that
-# the log (and the host, reading the serial console) knows which test ran when.
-TEST_MARK = "usbip-test:"
-
-
-def kernel_fault_lines(lines: list[str], limit: int = 60) -> list[str]:
-    """From the first fault line on (a trace follows it), at most `limit` lines."""
-    for i, line in enumerate(lines):
-        if KERNEL_FAULT.search(line) and TEST_MARK not in line:
-            return lines[i : i + limit]
-    return []
+# the kernel's log as the judge (both sides; what a fault is: hotplug.testing.vm.kmsg)
 
 
 def _read_results(vm: Any, timeout: float) -> str:
@@ -194,33 +176,6 @@ class KernelWatch:
 # guest side: record results
 
 if IN_VM:
-
-    class KmsgReader:
-        """The kernel's log from now on (/dev/kmsg, non-blocking)."""
-
-        def __init__(self) -> None:
-            self.fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK)
-            os.lseek(self.fd, 0, os.SEEK_END)
-
-        def read(self) -> list[str]:
-            lines = []
-            while True:
-                try:
-                    record = os.read(self.fd, 8192).decode("utf-8", "replace")
-                except BlockingIOError:
-                    return lines
-                except BrokenPipeError:  # overwritten before we read it: go on
-                    continue
-                if not record:
-                    return lines
-                head, _, text = record.partition(";")
-                stamp = head.split(",")[2] if head.count(",") >= 2 else "0"
-                for part in text.rstrip("\n").split("\n"):
-                    if not part.startswith(" "):  # continuation dictionaries
-                        lines.append(f"[{int(stamp) / 1e6:12.6f}] {part}")
-
-        def close(self) -> None:
-            os.close(self.fd)
 
     def _mark(text: str) -> None:
         with contextlib.suppress(OSError), open("/dev/kmsg", "w") as f:
