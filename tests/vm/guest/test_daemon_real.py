@@ -128,10 +128,12 @@ def _alive(proc: subprocess.Popen[str] | None) -> bool:
 
 
 class Rig:
-    """usbipa and the daemon as child processes, each restartable; logs in files."""
+    """usbipa and the daemon as child processes, each restartable; logs in files.
+    usbipa listens on 127.0.0.1:`port`; the daemon starts with `policy`."""
 
-    def __init__(self, work: Path) -> None:
+    def __init__(self, work: Path, *, port: int = USBIPA_PORT, policy: str | None = None) -> None:
         self.work = work
+        self.port = port
         self.state = work / "state"  # USBIP_HOTPLUG_STATE_DIR
         self.policy = work / "policy.yaml"
         self.usbipa_state = work / "usbipa-state"
@@ -142,7 +144,7 @@ class Rig:
         self.daemon_logs: list[Path] = []
         # Where the current test began in each list of logs: (log index, offset).
         self._marks: dict[str, tuple[int, int]] = {"usbipa": (0, 0), "daemon": (0, 0)}
-        self.write_policy(policy_text())
+        self.write_policy(policy_text() if policy is None else policy)
 
     def env(self, **extra: str) -> dict[str, str]:
         env = dict(os.environ, USBIP_HOTPLUG_STATE_DIR=str(self.state), PYTHONUNBUFFERED="1")
@@ -185,7 +187,7 @@ class Rig:
     def start_usbipa(self) -> None:
         assert not _alive(self.usbipa)
         argv = [sys.executable, "-m", "hotplug.app.cli", "--listen", "127.0.0.1"]
-        argv += ["-t", str(USBIPA_PORT), "--allow", "127.0.0.0/8"]
+        argv += ["-t", str(self.port), "--allow", "127.0.0.0/8"]
         argv += ["--state-dir", str(self.usbipa_state)]
         self.usbipa = self._start("usbipa", argv, self.usbipa_logs)
 
@@ -344,9 +346,7 @@ def show_logs(rig: Rig) -> Iterator[None]:
             print(f"----- {log.name} (this test)\n{text}")
 
 
-def plug_and_export(
-    g: gd.MassStorageGadget, udc: str | None = None
-) -> tuple[str, gd.VhciPort, float]:
+def plug_and_export(g: gd.Gadget, udc: str | None = None) -> tuple[str, gd.VhciPort, float]:
     """Plug the gadget; return its busid, the vhci port the kernel attached it on,
     and the seconds from plug to exported."""
     t0 = time.monotonic()
