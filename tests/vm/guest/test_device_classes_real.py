@@ -31,7 +31,6 @@ import itertools
 import os
 import re
 import select
-import shutil
 import termios
 import threading
 import time
@@ -52,11 +51,12 @@ from tests.vm.guest.test_daemon_real import (
     Rig,
     assert_disk_works,
     plug_and_export,
+    rig_in,
     used_ports,
     vhci_disk,
 )
 
-USBIPA_PORT = 3257  # 3240 usbipd, 3250-3256 the other modules
+USBIPA_PORT = 3257  # 3240 usbipd, 3250-3256 the other modules (test_claim_real lists them)
 TARGET = f"127.0.0.1:{USBIPA_PORT}"
 WORK = Path("/run/uhc")  # short: the daemon's control socket lives below it
 SERIAL_PREFIX = "CLS"
@@ -83,28 +83,30 @@ def class_drivers() -> None:
             gd.modprobe(module)
 
 
+class ClassesRig(Rig):
+    """test_daemon_real's rig on a port and a policy of its own."""
+
+    def usbipa_args(self, port: int = USBIPA_PORT) -> list[str]:
+        return super().usbipa_args(port)
+
+
 @pytest.fixture(scope="module")
-def rig(usbip_modules: None, gadget_modules: list[str], class_drivers: None) -> Iterator[Rig]:
-    shutil.rmtree(WORK, ignore_errors=True)
-    WORK.mkdir(parents=True)
-    policy = disk_policy(
-        TARGET,
-        f"{SERIAL_PREFIX}*",
-        rule="test-classes",
-        connect_timeout="2",
-        handshake_timeout="10",
-        retry="{initial: 0.5, max: 2}",
-    )
-    r = Rig(WORK, port=USBIPA_PORT, policy=policy)
-    try:
+def rig(
+    usbip_modules: None, gadget_modules: list[str], class_drivers: None
+) -> Iterator[ClassesRig]:
+    with rig_in(WORK, ClassesRig) as r:
+        r.write_policy(
+            disk_policy(
+                TARGET,
+                f"{SERIAL_PREFIX}*",
+                rule="test-classes",
+                connect_timeout="2",
+                handshake_timeout="10",
+                retry="{initial: 0.5, max: 2}",
+            )
+        )
         r.ensure(usbipa=True)
         yield r
-    finally:
-        r.close()
-        for port in used_ports():  # never leave a port behind for other modules
-            with contextlib.suppress(Exception):
-                gd.run(["usbip", "detach", "-p", str(port.port)])
-        shutil.rmtree(WORK, ignore_errors=True)
 
 
 def made(gadgets: list[gd.Gadget], g: GadgetT) -> GadgetT:
