@@ -329,7 +329,11 @@ def test_tls_export_moves_data_intact(
         flags = ["--cert", str(pki.client.cert), "--key", str(pki.client.key), "--ca", str(pki.ca)]
         ktls_before = tls_stat()
         t0 = time.monotonic()
-        result = cli("connect", "-r", "tls://127.0.0.1:3251", "-b", busid, *flags)
+        # The first kTLS socket of a fresh guest loads the tls module and sets up
+        # gcm(aes) with the kernel's self-tests, on both ends inside the handshake:
+        # seconds under emulation with a second guest beside it (5 s did not do).
+        timeout = ("--timeout", "30")
+        result = cli("connect", "-r", "tls://127.0.0.1:3251", "-b", busid, *flags, *timeout)
         assert result.returncode == 0, result.stderr
         assert attr(busid, "usbip_status") == "2"
         remote = gd.wait_until(g.vhci_devices, timeout=60, what="the disk behind vhci_hcd")[0]
