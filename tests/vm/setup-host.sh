@@ -30,7 +30,9 @@ PY="${PYTHON:-python3}"
 # systemd          PID 1 of a namespace in the guest, to run our units as shipped
 # python3          Debian's interpreter, which those units run the programs with
 # util-linux       unshare and nsenter for that namespace
-PACKAGES=(qemu-system-x86 busybox-static file kmod udev usbip mount apt dpkg systemd python3 util-linux)
+# alsa-utils       aplay in the guest, playing through QEMU's usb-audio behind vhci
+PACKAGES=(qemu-system-x86 busybox-static file kmod udev usbip mount apt dpkg systemd python3 util-linux
+          alsa-utils)
 
 if [ "$(id -u)" -ne 0 ]; then
     echo "setup-host.sh: run me as root (apt-get install)" >&2
