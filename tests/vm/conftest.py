@@ -93,6 +93,7 @@ MODULE_SECONDS = {
     "test_repeat_real.py": 130.0,
     "test_systemd_units.py": 100.0,
     "test_units_from_the_deb.py": 180.0,
+    "test_qemu_devices.py": 45.0,
 }
 DEFAULT_TEST_SECONDS = 12.0
 

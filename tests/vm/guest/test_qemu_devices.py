@@ -26,7 +26,6 @@ serve the module (test_daemon_real's Rig, on a port of its own).
 from __future__ import annotations
 
 import array
-import contextlib
 import itertools
 import math
 import os
@@ -48,7 +47,7 @@ import pytest
 from hotplug.testing.vm import gadget as gd
 from hotplug.testing.vm.qemu_usb import QemuDevice, QemuUsb, wait_below
 from hotplug.testing.vm.qmp import QmpError, qmp
-from tests.vm.guest.test_daemon_real import ENUM, Rig, unexport_seen, used_ports
+from tests.vm.guest.test_daemon_real import ENUM, Rig, rig_in, unexport_seen, used_ports
 
 USBIPA_PORT = 3256  # 3240 usbipd, 3250/3251 export, 3252 daemon, 3253 matrix, 3254 hid, 3255 repeat
 TARGET = f"127.0.0.1:{USBIPA_PORT}"
@@ -85,12 +84,8 @@ KEY_A, KEY_B = 30, 48
 class QemuRig(Rig):
     """test_daemon_real's rig on a port and a policy of its own."""
 
-    def start_usbipa(self) -> None:
-        assert self.usbipa is None or self.usbipa.poll() is not None
-        argv = [sys.executable, "-m", "hotplug.app.cli", "--listen", "127.0.0.1"]
-        argv += ["-t", str(USBIPA_PORT), "--allow", "127.0.0.0/8"]
-        argv += ["--state-dir", str(self.usbipa_state)]
-        self.usbipa = self._start("usbipa", argv, self.usbipa_logs)
+    def usbipa_args(self, port: int = USBIPA_PORT) -> list[str]:
+        return super().usbipa_args(port)
 
 
 @pytest.fixture(scope="module")
@@ -115,19 +110,10 @@ def qemu(class_drivers: None) -> Iterator[QemuUsb]:
 
 @pytest.fixture(scope="module")
 def rig(usbip_modules: None, qemu: QemuUsb) -> Iterator[QemuRig]:
-    shutil.rmtree(WORK, ignore_errors=True)
-    WORK.mkdir(parents=True)
-    r = QemuRig(WORK)
-    r.write_policy(POLICY)
-    try:
+    with rig_in(WORK, QemuRig) as r:
+        r.write_policy(POLICY)
         r.ensure(usbipa=True)
         yield r
-    finally:
-        r.close()
-        for port in used_ports():  # never leave a port behind for other modules
-            with contextlib.suppress(Exception):
-                gd.run(["usbip", "detach", "-p", str(port.port)])
-        shutil.rmtree(WORK, ignore_errors=True)
 
 
 @pytest.fixture
