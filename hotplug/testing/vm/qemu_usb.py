@@ -258,8 +258,8 @@ class QemuUsb:
                     qmp(command, arguments)
                     break
                 except QmpError as e:
-                    if "not found" in str(e).lower():
-                        break  # gone already
+                    if "not found" in str(e).lower() or "failed to find" in str(e).lower():
+                        break  # gone already (device_del, chardev-remove; blockdev-del)
                     if time.monotonic() > deadline:
                         errors.append(f"{command} {arguments}: {e}")
                         break
