@@ -457,7 +457,7 @@ class Guest:
 
         logs = cache_dir() / "logs"
         if self.number == 0:
-            for pattern in ("console-*.log", "failures-*.log"):
+            for pattern in ("console-*.log", "failures-*.log", "kernel-fault*.log"):
                 old_logs = sorted(logs.glob(pattern), key=lambda p: p.stat().st_mtime)
                 for stale in old_logs[:-9]:  # keep the last few sessions' logs
                     stale.unlink(missing_ok=True)
@@ -586,17 +586,21 @@ class Guest:
             ("kernel_fault", "1") in o.props for o in outcomes.values()
         )
         if faulted:
+            # The console shows notices and worse; the stack of a hung task and
+            # the lines around an oops are below that: read the whole log if the
+            # guest still answers.
+            trace = kernel_fault_lines(self._kernel_log_after_fault(vm)) or watch.lines
             culprit = watch.running or next((n for n in nodeids if n not in results), None)
             if culprit is None:
                 self.write(f"{self.tag} the guest kernel faulted outside any test:")
-                self.write("\n".join(watch.lines))
+                self.write("\n".join(trace))
             if culprit is not None and (culprit not in results or wedged):
                 results[culprit] = GuestOutcome(
                     "failed",
                     "the guest kernel faulted while this test ran (seen on the serial console"
                     + ("; the guest then hung" if wedged else "")
                     + "); the tests after it ran in a fresh guest:\n"
-                    + "\n".join(watch.lines),
+                    + "\n".join(trace),
                 )
         if res is not None and res.timed_out:
             session.run_error = (
@@ -608,6 +612,22 @@ class Guest:
         )
         self.guest_rc = res.returncode if res is not None else None
         return faulted
+
+    def _kernel_log_after_fault(self, vm: Any) -> list[str]:
+        """The guest's whole kernel log, kept next to the console log; [] if the
+        guest no longer answers."""
+        try:
+            res = vm.run(["dmesg", "--kernel"], timeout=20, echo=False)
+        except Exception as exc:  # a wedged guest: the console's lines must do
+            self.write(f"{self.tag} no kernel log from the guest after the fault: {exc}")
+            return []
+        if self.console_log is not None:
+            name = self.console_log.name.replace("console-", f"kernel-fault{self.reboots + 1}-")
+            path = self.console_log.with_name(name)
+            with contextlib.suppress(OSError):
+                path.write_text(res.stdout)
+                self.write(f"{self.tag} the guest's kernel log after the fault: {path}")
+        return str(res.stdout).splitlines()
 
     def _keep_failures(self, vm: Any, results: dict[str, GuestOutcome]) -> None:
         """Failed guest tests in full, and the guest's kernel log, next to the console
