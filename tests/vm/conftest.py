@@ -39,7 +39,7 @@ from typing import IO, Any
 
 import pytest
 
-from hotplug.testing.vm.kmsg import KERNEL_FAULT, TEST_MARK, KmsgReader, kernel_fault_lines
+from hotplug.testing.vm.kmsg import TEST_MARK, KmsgReader, is_fault_line, kernel_fault_lines
 
 IN_VM = os.environ.get("USBIP_IN_VM") == "1"
 HERE = Path(__file__).resolve().parent
@@ -93,6 +93,7 @@ MODULE_SECONDS = {
     "test_systemd_units.py": 100.0,
     "test_units_from_the_deb.py": 180.0,
     "test_device_classes_real.py": 40.0,
+    "test_qemu_devices.py": 45.0,
 }
 DEFAULT_TEST_SECONDS = 12.0
 
@@ -183,7 +184,7 @@ class KernelWatch:
             if self.fault_since is None:
                 self.running = nodeid if verb == "start" else None
             return
-        if self.fault_since is None and KERNEL_FAULT.search(line):
+        if self.fault_since is None and is_fault_line(line):
             self.fault_since = time.monotonic()
         if self.fault_since is not None and len(self.lines) < 60:
             self.lines.append(line)
