@@ -108,10 +108,8 @@ def pytest_collection_modifyitems(
 
 
 # Tests too slow for CI's budget, run by hand: `pytest -m fault_matrix_full`
-# (the rest of the fault matrix) or `pytest -m vm_package_install` (the .deb
-# installed in the guest: dpkg's maintainer scripts over the guest's 9p root
-# took 6 to over 10 minutes under emulation).
-BY_HAND_MARKS = ("fault_matrix_full", "vm_package_install")
+# (the rest of the fault matrix).
+BY_HAND_MARKS = ("fault_matrix_full",)
 
 
 def _by_hand(item: pytest.Item) -> bool:
