@@ -90,7 +90,7 @@ MODULE_SECONDS = {
     "test_daemon_real.py": 110.0,
     "test_repeat_real.py": 130.0,
     "test_systemd_units.py": 100.0,
-    "test_units_from_the_deb.py": 180.0,
+    "test_units_from_the_deb.py": 95.0,
     "test_device_classes_real.py": 40.0,
     "test_qemu_devices.py": 45.0,
 }
