@@ -39,7 +39,7 @@ from typing import IO, Any
 
 import pytest
 
-from hotplug.testing.vm.kmsg import KERNEL_FAULT, TEST_MARK, KmsgReader, kernel_fault_lines
+from hotplug.testing.vm.kmsg import TEST_MARK, KmsgReader, is_fault_line, kernel_fault_lines
 
 IN_VM = os.environ.get("USBIP_IN_VM") == "1"
 HERE = Path(__file__).resolve().parent
@@ -50,7 +50,6 @@ GUEST_RESULTS = "/tmp/usbip-vm-results.jsonl"
 # DEB_TESTS, is handed to the guest here (its /tmp is its own).
 DEB_TESTS = "tests/vm/guest/test_units_from_the_deb.py"
 GUEST_DEB = "/tmp/usbip-hotplug-test.deb"
-BUILD_DEB_TIMEOUT = 900.0
 # Marks evaluated inside the guest, never on the host proxy.
 _GUEST_ONLY_MARKS = {"skip", "skipif", "xfail", "usefixtures", "parametrize", "timeout"}
 
@@ -91,8 +90,9 @@ MODULE_SECONDS = {
     "test_daemon_real.py": 110.0,
     "test_repeat_real.py": 130.0,
     "test_systemd_units.py": 100.0,
-    "test_units_from_the_deb.py": 180.0,
+    "test_units_from_the_deb.py": 95.0,
     "test_device_classes_real.py": 40.0,
+    "test_qemu_devices.py": 45.0,
 }
 DEFAULT_TEST_SECONDS = 12.0
 
@@ -127,10 +127,8 @@ def pytest_collection_modifyitems(
 
 
 # Tests too slow for CI's budget, run by hand: `pytest -m fault_matrix_full`
-# (the rest of the fault matrix) or `pytest -m vm_package_install` (the .deb
-# installed in the guest: dpkg's maintainer scripts over the guest's 9p root
-# took 6 to over 10 minutes under emulation).
-BY_HAND_MARKS = ("fault_matrix_full", "vm_package_install")
+# (the rest of the fault matrix).
+BY_HAND_MARKS = ("fault_matrix_full",)
 
 
 def _by_hand(item: pytest.Item) -> bool:
@@ -183,7 +181,7 @@ class KernelWatch:
             if self.fault_since is None:
                 self.running = nodeid if verb == "start" else None
             return
-        if self.fault_since is None and KERNEL_FAULT.search(line):
+        if self.fault_since is None and is_fault_line(line):
             self.fault_since = time.monotonic()
         if self.fault_since is not None and len(self.lines) < 60:
             self.lines.append(line)
@@ -729,24 +727,16 @@ class VmSession:
     def _build_deb(self) -> None:
         """The package from this checkout (cached by source hash), before the guest runs;
         a failure is reported by the package's tests, the others still run."""
+        from tests.debpackage import DebBuildError, build_deb
+
         t0 = time.monotonic()
         try:
-            r = subprocess.run(
-                [str(self.config.rootpath / "scripts/build-deb")],
-                capture_output=True,
-                text=True,
-                timeout=BUILD_DEB_TIMEOUT,
-            )
-        except subprocess.TimeoutExpired:
-            self.deb_error = f"scripts/build-deb took more than {BUILD_DEB_TIMEOUT:.0f}s"
+            built = build_deb()
+        except DebBuildError as e:
+            self.deb_error = str(e)
             return
-        lines = r.stdout.strip().splitlines()
-        if r.returncode != 0 or not lines or not lines[-1].endswith(".deb"):
-            self.deb_error = f"scripts/build-deb: exit {r.returncode}\n{r.stdout}{r.stderr}"[-3000:]
-            return
-        self.deb = Path(lines[-1])
-        said = lines[-2] if len(lines) > 1 else ""  # "built in N s ..." or "source unchanged ..."
-        self.deb_info = f"package {self.deb.name}: {said} ({time.monotonic() - t0:.1f}s)"
+        self.deb = built.path
+        self.deb_info = f"package {self.deb.name}: {built.said} ({time.monotonic() - t0:.1f}s)"
         self.write(f"[vm] {self.deb_info}")
 
     def deb_env(self, vm: Any) -> dict[str, str]:

@@ -32,7 +32,9 @@ PY="${PYTHON:-python3}"
 # python3          Debian's interpreter, which those units run the programs with
 # util-linux       unshare and nsenter for that namespace
 # iproute2         ip netns / ip link (USB network test), ss -K (fault matrix)
-PACKAGES=(qemu-system-x86 busybox-static file kmod udev usbip mount apt dpkg systemd python3 util-linux iproute2)
+# alsa-utils       aplay in the guest, playing through QEMU's usb-audio behind vhci
+PACKAGES=(qemu-system-x86 busybox-static file kmod udev usbip mount apt dpkg systemd python3 util-linux
+          iproute2 alsa-utils)
 
 if [ "$(id -u)" -ne 0 ]; then
     echo "setup-host.sh: run me as root (apt-get install)" >&2

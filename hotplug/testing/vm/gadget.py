@@ -22,6 +22,7 @@ Every wait here is a bounded poll of sysfs (`wait_until`) that raises
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import itertools
 import mmap
@@ -415,12 +416,30 @@ def block_devices(busid: str) -> list[BlockDevice]:
     return sorted(out, key=lambda b: b.name)
 
 
+def _opens(dev: str) -> bool:
+    """The block device node can be opened now (it exists and its disk is live).
+
+    The kernel (6.1's device_add_disk) adds the disk to sysfs and devtmpfs makes
+    its node before the disk is live: an open in between fails with ENXIO. Seen
+    by a test that found the node and opened it at once. O_NONBLOCK: a
+    removable disk opens without asking for its medium.
+    """
+    try:
+        fd = os.open(dev, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno in (errno.ENXIO, errno.ENOENT, errno.ENODEV):
+            return False
+        raise
+    os.close(fd)
+    return True
+
+
 def wait_block_device(busid: str, *, timeout: float = DEFAULT_TIMEOUT) -> BlockDevice:
-    """The disk of the USB device `busid`, once it has a size and a /dev node."""
+    """The disk of the USB device `busid`, once it has a size and its node opens."""
 
     def ready() -> BlockDevice | None:
         for b in block_devices(busid):
-            if b.size_bytes > 0 and os.path.exists(b.dev):
+            if b.size_bytes > 0 and _opens(b.dev):
                 return b
         return None
 

@@ -21,12 +21,21 @@ KERNEL_FAULT = re.compile(
 # Written into the kernel's log by the guest session around each test, so that
 # the log (and the host, reading the serial console) knows which test ran when.
 TEST_MARK = "usbip-test:"
+# In-guest tests ask the host for QEMU's QMP by a kernel log line with this
+# mark (hotplug/testing/vm/qmp.py), carrying whatever text the test passed to
+# QEMU: never a fault.
+QMP_MARK = "usbip-qmp:"
+
+
+def is_fault_line(line: str) -> bool:
+    """A line of the kernel's log that tells of a fault (not one of our marks)."""
+    return bool(KERNEL_FAULT.search(line)) and TEST_MARK not in line and QMP_MARK not in line
 
 
 def kernel_fault_lines(lines: list[str], limit: int = 60) -> list[str]:
     """From the first fault line on (a trace follows it), at most `limit` lines."""
     for i, line in enumerate(lines):
-        if KERNEL_FAULT.search(line) and TEST_MARK not in line:
+        if is_fault_line(line):
             return lines[i : i + limit]
     return []
 

@@ -17,6 +17,7 @@ rounds: USBIP_REPEAT_ROUNDS=40 (passed on to the guest as USBIP_FAULT_* is).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -59,9 +60,26 @@ def rig(usbip_modules: None, gadget_modules: list[str]) -> Iterator[RepeatRig]:
         yield r
 
 
-def exported_and_enumerated(g: gd.Gadget, busid: str) -> bool:
-    """The kernel holds the export and the copy behind vhci_hcd enumerated."""
-    return gd.exported_port(busid) is not None and bool(g.vhci_devices())
+def exported_and_enumerated(rig: RepeatRig, g: gd.Gadget, busid: str) -> bool:
+    """The kernel holds the export, the copy behind vhci_hcd enumerated, and the
+    daemon's export is over (its record says "exported"). Without the last, a
+    round could pull a device while the daemon still checks usbip-host's status
+    after the hand-over (seen with two guests on a loaded host: the copy
+    enumerated, the daemon's thread not yet done), and the daemon rightly
+    reports that export as stopped by the unplug."""
+    return (
+        gd.exported_port(busid) is not None
+        and bool(g.vhci_devices())
+        and record_state(rig, busid) == "exported"
+    )
+
+
+def record_state(rig: RepeatRig, busid: str) -> str | None:
+    try:
+        state = json.loads(rig.record(busid).read_text()).get("state")
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, str) else None
 
 
 def withdrawn(rig: RepeatRig, g: gd.Gadget, busid: str) -> bool:
@@ -124,7 +142,7 @@ def test_repeated_exports_of_mixed_devices_never_fail_or_detach(
             busid = g.wait_busid(timeout=ENUM)
             assert busids.setdefault(g.serial, busid) == busid
             gd.wait_until(
-                lambda g=g, busid=busid: exported_and_enumerated(g, busid),
+                lambda g=g, busid=busid: exported_and_enumerated(rig, g, busid),
                 timeout=ENUM,
                 what=f"round {round_no}: {g.serial} ({busid}) exported and enumerated",
             )
