@@ -32,6 +32,14 @@ if TYPE_CHECKING:  # read, never written or imported at run time: records.py doe
 
 Phase = Literal["idle", "exporting", "exported", "backoff", "unexporting", "releasing", "foreign"]
 BUSY: frozenset[str] = frozenset({"exporting", "unexporting", "releasing"})
+# A lost link is exported again only after this many seconds. An unplug looks
+# like a lost link for a moment: usb_disconnect marks the device "not attached"
+# before it removes it, the next URB the far side sends fails to submit, and
+# usbip-host drops the link at once while the device is still in sysfs and
+# bound to it (seen on 6.1 with keyboards and disks unplugged while exported:
+# the daemon exported again, and that export found no device). By then an
+# unplug has removed the device, and the daemon unexports instead.
+LINK_SETTLE = 2.0
 
 
 # --------------------------------------------------------------------------- inputs
@@ -223,10 +231,22 @@ def _one(
     if s.owned and not o.bound:
         s = replace(s, owned=False)
     if s.phase == "exported" and not o.used:
-        s = phase(s, "idle", position=0)
-        if w is not None:  # unplugging takes the link down too; that is no news
-            note("warning", "link-lost", f"{busid}: link to {_name(s.target)} lost", s.target)
-            s = replace(s, last_error=f"link to {_name(s.target)} lost")
+        if w is None:  # unplugging takes the link down too; that is no news
+            s = phase(s, "idle", position=0)
+        else:
+            note(
+                "warning",
+                "link-lost",
+                f"{busid}: link to {_name(s.target)} lost; exporting again in {LINK_SETTLE:g} s",
+                s.target,
+            )
+            s = phase(
+                s,
+                "backoff",
+                position=0,
+                next_at=now + LINK_SETTLE,
+                last_error=f"link to {_name(s.target)} lost",
+            )
 
     if w is None or not w.exports:
         if s.exported_to is not None:

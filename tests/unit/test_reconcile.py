@@ -11,6 +11,7 @@ import pytest
 from hotplug.device.policy.merge import parse_policy
 from hotplug.device.policy.model import RetryPolicy, Target
 from hotplug.device.reconcile import (
+    LINK_SETTLE,
     Abort,
     Action,
     Export,
@@ -74,8 +75,25 @@ TABLE: list[tuple[str, Wanted | None, Observed, Slot | None, list[Action], str |
         "exporting",
     ),
     ("exported, link up", EXPORT, USED, EXPORTED, [], "exported"),
-    ("link lost, still bound", EXPORT, BOUND, EXPORTED, [Export(B, LAB, adopt=True)], "exporting"),
-    ("link lost, unbound by hand", EXPORT, FREE, EXPORTED, [Export(B, LAB, False)], "exporting"),
+    # A lost link waits LINK_SETTLE first: an unplug looks like one for a moment.
+    ("link lost, still bound", EXPORT, BOUND, EXPORTED, [], "backoff"),
+    ("link lost, unbound by hand", EXPORT, FREE, EXPORTED, [], "backoff"),
+    (
+        "link lost, settled, still bound: exported again",
+        EXPORT,
+        BOUND,
+        Slot(phase="backoff", owned=True, target=LAB, exported_to=LAB, next_at=NOW),
+        [Export(B, LAB, adopt=True)],
+        "exporting",
+    ),
+    (
+        "link lost, unplugged while settling: tell the far side",
+        None,
+        FREE,
+        Slot(phase="backoff", owned=True, target=LAB, exported_to=LAB, next_at=NOW + 1),
+        [Unexport(B, LAB, True)],
+        "unexporting",
+    ),
     ("unplugged while exported", None, FREE, EXPORTED, [Unexport(B, LAB, True)], "unexporting"),
     ("unplugged, nothing of ours", None, FREE, Slot(), [], None),
     (
@@ -225,6 +243,7 @@ def test_link_loss_is_logged_but_unplugging_is_not_link_loss() -> None:
     lost = reconcile({B: EXPORT}, {B: BOUND}, {B: EXPORTED}, NOW)
     assert [n.event for n in lost.notes] == ["link-lost"]
     assert lost.slots[B].last_error == "link to lab lost"
+    assert lost.actions == [] and lost.wake_at == NOW + LINK_SETTLE
     unplugged = reconcile({}, {B: FREE}, {B: EXPORTED}, NOW)
     assert [n.event for n in unplugged.notes] == ["unexport"]
 
