@@ -32,17 +32,21 @@ from hotplug.device.policy.files import load_policy
 from hotplug.device.policy.model import Policy, PolicyError, Target
 from hotplug.device.policy.watch import PolicyWatcher
 from hotplug.device.reconcile import (
+    Following,
     Observed,
     Release,
     Slot,
+    Trail,
     Unexport,
     Wanted,
     adopt,
     desire,
+    follow_on_arrival,
     reconcile,
     retry_now,
     status_line,
     target_from_record,
+    trail_after,
 )
 from hotplug.device.records import BY_DAEMON, DaemonRecords, ExportRecords
 from hotplug.device.report import device_rows, display_state, table_report
@@ -107,6 +111,10 @@ class Daemon:
         self.leftovers: set[str] = set()
         self.slots: dict[str, Slot] = {}
         self.observed: dict[str, Observed] = {}
+        # A rule's `follow:`: trails left by exported devices that went, by busid,
+        # and the devices that came back on one in time (reconcile.Trail, Following).
+        self.trails: dict[str, Trail] = {}
+        self.following: dict[str, Following] = {}
         self.ops = Operations(self)
         self.wake_at: float | None = None
         self.watchdog_interval = Notifier.watchdog_interval()
@@ -196,12 +204,14 @@ class Daemon:
             self._step()
 
     def _timeout(self) -> float:
+        now = time.monotonic()
         waits = [
             self.options.poll_interval,
-            *(t - time.monotonic() for t in self.settling.values()),
+            *(t - now for t in self.settling.values()),
+            *(trail.until - now for trail in self.trails.values()),
         ]
         if self.wake_at is not None:
-            waits.append(self.wake_at - time.monotonic())
+            waits.append(self.wake_at - now)
         if self.watchdog_interval is not None:
             waits.append(self.watchdog_interval)
         return max(0.0, min(waits))
@@ -255,6 +265,19 @@ class Daemon:
                 del self.settling[busid]
                 if busid in self.devices:
                     self._log_decision(self.devices[busid], "no driver took it; deciding anyway: ")
+        for busid, trail in list(self.trails.items()):
+            if now >= trail.until:
+                del self.trails[busid]
+                log.event(
+                    logger,
+                    logging.INFO,
+                    f"{busid}: nothing came back within {trail.follow:g} s of {trail.left} "
+                    "leaving; no longer following it",
+                    busid=busid,
+                    target=trail.target,
+                    rule=trail.rule,
+                    event="follow-ended",
+                )
         self.records.retry()
         self._observe()
         self._take_stranded()
@@ -293,10 +316,7 @@ class Daemon:
             if not self.stub.paths.device_dir(busid).exists():
                 if self.slots.get(busid, Slot()).owned:
                     self.leftovers.add(busid)
-                if self.devices.pop(busid, None) is not None:  # the kernel wins over a late event
-                    self._log_unplugged(busid)
-                self.held_back.discard(busid)
-                self.settling.pop(busid, None)
+                self._gone(busid)  # the kernel wins over a late event
                 observed[busid] = Observed()
                 continue
             bound = self.bound(busid)
@@ -356,7 +376,7 @@ class Daemon:
             return Wanted("none", None, "waiting for the kernel to configure it")
         owned = self.slots.get(device.busid, Slot()).owned
         held = device.busid in self.held_back and not self.policy.settings.coldplug and not owned
-        return desire(self.policy, device, held_back=held)
+        return desire(self.policy, device, held, self.following.get(device.busid))
 
     # ------------------------------------------------------------------ devices
 
@@ -375,20 +395,14 @@ class Daemon:
         if event.action == "rescan":
             self._coldplug(source.coldplug(), at_start=False)
         elif event.action == "remove":
-            self.held_back.discard(event.busid)
-            self.settling.pop(event.busid, None)
-            if self.devices.pop(event.busid, None) is not None:
-                self._log_unplugged(event.busid)
+            self._gone(event.busid)
         elif event.device is not None:
             self._device_present(event.device)
 
     def _coldplug(self, devices: list[Device], at_start: bool = True) -> None:
         present = {d.busid for d in devices}
         for busid in set(self.devices) - present:
-            del self.devices[busid]
-            self.held_back.discard(busid)
-            self.settling.pop(busid, None)
-            self._log_unplugged(busid)
+            self._gone(busid)
         for device in devices:
             self._device_present(device, coldplug=at_start)
 
@@ -416,6 +430,8 @@ class Daemon:
                 )
         if coldplug and old is None:
             self.held_back.add(device.busid)
+        if old is None and not coldplug:
+            self._arrived(device)
         prefix = "present at start: " if coldplug else "plugged in: "
         if device.driver is None and old is None:
             # udev can report the device before its usual driver chose a
@@ -436,6 +452,60 @@ class Daemon:
             self._log_decision(device, prefix)
         elif old is None:
             self._log_decision(device, prefix)
+
+    def _gone(self, busid: str) -> None:
+        """The device at `busid` left (unplugged, or re-enumerating as another)."""
+        self.held_back.discard(busid)
+        self.settling.pop(busid, None)
+        self.following.pop(busid, None)
+        device = self.devices.pop(busid, None)
+        if device is None:
+            return
+        self._log_unplugged(busid)
+        trail = trail_after(self.slots.get(busid), device.vid_pid, time.monotonic())
+        if trail is not None:
+            self.trails[busid] = trail
+            log.event(
+                logger,
+                logging.INFO,
+                f"{busid}: {device.vid_pid} left while exported to {trail.target}; for"
+                f" {trail.follow:g} s whatever appears at {busid} goes there too (follow)",
+                busid=busid,
+                target=trail.target,
+                rule=trail.rule,
+                event="follow-armed",
+            )
+
+    def _arrived(self, device: Device) -> None:
+        """A device appeared at a busid: on a trail in time, it follows it."""
+        trail = self.trails.pop(device.busid, None)
+        if trail is None:
+            return
+        now = time.monotonic()
+        following = follow_on_arrival(trail, device.vid_pid, now)
+        if following is None:
+            log.event(
+                logger,
+                logging.INFO,
+                f"{device.busid}: {device.vid_pid} came {now - trail.until + trail.follow:.1f} s"
+                f" after {trail.left} left, later than follow's {trail.follow:g} s; the policy"
+                " decides as for any device",
+                busid=device.busid,
+                rule=trail.rule,
+                event="follow-ended",
+            )
+            return
+        self.following[device.busid] = following
+        log.event(
+            logger,
+            logging.INFO,
+            f"{device.busid}: came back as {device.vid_pid} {following.after:.1f} s after"
+            f" {trail.left} left; following it to {trail.target}",
+            busid=device.busid,
+            target=trail.target,
+            rule=trail.rule,
+            event="followed",
+        )
 
     def _log_decision(self, device: Device, prefix: str) -> None:
         wanted = self.wanted(device)
@@ -629,5 +699,12 @@ class Daemon:
                 on_stop=self.options.on_stop or self.policy.settings.on_stop,
             ),
             usbip_host=table_report(self.stub),
-            devices=device_rows(self.devices, self.slots, self.settling, self.wanted),
+            devices=device_rows(
+                self.devices,
+                self.slots,
+                self.settling,
+                self.wanted,
+                self.trails,
+                self.following,
+            ),
         )

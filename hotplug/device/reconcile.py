@@ -15,6 +15,11 @@ Fallbacks and backoff work in rounds, as the policy documents them: a round
 tries the rule's target and then each fallback once, in `target_chain` order,
 one right after the other; when the whole round failed, the next round starts
 after `retry.delay(round, rand)` of the rule's own (first) target.
+
+Following (a rule's `follow:`): a device that was exported by a rule with
+`follow: N` and leaves lays a `Trail` at its busid (`trail_after`); whatever
+appears there within N seconds follows it (`follow_on_arrival`), and `desire`
+sends it to the same target whatever its ids, as the rule's own export would.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ class Wanted:
     rule: str | None
     reason: str
     chain: tuple[Target, ...] = ()  # the rule's target, then its fallbacks
+    follow: float | None = None  # the rule's `follow:`, carried into the slot by Export
 
     @property
     def exports(self) -> bool:
@@ -75,6 +81,10 @@ class Slot:
     last_error: str | None = None
     since: float = 0.0  # when the phase began
     aborting: bool = False  # an Abort was sent for the operation in flight
+    # The rule of the export started last, and its `follow:`: a device that
+    # leaves while exported by it lays a Trail (trail_after).
+    rule: str | None = None
+    follow: float | None = None
 
 
 # --------------------------------------------------------------------------- outputs
@@ -137,9 +147,68 @@ class Plan:
 # --------------------------------------------------------------------------- policy -> wanted
 
 
-def desire(policy: Policy, device: Device, held_back: bool = False) -> Wanted:
-    """The policy's wish for `device`. `held_back`: present at start with coldplug off."""
+@dataclass(frozen=True)
+class Trail:
+    """A device exported by a rule with `follow:` left its busid: until `until`
+    (monotonic), whatever appears there goes to `target` (a name in the policy)."""
+
+    rule: str | None
+    target: str
+    follow: float  # the rule's `follow:`, seconds
+    left: str  # vid:pid of the device that left
+    until: float
+
+
+@dataclass(frozen=True)
+class Following:
+    """A device that appeared on a trail in time: it goes where the trail leads."""
+
+    trail: Trail
+    came: str  # its own vid:pid
+    after: float  # seconds between the leaving and the arrival
+
+    @property
+    def reason(self) -> str:
+        t = self.trail
+        rule = f"rule '{t.rule}'" if t.rule else "its rule"
+        return (
+            f"follows {t.left}, exported by {rule} (follow: {t.follow:g}), which left "
+            f"{self.after:.1f} s before; came back as {self.came}"
+        )
+
+
+def trail_after(slot: Slot | None, left: str, now: float) -> Trail | None:
+    """The trail a device leaves as it goes, if a rule with `follow:` exported it.
+
+    "Exported": an export of it succeeded and was not withdrawn (`exported_to`),
+    whatever the link does now: a device that re-enumerates drops its link first.
+    """
+    if slot is None or slot.follow is None or slot.exported_to is None:
+        return None
+    return Trail(slot.rule, slot.exported_to.name, slot.follow, left, now + slot.follow)
+
+
+def follow_on_arrival(trail: Trail | None, came: str, now: float) -> Following | None:
+    """A device appears at a busid: does it follow the trail there? Only in time."""
+    if trail is None or now >= trail.until:
+        return None
+    return Following(trail, came, max(0.0, now - (trail.until - trail.follow)))
+
+
+def desire(
+    policy: Policy, device: Device, held_back: bool = False, following: Following | None = None
+) -> Wanted:
+    """The policy's wish for `device`. `held_back`: present at start with coldplug off.
+    `following`: it appeared on a trail in time, so it goes where the trail leads,
+    whatever its ids (hubs and devices imported through vhci_hcd still never go)."""
     decision = policy.decide(device)
+    if following is not None and not (device.is_hub or device.on_vhci):
+        name = following.trail.target
+        if name not in policy.targets:
+            return Wanted("none", following.trail.rule, f"unknown target '{name}' to follow to")
+        chain = tuple(policy.target_chain(name))
+        trail = following.trail
+        return Wanted("export", trail.rule, following.reason, chain, trail.follow)
     if held_back and decision.action == "export":
         return Wanted(
             "none",
@@ -151,7 +220,7 @@ def desire(policy: Policy, device: Device, held_back: bool = False) -> Wanted:
             chain = tuple(policy.target_chain(decision.target))
         except KeyError:
             return Wanted("none", decision.rule, f"unknown target '{decision.target}'")
-        return Wanted("export", decision.rule, decision.reason, chain)
+        return Wanted("export", decision.rule, decision.reason, chain, decision.follow)
     return Wanted(decision.action, decision.rule, decision.reason)
 
 
@@ -281,7 +350,16 @@ def _one(
     position = s.position if s.position < len(w.chain) else 0
     target = w.chain[position]
     plan.actions.append(Export(busid, target, adopt=s.owned and o.bound, rule=w.rule))
-    return phase(s, "exporting", target=target, position=position, next_at=None, aborting=False)
+    return phase(
+        s,
+        "exporting",
+        target=target,
+        position=position,
+        next_at=None,
+        aborting=False,
+        rule=w.rule,
+        follow=w.follow,
+    )
 
 
 def _name(target: Target | None) -> str:

@@ -34,6 +34,10 @@ class DeviceRow(TypedDict):
     since: float | None  # time.time() the state began
     last_error: str | None
     next_retry: float | None  # time.time() of the next round, while backing off
+    # A rule's `follow:`: why this device goes where the device before it went,
+    # or (state "awaiting", no device) what will follow and until when.
+    follow: str | None
+    follow_until: float | None  # time.time() the awaiting ends
 
 
 class TableReport(TypedDict, total=False):
@@ -123,6 +127,8 @@ def render_status(reply: dict[str, Any]) -> str:
         details = []
         if row.get("state") in ("not matched", "ignored"):
             details.append(str(row.get("reason")))
+        if row.get("follow"):
+            details.append(str(row["follow"]))
         if row.get("last_error"):
             details.append(f"last error: {row['last_error']}")
         if row.get("next_retry") is not None:
