@@ -17,7 +17,7 @@ from hotplug.device.reconcile import desire
 from hotplug.device.records import BY_DAEMON, exports_dir
 from hotplug.device.udev import UdevSource, enumerate_devices
 from hotplug.faultpoints import reach
-from hotplug.kernel import make_stub
+from hotplug.kernel import make_bus, make_stub
 from hotplug.kernel.stub import STUB_DRIVER
 from hotplug.metrics import MetricsError
 from hotplug.printable import printable
@@ -81,7 +81,7 @@ def _run(args: argparse.Namespace) -> int:
         settle_time=args.settle_time,
         metrics_listen=args.metrics_listen,
     )
-    daemon = Daemon(options, policy, stub, source, exports_dir())
+    daemon = Daemon(options, policy, stub, source, exports_dir(), bus=make_bus())
     try:
         return asyncio.run(daemon.run())
     except (ControlError, MetricsError) as exc:

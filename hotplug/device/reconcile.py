@@ -35,8 +35,10 @@ from hotplug.wire.address import parse_address
 if TYPE_CHECKING:  # read, never written or imported at run time: records.py does I/O
     from hotplug.device.records import ExportRecord
 
-Phase = Literal["idle", "exporting", "exported", "backoff", "unexporting", "releasing", "foreign"]
-BUSY: frozenset[str] = frozenset({"exporting", "unexporting", "releasing"})
+Phase = Literal[
+    "idle", "exporting", "exported", "backoff", "unexporting", "releasing", "probing", "foreign"
+]
+BUSY: frozenset[str] = frozenset({"exporting", "unexporting", "releasing", "probing"})
 
 
 # --------------------------------------------------------------------------- inputs
@@ -63,6 +65,9 @@ class Observed:
 
     bound: bool = False
     used: bool = False  # usbip_status == 2: a live link
+    # No driver at all while the daemon holds new devices back (settings.claim:
+    # before-probe): it waits for us to bind it to usbip-host or hand it over.
+    waiting: bool = False
 
 
 @dataclass(frozen=True)
@@ -85,6 +90,7 @@ class Slot:
     # leaves while exported by it lays a Trail (trail_after).
     rule: str | None = None
     follow: float | None = None
+    probed: bool = False  # handed to its usual drivers once (Probe): never again
 
 
 # --------------------------------------------------------------------------- outputs
@@ -121,7 +127,15 @@ class Abort:
     busid: str
 
 
-Action = Export | Unexport | Release | Abort
+@dataclass(frozen=True)
+class Probe:
+    """Hand a device that waits for us (held back from its drivers) to its usual
+    drivers: the policy does not export it."""
+
+    busid: str
+
+
+Action = Export | Unexport | Release | Abort | Probe
 
 
 @dataclass(frozen=True)
@@ -178,14 +192,19 @@ class Following:
 
 
 def trail_after(slot: Slot | None, left: str, now: float) -> Trail | None:
-    """The trail a device leaves as it goes, if a rule with `follow:` exported it.
-
-    "Exported": an export of it succeeded and was not withdrawn (`exported_to`),
-    whatever the link does now: a device that re-enumerates drops its link first.
+    """The trail a device leaves as it goes, if a rule with `follow:` wanted it
+    exported: exported (`exported_to`, whatever the link does now: a device that
+    re-enumerates drops its link first), being exported, or between attempts. A
+    device may re-enumerate the moment it is attached, before its export's result
+    is booked here, or as the export fails because it went. `follow` is cleared
+    once the policy no longer wants the device exported (reconcile).
     """
-    if slot is None or slot.follow is None or slot.exported_to is None:
+    if slot is None or slot.follow is None:
         return None
-    return Trail(slot.rule, slot.exported_to.name, slot.follow, left, now + slot.follow)
+    target = slot.exported_to or slot.target
+    if target is None:
+        return None
+    return Trail(slot.rule, target.name, slot.follow, left, now + slot.follow)
 
 
 def follow_on_arrival(trail: Trail | None, came: str, now: float) -> Following | None:
@@ -298,6 +317,8 @@ def _one(
             s = replace(s, last_error=f"link to {_name(s.target)} lost")
 
     if w is None or not w.exports:
+        if w is not None:
+            s = replace(s, follow=None)  # no longer a device that rule follows
         if s.exported_to is not None:
             what = "unplugged" if w is None else f"not wanted any more ({w.reason})"
             note("info", "unexport", f"{busid}: {what}; unexporting", s.exported_to)
@@ -308,6 +329,10 @@ def _one(
             return phase(s, "releasing")
         if w is None:
             return None  # unplugged and nothing of ours left: forget it
+        if o.waiting and not s.probed:
+            note("info", "probe", f"{busid}: not exported ({w.reason}); to its usual drivers", None)
+            plan.actions.append(Probe(busid))
+            return phase(s, "probing", probed=True, next_at=None, position=0, round=0)
         return phase(s, "foreign" if o.bound else "idle", next_at=None, position=0, round=0)
 
     # The policy wants it exported.
@@ -433,6 +458,11 @@ def unexport_finished(slot: Slot, still_bound: bool, error: str | None, now: flo
 
 def release_finished(slot: Slot, still_bound: bool, error: str | None, now: float) -> Slot:
     return replace(slot, phase="idle", owned=still_bound, last_error=error, since=now)
+
+
+def probe_finished(slot: Slot, error: str | None, now: float) -> Slot:
+    """Handed to its usual drivers (or that failed: it is not tried again)."""
+    return replace(slot, phase="idle", last_error=error, since=now)
 
 
 def retry_now(slots: Mapping[str, Slot], now: float) -> dict[str, Slot]:

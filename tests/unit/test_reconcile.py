@@ -16,6 +16,7 @@ from hotplug.device.reconcile import (
     Export,
     Following,
     Observed,
+    Probe,
     Release,
     Slot,
     Trail,
@@ -26,6 +27,7 @@ from hotplug.device.reconcile import (
     export_failed,
     export_succeeded,
     follow_on_arrival,
+    probe_finished,
     reconcile,
     release_finished,
     retry_now,
@@ -56,6 +58,7 @@ NONE = Wanted("none", None, "no rule matched")
 FREE = Observed()
 BOUND = Observed(bound=True)
 USED = Observed(bound=True, used=True)
+WAITING = Observed(waiting=True)  # held back from its drivers (settings.claim: before-probe)
 
 EXPORTED = Slot(phase="exported", owned=True, target=LAB, exported_to=LAB, since=1.0)
 
@@ -189,6 +192,42 @@ TABLE: list[tuple[str, Wanted | None, Observed, Slot | None, list[Action], str |
         [Release(B)],
         "releasing",
     ),
+    # settings.claim: before-probe: a device no driver has seen yet.
+    (
+        "held back, exported: to usbip-host as it is",
+        EXPORT,
+        WAITING,
+        None,
+        [Export(B, LAB, False)],
+        "exporting",
+    ),
+    ("held back, no rule: to its drivers", NONE, WAITING, None, [Probe(B)], "probing"),
+    (
+        "held back, ignored (a hub, a keyboard): to its drivers",
+        IGNORE,
+        WAITING,
+        None,
+        [Probe(B)],
+        "probing",
+    ),
+    ("handed over once: never again", NONE, WAITING, Slot(probed=True), [], "idle"),
+    (
+        "held back, export refused: waits for the next round",
+        EXPORT,
+        WAITING,
+        Slot(phase="backoff", target=LAB, next_at=10.0),
+        [],
+        "backoff",
+    ),
+    (
+        "held back, export refused, then unwanted: to its drivers",
+        NONE,
+        WAITING,
+        Slot(phase="backoff", target=LAB, next_at=10.0),
+        [Probe(B)],
+        "probing",
+    ),
+    ("being handed over", NONE, WAITING, Slot(phase="probing", probed=True), [], "probing"),
     (
         "link lost, then policy dropped it: tell the far side",
         NONE,
@@ -223,6 +262,13 @@ def test_reconcile_table(
         assert B not in plan.slots
     else:
         assert plan.slots[B].phase == phase
+
+
+def test_a_device_handed_over_is_idle_and_stays_probed() -> None:
+    done = probe_finished(Slot(phase="probing", probed=True), None, NOW)
+    assert (done.phase, done.probed, done.last_error) == ("idle", True, None)
+    plan = reconcile({B: NONE}, {B: WAITING}, {B: done}, NOW + 1)  # it found no driver
+    assert plan.actions == [] and plan.notes == []
 
 
 def test_link_loss_is_logged_but_unplugging_is_not_link_loss() -> None:
@@ -440,8 +486,22 @@ TRAILS: list[tuple[str, Slot | None, Trail | None]] = [
         replace(TRAIL, target="backup"),
     ),
     ("exported by a rule without follow", EXPORTED, None),
-    ("never exported (exporting)", Slot(phase="exporting", target=LAB, follow=10.0), None),
-    ("withdrawn before it left", replace(FOLLOWED, phase="idle", exported_to=None), None),
+    (
+        "left while its export was under way",
+        Slot(phase="exporting", target=LAB, rule="fw", follow=10.0),
+        TRAIL,
+    ),
+    (
+        "left between export attempts",
+        Slot(phase="backoff", target=LAB, rule="fw", follow=10.0),
+        TRAIL,
+    ),
+    (
+        "withdrawn before it left",
+        replace(FOLLOWED, phase="idle", exported_to=None, follow=None),
+        None,
+    ),
+    ("never tried", Slot(phase="idle", follow=10.0), None),
     ("not ours", None, None),
 ]
 
@@ -508,6 +568,11 @@ def test_the_export_carries_the_rules_follow_into_the_slot() -> None:
     # Unplugged: the unexport goes out as for any device (the kernel dropped the link).
     gone = reconcile({}, {B: FREE}, {B: done}, NOW + 2)
     assert gone.actions == [Unexport(B, LAB, release=True)]
+    # No longer wanted there (a policy edit): that rule no longer follows it.
+    dropped = reconcile({B: NONE}, {B: USED}, {B: done}, NOW + 2)
+    assert dropped.actions == [Unexport(B, LAB, release=True)]
+    assert dropped.slots[B].follow is None
+    assert trail_after(dropped.slots[B], "1d6b:0104", NOW + 3) is None
 
 
 # --------------------------------------------------------------------------- status line
