@@ -58,9 +58,9 @@ def guest(rounds: int) -> int:
         "before-probe": policy_text("CLC*") + "settings:\n  claim: before-probe\n",
     }
     results: dict[str, list[tuple[float, float, int]]] = {m: [] for m in MODES}
+    rig.ensure(usbipa=True)  # forks usbipa and the daemon: before the counter's thread
     counter = gd.SetConfigurationCounter(gd.dummy_busnum(udc))
     try:
-        rig.ensure(usbipa=True)
         schedule = [("after-probe", -1), ("before-probe", -1)]  # warm-up: not counted
         for i in range(rounds):
             order = MODES if i % 2 == 0 else MODES[::-1]

@@ -15,6 +15,7 @@
 #   PREFIX/etc/usbip-hotplug/policy.yaml.example, usbipa.yaml.example
 #   PREFIX/usr/local/share/man/man5, man8: the man pages (when scdoc is there)
 #   PREFIX/usr/local/share/bash-completion/completions/usbip-hotplug, usbipa
+#   PREFIX/usr/local/share/zsh/site-functions/_usbip-hotplug, _usbipa
 # Units, rule and examples are ours and are replaced on every run. Your
 # configuration is never touched: /etc/usbip-hotplug/policy.yaml, policy.d/
 # and usbipa.yaml are not created or overwritten (the examples exist to be
@@ -83,6 +84,7 @@ else
 fi
 for program in usbip-hotplug usbipa; do
     put "$here/completion/$program" "$root/usr/local/share/bash-completion/completions/$program" 0644
+    put "$here/completion/_$program" "$root/usr/local/share/zsh/site-functions/_$program" 0644
 done
 for config in policy.yaml usbipa.yaml; do
     if [ -e "$confdir/$config" ]; then

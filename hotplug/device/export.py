@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from hotplug import log
 from hotplug.device.transport import ExportError as ExportError  # this module's error too
-from hotplug.device.transport import Remote, exchange_unexport, handshake_export
+from hotplug.device.transport import Remote, decline_urbs, exchange_unexport, handshake_export
 from hotplug.faultpoints import reach
 from hotplug.kernel.stub import STUB_DRIVER, StubStatus, UsbipHost
 from hotplug.kernel.sysfs import DeviceNotFound, KernelError, read_device
@@ -110,7 +110,7 @@ def export(
             raise DeviceNotFound(busid)
         device = dataclasses.replace(before, driver=STUB_DRIVER)
         with handshake_export(device_record(device), remote, on_connect) as sock:
-            stub.hand_over(busid, sock)
+            _hand_over(sock, lambda s: stub.hand_over(busid, s), busid)
             reach("export.after-hand-over")
         if stub.status(busid) != StubStatus.USED:
             raise ExportError(f"{busid}: usbip-host did not take the connection")
@@ -206,6 +206,19 @@ def request_unexport(record: DeviceRecord, remote: Remote) -> UnexportStatus:
     return status
 
 
+def _hand_over(sock: socket.socket, hand: Callable[[socket.socket], None], busid: str) -> None:
+    """`hand(sock)` gives the link to the kernel. If that fails, the far side has
+    attached already (its reply said so) and its hub is asking for the device:
+    its requests are answered before the caller closes the link, or its root hub
+    waits seconds on them (hotplug/wire/urbs.py)."""
+    try:
+        hand(sock)
+    except BaseException:
+        declined = decline_urbs(sock)
+        logger.debug("%s: answered %d requests on the abandoned link", busid, declined)
+        raise
+
+
 def export_gadget(vudc: Vudc, name: str, remote: Remote) -> DeviceRecord:
     """Export the gadget bound to vUDC `name` (no bind/unbind: it is ours already)."""
     vudc.require(name)
@@ -215,7 +228,7 @@ def export_gadget(vudc: Vudc, name: str, remote: Remote) -> DeviceRecord:
     fields = {"busid": name, **log_where(remote)}
     try:
         with handshake_export(record, remote) as sock:
-            vudc.hand_over(name, sock)
+            _hand_over(sock, lambda s: vudc.hand_over(name, s), name)
         if vudc.status(name) != 2:
             raise ExportError(f"{name}: usbip-vudc did not take the connection")
     except BaseException as exc:

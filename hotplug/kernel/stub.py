@@ -48,6 +48,9 @@ TABLE_SLOTS = 16
 # How long release() waits for a device in the middle of a reset to show its
 # usbfs file again.
 HOLD_WAIT = 5.0
+# How long release() waits for usbip-host to be done with a link that ended
+# (its shutdown and its reset of the device; 0.1-0.3 s in the VM).
+LINK_END_WAIT = 5.0
 
 
 class StubStatus(IntEnum):
@@ -152,6 +155,7 @@ class UsbipHost(SysfsWriter):
                     self.write(self.paths.stub_driver / "bind", busid)
                 driver = self._driver_now(busid)
             if driver == STUB_DRIVER:
+                self._end_link(busid)
                 reach("release.before-unbind")
                 # Pulled out just now, usbip-host lets go of it by itself, and its
                 # entry still records this device, which we hold.
@@ -210,6 +214,25 @@ class UsbipHost(SysfsWriter):
             yield now if (now.busnum, now.devnum) == (device.busnum, device.devnum) else None
         finally:
             os.close(fd)
+
+    def _end_link(self, busid: str) -> None:
+        """Let usbip-host finish with the device's link before it is given back.
+
+        When a link ends (stopped here, or closed by the far side), usbip-host's
+        event handler shuts it down and then resets the device, and only then
+        reads "available" (1) or "error" (3) instead of "used" (2). Giving the
+        device to its driver while that reset may still come is a race with the
+        driver's probe (in the VM once: the disk offline right after it came
+        home, and a task hung). So a link still up is stopped, and the handler
+        gets LINK_END_WAIT seconds to be done.
+        """
+        if self.status(busid) != StubStatus.USED:
+            return
+        with contextlib.suppress(KernelError):
+            self.write(self.paths.device_dir(busid) / "usbip_sockfd", "-1")
+        deadline = time.monotonic() + LINK_END_WAIT
+        while self.status(busid) == StubStatus.USED and time.monotonic() < deadline:
+            time.sleep(0.05)  # polling the kernel's state: it has no event for this
 
     def _driver_now(self, busid: str) -> str | None:
         return driver_name(self.paths.device_dir(busid))

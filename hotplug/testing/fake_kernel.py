@@ -45,6 +45,7 @@ from hotplug.usb import Speed, interfaces_from_descriptors
 
 STATUS_HEADER = "hub port sta spd dev      sockfd local_busid"
 RX_CAP = 1 << 20
+VHCI_RX_DIR = ".fake-kernel-vhci-rx"
 SERVER_SOCKET = ".fake-kernel.sock"
 TABLE_FILE = ".fake-kernel-busids.json"
 OOPS_FILE = ".fake-kernel-oops"
@@ -207,6 +208,13 @@ class FakeTree:
 
     def autoprobe(self) -> bool:
         return (self.paths.sys / "bus/usb/drivers_autoprobe").read_text().strip() != "0"
+
+    def vhci_received(self, port: int) -> bytes:
+        """What vhci port `port` received from the far end since its last attach."""
+        try:
+            return (self.root / VHCI_RX_DIR / str(port)).read_bytes()
+        except FileNotFoundError:
+            return b""
 
     def add_device(self, dev: FakeUsbDevice, devnum: int | None = None) -> Path:
         """Plug a device in. With drivers_autoprobe 0 it stays as the kernel leaves
@@ -429,6 +437,10 @@ class FakeKernelServer:
         self.vhci_socks: dict[int, socket.socket] = {}
         self.rx_dir = root / ".fake-kernel-rx"
         self.rx_dir.mkdir(exist_ok=True)
+        # What each vhci port received from the device side (the answers to its
+        # URBs), per port number: RX_CAP bytes at most.
+        self.vhci_rx_dir = root / VHCI_RX_DIR
+        self.vhci_rx_dir.mkdir(exist_ok=True)
         self.table_file = root / TABLE_FILE
         self.oops_file = root / OOPS_FILE
         # USBIP_HOTPLUG_FAKE_KERNEL_TRACE=1: every write, its answer and the busid's table
@@ -716,6 +728,7 @@ class FakeKernelServer:
         self._check_stream(sock)
         self.vhci_socks[number] = sock
         self.selector.register(sock, selectors.EVENT_READ, ("vhci", number))
+        (self.vhci_rx_dir / str(number)).write_bytes(b"")
         self._set_port(number, PortState.USED, speed, devid, sock.fileno())
         # The real vhci starts its tx thread in attach and sends the hub's first
         # URB (GET_DESCRIPTOR to address 0) 100-280 ms later; here before the
@@ -910,9 +923,15 @@ class FakeKernelServer:
             if rx.stat().st_size < RX_CAP:
                 with rx.open("ab") as f:
                     f.write(data)
-        elif not data:
+        else:
             assert isinstance(key, int)
-            self._vhci_drop(key)
+            if not data:
+                self._vhci_drop(key)
+                return
+            rx = self.vhci_rx_dir / str(key)
+            if rx.stat().st_size < RX_CAP:
+                with rx.open("ab") as f:
+                    f.write(data)
 
     def serve(self) -> None:
         path = self.tree.server_socket

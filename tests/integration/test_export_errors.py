@@ -301,3 +301,45 @@ def test_unplugged_mid_export_says_so(
             " plug it in again to retry"
         ), err
         wait_for(lambda: not used_ports(tree), what="the far side's port freed")
+
+
+@pytest.mark.parametrize("fault", ["unplugged", "refused"])
+def test_a_link_abandoned_after_the_reply_answers_the_far_hub_first(
+    tree: FakeTree, state: Path, tmp_path: Path, fault: str
+) -> None:
+    """Issue 16, item 3: after a status-0 reply the far side has attached and its
+    hub asks for the device (the fake vhci sends the hub's GET_DESCRIPTOR inside
+    `attach`, as the real one does shortly after). An export that fails before
+    usbip-host takes the link answers that request with ENODEV before it closes,
+    or vhci's root hub waits seconds on it (docs/PROTOCOL.md)."""
+    faults = tmp_path / "faults"
+    faults.mkdir()
+    (faults / "export.after-reply.pause").touch()
+    tree.add_device(DISK)
+    with running_usbipa(tree, state) as (_, port):
+        proc = subprocess.Popen(
+            [*command("usbip-hotplug"), "connect", "-r", f"127.0.0.1:{port}", "-b", "1-1"],
+            env=env_for(tree, state, USBIP_HOTPLUG_FAULTPOINTS=str(faults)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            wait_for(
+                lambda: (faults / "export.after-reply.reached").exists() or proc.poll() is not None,
+                timeout=30,
+                what="connect after the reply",
+            )
+            [attached] = used_ports(tree)
+            if fault == "unplugged":
+                tree.remove_device("1-1")
+            else:  # usbip-host refuses the link (here: it is not bound any more)
+                tree.stub().write(tree.paths.stub_driver / "unbind", "1-1")
+        finally:
+            (faults / "export.after-reply.pause").unlink()
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 1, err
+        wait_for(lambda: not used_ports(tree), what="the far side's port freed")
+    answers = tree.vhci_received(attached)
+    assert answers[:8] == (3).to_bytes(4, "big") + (1).to_bytes(4, "big"), answers.hex()
+    assert answers[20:24] == (-19 & 0xFFFFFFFF).to_bytes(4, "big"), answers.hex()  # -ENODEV

@@ -143,6 +143,12 @@ def test_install_script(tmp_path: Path) -> None:
         "usbipa.8",
         "usbipa.yaml.5",
     ]
+    share = prefix / "usr/local/share"
+    for program in ("usbip-hotplug", "usbipa"):
+        bash = share / "bash-completion/completions" / program
+        zsh = share / "zsh/site-functions" / f"_{program}"
+        assert bash.read_text() == (REPO / "completion" / program).read_text()
+        assert zsh.read_text() == (REPO / "completion" / f"_{program}").read_text()
 
     analyze = shutil.which("systemd-analyze")
     if analyze is None:

@@ -27,7 +27,6 @@ import base64
 import contextlib
 import json
 import os
-import re
 import shlex
 import subprocess
 import sys
@@ -40,6 +39,8 @@ from typing import IO, Any
 
 import pytest
 
+from hotplug.testing.vm.kmsg import TEST_MARK, KmsgReader, is_fault_line, kernel_fault_lines
+
 IN_VM = os.environ.get("USBIP_IN_VM") == "1"
 HERE = Path(__file__).resolve().parent
 GUEST_DIR = HERE / "guest"
@@ -49,7 +50,6 @@ GUEST_RESULTS = "/tmp/usbip-vm-results.jsonl"
 # DEB_TESTS, is handed to the guest here (its /tmp is its own).
 DEB_TESTS = "tests/vm/guest/test_units_from_the_deb.py"
 GUEST_DEB = "/tmp/usbip-hotplug-test.deb"
-BUILD_DEB_TIMEOUT = 900.0
 # Marks evaluated inside the guest, never on the host proxy.
 _GUEST_ONLY_MARKS = {"skip", "skipif", "xfail", "usefixtures", "parametrize", "timeout"}
 
@@ -77,6 +77,24 @@ BOOT_TIMEOUT = _env_float("USBIP_VM_BOOT_TIMEOUT", 240.0)
 # is held back until the first guest test reports. USBIP_VM_BACKGROUND=0: boot
 # the guest only when the first guest test runs, as before.
 BACKGROUND = os.environ.get("USBIP_VM_BACKGROUND", "1") != "0"
+
+# Guests that run the guest tests at the same time, whole modules each (the
+# emulated guest leaves about half of two cores idle: it waits on the USB
+# stack's timers and on the daemons). USBIP_VM_GUESTS=1: one guest, as before.
+GUESTS = max(1, int(_env_float("USBIP_VM_GUESTS", 2)))
+# Usual guest seconds of the heavy modules (the split's weights; any module
+# not named costs DEFAULT_TEST_SECONDS per test). Only the balance depends on them.
+MODULE_SECONDS = {
+    "test_fault_matrix.py": 200.0,
+    "test_export_real.py": 190.0,
+    "test_daemon_real.py": 145.0,
+    "test_repeat_real.py": 130.0,
+    "test_systemd_units.py": 100.0,
+    "test_units_from_the_deb.py": 95.0,
+    "test_device_classes_real.py": 40.0,
+    "test_qemu_devices.py": 45.0,
+}
+DEFAULT_TEST_SECONDS = 12.0
 
 # A kernel fault costs one test and one boot, never the suite timeout.
 FAULT_GRACE = _env_float("USBIP_VM_FAULT_GRACE", 30.0)
@@ -109,10 +127,8 @@ def pytest_collection_modifyitems(
 
 
 # Tests too slow for CI's budget, run by hand: `pytest -m fault_matrix_full`
-# (the rest of the fault matrix) or `pytest -m vm_package_install` (the .deb
-# installed in the guest: dpkg's maintainer scripts over the guest's 9p root
-# took 6 to over 10 minutes under emulation).
-BY_HAND_MARKS = ("fault_matrix_full", "vm_package_install")
+# (the rest of the fault matrix).
+BY_HAND_MARKS = ("fault_matrix_full",)
 
 
 def _by_hand(item: pytest.Item) -> bool:
@@ -134,26 +150,7 @@ def _deselect_by_hand_only(config: pytest.Config, items: list[pytest.Item]) -> N
 
 
 # ---------------------------------------------------------------------------
-# the kernel's log as the judge (both sides)
-
-# What the kernel prints when it is in trouble: oopses, BUG/WARN, lockups and
-# hung tasks, sanitizers, list/refcount corruption.
-KERNEL_FAULT = re.compile(
-    r"BUG:|Oops|general protection fault|WARNING:|Call Trace|Kernel panic|kernel BUG at"
-    r"|blocked for more than \d+ seconds|soft lockup|hard LOCKUP|rcu_sched self-detected"
-    r"|UBSAN:|KASAN:|refcount_t:|list_add corruption|list_del corruption|Poison overwritten"
-)
-# Written into the kernel's log by the guest session around each test, so that
-# the log (and the host, reading the serial console) knows which test ran when.
-TEST_MARK = "usbip-test:"
-
-
-def kernel_fault_lines(lines: list[str], limit: int = 60) -> list[str]:
-    """From the first fault line on (a trace follows it), at most `limit` lines."""
-    for i, line in enumerate(lines):
-        if KERNEL_FAULT.search(line) and TEST_MARK not in line:
-            return lines[i : i + limit]
-    return []
+# the kernel's log as the judge (both sides; what a fault is: hotplug.testing.vm.kmsg)
 
 
 def _read_results(vm: Any, timeout: float) -> str:
@@ -184,7 +181,7 @@ class KernelWatch:
             if self.fault_since is None:
                 self.running = nodeid if verb == "start" else None
             return
-        if self.fault_since is None and KERNEL_FAULT.search(line):
+        if self.fault_since is None and is_fault_line(line):
             self.fault_since = time.monotonic()
         if self.fault_since is not None and len(self.lines) < 60:
             self.lines.append(line)
@@ -194,33 +191,6 @@ class KernelWatch:
 # guest side: record results
 
 if IN_VM:
-
-    class KmsgReader:
-        """The kernel's log from now on (/dev/kmsg, non-blocking)."""
-
-        def __init__(self) -> None:
-            self.fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK)
-            os.lseek(self.fd, 0, os.SEEK_END)
-
-        def read(self) -> list[str]:
-            lines = []
-            while True:
-                try:
-                    record = os.read(self.fd, 8192).decode("utf-8", "replace")
-                except BlockingIOError:
-                    return lines
-                except BrokenPipeError:  # overwritten before we read it: go on
-                    continue
-                if not record:
-                    return lines
-                head, _, text = record.partition(";")
-                stamp = head.split(",")[2] if head.count(",") >= 2 else "0"
-                for part in text.rstrip("\n").split("\n"):
-                    if not part.startswith(" "):  # continuation dictionaries
-                        lines.append(f"[{int(stamp) / 1e6:12.6f}] {part}")
-
-        def close(self) -> None:
-            os.close(self.fd)
 
     def _mark(text: str) -> None:
         with contextlib.suppress(OSError), open("/dev/kmsg", "w") as f:
@@ -370,22 +340,281 @@ def aggregate(records: list[dict[str, Any]]) -> dict[str, GuestOutcome]:
     return out
 
 
+def split_modules(nodeids: list[str], guests: int) -> list[list[str]]:
+    """The guest tests in `guests` groups of whole modules (a module's rig and
+    fixtures live in one guest), balanced by their usual guest seconds (the
+    longest first onto the least loaded guest), each group in suite order."""
+    modules: dict[str, list[str]] = {}
+    for nodeid in nodeids:
+        modules.setdefault(nodeid.split("::")[0], []).append(nodeid)
+
+    def cost(module: str) -> float:
+        name = Path(module).name
+        return MODULE_SECONDS.get(name, DEFAULT_TEST_SECONDS * len(modules[module]))
+
+    groups: list[list[str]] = [[] for _ in range(max(1, guests))]
+    loads = [0.0] * len(groups)
+    for module in sorted(modules, key=cost, reverse=True):
+        i = loads.index(min(loads))
+        groups[i].append(module)
+        loads[i] += cost(module)
+    order = {m: n for n, m in enumerate(modules)}
+    return [
+        [n for m in sorted(group, key=order.__getitem__) for n in modules[m]]
+        for group in groups
+        if group
+    ]
+
+
+class Guest:
+    """One QEMU guest of the session: booted on first use, its share of the
+    guest tests run in one pytest session (a fresh guest after a kernel fault)."""
+
+    def __init__(self, session: VmSession, number: int, name: str) -> None:
+        self.session = session
+        self.number = number
+        self.name = name  # "" for the only guest, else "1", "2", ...
+        self.vm: Any = None  # hotplug.testing.vm.guest.GuestVM
+        self.console_log: Path | None = None
+        self.boot_info = ""
+        self.reboots = 0
+        self.nodeids: list[str] = []
+        self.seconds: float | None = None
+        self.guest_rc: int | None = None
+
+    def write(self, line: str) -> None:
+        self.session.write(line)
+
+    @property
+    def tag(self) -> str:
+        return f"[vm{self.name}]"
+
+    def get_vm(self) -> Any:
+        """The booted GuestVM; skips (or fails) the calling test if impossible."""
+        if self.vm is not None:
+            return self.vm
+        session = self.session
+        if session.skip_reason:
+            pytest.skip(session.skip_reason)
+        if session.boot_error:
+            pytest.fail(session.boot_error, pytrace=False)
+        if os.environ.get("USBIP_VM") == "0":
+            session.skip_reason = "USBIP_VM=0: the real-kernel VM tests are disabled"
+            pytest.skip(session.skip_reason)
+        from hotplug.testing.vm.guest import GuestVM
+        from hotplug.testing.vm.kernels import MissingDependency, VMError, cache_dir
+
+        logs = cache_dir() / "logs"
+        if self.number == 0:
+            for pattern in ("console-*.log", "failures-*.log", "kernel-fault*.log"):
+                old_logs = sorted(logs.glob(pattern), key=lambda p: p.stat().st_mtime)
+                for stale in old_logs[:-9]:  # keep the last few sessions' logs
+                    stale.unlink(missing_ok=True)
+        suffix = f"-{self.name}" if self.name else ""
+        self.console_log = logs / f"console-{os.getpid()}{suffix}.log"
+        vm = GuestVM(
+            output=self.write,
+            prefix=f"{self.tag} ",
+            cwd=session.config.rootpath,
+            boot_timeout=BOOT_TIMEOUT,
+            console_log=self.console_log,
+        )
+        self.write("")
+        try:
+            vm.start()
+        except MissingDependency as e:
+            reason = f"real-kernel VM unavailable: {e}"
+            if os.environ.get("USBIP_VM_REQUIRED") == "1":
+                session.boot_error = f"USBIP_VM_REQUIRED=1 and {reason}"
+                pytest.fail(session.boot_error, pytrace=False)
+            session.skip_reason = reason
+            self.write(f"{self.tag} SKIPPING VM tests: {e}")
+            pytest.skip(session.skip_reason)
+        except VMError as e:
+            vm.close()
+            session.boot_error = f"the test VM did not boot: {e}\n(console log: {self.console_log})"
+            pytest.fail(session.boot_error, pytrace=False)
+        self.vm = vm
+        how = "KVM" if vm.accel == "kvm" else "emulation (TCG)"
+        self.boot_info = (
+            f"kernel {vm.kernel.release if vm.kernel else '?'} under {how}:"
+            f" booted in {vm.boot_seconds:.1f}s" + "".join(f"\n  note: {n}" for n in vm.notes)
+        )
+        return vm
+
+    def run(self, nodeids: list[str], results: dict[str, GuestOutcome]) -> None:
+        """Run `nodeids` here, filling `results`; after a kernel fault, the rest in a
+        freshly booted guest (at most MAX_GUEST_BOOTS)."""
+        self.nodeids = list(nodeids)
+        t0 = time.monotonic()
+        pending = list(nodeids)
+        for boot in range(MAX_GUEST_BOOTS):
+            watch = KernelWatch()
+            faulted = self._run_in_guest(pending, results, watch)
+            pending = [n for n in pending if n not in results]
+            if not faulted:
+                break
+            # This guest's kernel is damaged or wedged: nothing else runs on it
+            # (host-side tests of the harness included); the rest gets a new one.
+            self.vm.close(timeout=10)
+            self.vm = None
+            self.reboots += 1
+            if not pending:
+                break
+            self.write(
+                f"{self.tag} kernel fault in the guest: a fresh guest for the {len(pending)}"
+                " test(s) still to run"
+            )
+            if boot == MAX_GUEST_BOOTS - 1:
+                for n in pending:
+                    results[n] = GuestOutcome(
+                        "error", f"not run: the guest kernel faulted {MAX_GUEST_BOOTS} times"
+                    )
+        self.seconds = time.monotonic() - t0
+        if self.vm is not None:
+            self._keep_failures(self.vm, results)
+
+    def _run_in_guest(
+        self, nodeids: list[str], results: dict[str, GuestOutcome], watch: KernelWatch
+    ) -> bool:
+        """One guest pytest session over `nodeids`; fills `results`. True if the
+        guest kernel faulted (its remaining tests need a fresh guest)."""
+        vm = self.get_vm()
+        from hotplug.testing.vm.kernels import VMError
+
+        session = self.session
+        cmd = session.guest_command() + nodeids
+        self.write(
+            f"{self.tag} running {len(nodeids)} test(s) in the guest: {shlex.join(cmd[:3])} ..."
+        )
+        vm.console_watchers.append(watch.feed)
+        t0 = time.monotonic()
+        try:
+            vm.run(["rm", "-f", GUEST_RESULTS], timeout=30, echo=False)
+            proc = vm.start_command(
+                cmd,
+                timeout=SUITE_TIMEOUT,
+                env={
+                    "USBIP_VM_RESULTS": GUEST_RESULTS,
+                    # the checkout is read-only in the guest (if hypothesis is used)
+                    "HYPOTHESIS_STORAGE_DIRECTORY": "/tmp/hypothesis",
+                    # knobs of guest tests, e.g. the fault matrix's storm seed
+                    **{
+                        k: v
+                        for k, v in os.environ.items()
+                        if k.startswith(("USBIP_FAULT_", "USBIP_REPEAT_"))
+                    },
+                    **session.deb_env(vm),
+                },
+                prefix=f"[guest{self.name}] ",
+            )
+            # A wedged kernel may never let the session end (a task stuck in the
+            # kernel ignores pytest-timeout's signal): once the console shows a
+            # fault, the session gets FAULT_GRACE seconds to finish by itself.
+            while not proc.done:
+                proc._done.wait(1.0)
+                if watch.fault_since is not None and (
+                    time.monotonic() - watch.fault_since > FAULT_GRACE
+                ):
+                    break
+            wedged = not proc.done
+            res = proc.wait(timeout=15) if not wedged else None
+            raw = _read_results(vm, timeout=120 if not wedged else 15)
+        except VMError as e:
+            if watch.fault_since is None:
+                session.run_error = f"the guest test session broke down: {e}\n{vm.console_tail(20)}"
+                pytest.fail(session.run_error, pytrace=False)
+            res, raw, wedged = None, "", True
+        finally:
+            with contextlib.suppress(ValueError):
+                vm.console_watchers.remove(watch.feed)
+        records = [json.loads(ln) for ln in raw.splitlines() if ln.strip()]
+        outcomes = aggregate(records)
+        results.update(outcomes)
+        faulted = watch.fault_since is not None or any(
+            ("kernel_fault", "1") in o.props for o in outcomes.values()
+        )
+        if faulted:
+            # The console shows notices and worse; the stack of a hung task and
+            # the lines around an oops are below that: read the whole log if the
+            # guest still answers.
+            trace = kernel_fault_lines(self._kernel_log_after_fault(vm)) or watch.lines
+            culprit = watch.running or next((n for n in nodeids if n not in results), None)
+            if culprit is None:
+                self.write(f"{self.tag} the guest kernel faulted outside any test:")
+                self.write("\n".join(trace))
+            if culprit is not None and (culprit not in results or wedged):
+                results[culprit] = GuestOutcome(
+                    "failed",
+                    "the guest kernel faulted while this test ran (seen on the serial console"
+                    + ("; the guest then hung" if wedged else "")
+                    + "); the tests after it ran in a fresh guest:\n"
+                    + "\n".join(trace),
+                )
+        if res is not None and res.timed_out:
+            session.run_error = (
+                f"the guest test session hit USBIP_VM_SUITE_TIMEOUT={SUITE_TIMEOUT:.0f}s"
+            )
+        rc = res.returncode if res is not None else "none: guest abandoned"
+        self.write(
+            f"{self.tag} guest session done in {time.monotonic() - t0:.1f}s (pytest exit {rc})"
+        )
+        self.guest_rc = res.returncode if res is not None else None
+        return faulted
+
+    def _kernel_log_after_fault(self, vm: Any) -> list[str]:
+        """The guest's whole kernel log, kept next to the console log; [] if the
+        guest no longer answers."""
+        try:
+            res = vm.run(["dmesg", "--kernel"], timeout=20, echo=False)
+        except Exception as exc:  # a wedged guest: the console's lines must do
+            self.write(f"{self.tag} no kernel log from the guest after the fault: {exc}")
+            return []
+        if self.console_log is not None:
+            name = self.console_log.name.replace("console-", f"kernel-fault{self.reboots + 1}-")
+            path = self.console_log.with_name(name)
+            with contextlib.suppress(OSError):
+                path.write_text(res.stdout)
+                self.write(f"{self.tag} the guest's kernel log after the fault: {path}")
+        return str(res.stdout).splitlines()
+
+    def _keep_failures(self, vm: Any, results: dict[str, GuestOutcome]) -> None:
+        """Failed guest tests in full, and the guest's kernel log, next to the console
+        log: what a truncated CI summary leaves out is still on the machine."""
+        failed = {
+            n: o
+            for n, o in results.items()
+            if n in self.nodeids and o.outcome in ("failed", "error")
+        }
+        if not failed or self.console_log is None:
+            return
+        path = self.console_log.with_name(self.console_log.name.replace("console-", "failures-"))
+        with contextlib.suppress(Exception), open(path, "w", encoding="utf-8") as f:
+            for nodeid, o in failed.items():
+                f.write(f"===== {o.outcome}: {nodeid}\n{o.text}\n\n")
+            dmesg = vm.run(["dmesg", "--ctime"], timeout=60, echo=False)
+            f.write(f"===== guest kernel log\n{dmesg.stdout}\n")
+            self.write(f"{self.tag} failed guest tests in full, and the guest's kernel log: {path}")
+
+    def close(self) -> None:
+        if self.vm is not None:
+            self.vm.close()
+            self.vm = None
+
+
 class VmSession:
-    """The session's one guest: booted on first use, stopped at session end."""
+    """The session's guests (GUESTS of them, each running a share of the guest
+    tests at the same time), booted on first use, stopped at session end."""
 
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
-        self.vm: Any = None  # hotplug.testing.vm.guest.GuestVM
         self.skip_reason: str | None = None
         self.boot_error: str | None = None
         self.results: dict[str, GuestOutcome] | None = None
         self.run_error: str | None = None
-        self.guest_rc: int | None = None
         self.suite_seconds: float | None = None
-        self.console_log: Path | None = None
-        self.boot_info = ""
         self.ran = 0
-        self.reboots = 0
+        self.guests = [Guest(self, 0, "")]
         self.deb: Path | None = None  # built for DEB_TESTS
         self.deb_error: str | None = None
         self.deb_info = ""
@@ -421,57 +650,11 @@ class VmSession:
             sys.__stderr__.write(line + "\n")  # type: ignore[union-attr]
 
     def get_vm(self) -> Any:
-        """The booted GuestVM; skips (or fails) the calling test if impossible."""
-        if self.vm is not None:
-            return self.vm
-        if self.skip_reason:
-            pytest.skip(self.skip_reason)
-        if self.boot_error:
-            pytest.fail(self.boot_error, pytrace=False)
-        if os.environ.get("USBIP_VM") == "0":
-            self.skip_reason = "USBIP_VM=0: the real-kernel VM tests are disabled"
-            pytest.skip(self.skip_reason)
-        from hotplug.testing.vm.guest import GuestVM
-        from hotplug.testing.vm.kernels import MissingDependency, VMError, cache_dir
-
-        logs = cache_dir() / "logs"
-        for pattern in ("console-*.log", "failures-*.log"):
-            old_logs = sorted(logs.glob(pattern), key=lambda p: p.stat().st_mtime)
-            for stale in old_logs[:-9]:  # keep the last few sessions' logs
-                stale.unlink(missing_ok=True)
-        self.console_log = logs / f"console-{os.getpid()}.log"
-        vm = GuestVM(
-            output=self.write,
-            prefix="[vm] ",
-            cwd=self.config.rootpath,
-            boot_timeout=BOOT_TIMEOUT,
-            console_log=self.console_log,
-        )
-        self.write("")
-        try:
-            vm.start()
-        except MissingDependency as e:
-            reason = f"real-kernel VM unavailable: {e}"
-            if os.environ.get("USBIP_VM_REQUIRED") == "1":
-                self.boot_error = f"USBIP_VM_REQUIRED=1 and {reason}"
-                pytest.fail(self.boot_error, pytrace=False)
-            self.skip_reason = reason
-            self.write(f"[vm] SKIPPING VM tests: {e}")
-            pytest.skip(self.skip_reason)
-        except VMError as e:
-            vm.close()
-            self.boot_error = f"the test VM did not boot: {e}\n(console log: {self.console_log})"
-            pytest.fail(self.boot_error, pytrace=False)
-        self.vm = vm
-        how = "KVM" if vm.accel == "kvm" else "emulation (TCG)"
-        self.boot_info = (
-            f"kernel {vm.kernel.release if vm.kernel else '?'} under {how}:"
-            f" booted in {vm.boot_seconds:.1f}s" + "".join(f"\n  note: {n}" for n in vm.notes)
-        )
-        return vm
+        """The first guest's booted GuestVM (host-side tests drive it)."""
+        return self.guests[0].get_vm()
 
     def start_background(self, items: list[pytest.Item]) -> None:
-        """Boot the guest and run its session now, in a thread (BACKGROUND)."""
+        """Boot the guests and run their sessions now, in a thread (BACKGROUND)."""
         self._held = []
 
         def run() -> None:
@@ -484,8 +667,8 @@ class VmSession:
         self._thread.start()
 
     def join_background(self) -> None:
-        """The guest's output so far, live from now on; then wait for its session.
-        Re-raises what the session raised (a skip or a failure), for every guest test."""
+        """The guests' output so far, live from now on; then wait for their sessions.
+        Re-raises what a session raised (a skip or a failure), for every guest test."""
         self._release_output()
         thread = self._thread
         if thread is None:
@@ -502,8 +685,8 @@ class VmSession:
                 self._write_now(line)
 
     def guest_results(self, items: list[pytest.Item]) -> dict[str, GuestOutcome]:
-        """Run every selected guest test in the guest (once), in one pytest session
-        per guest: after a kernel fault the rest runs in a freshly booted guest."""
+        """Run every selected guest test (once), split by module over GUESTS guests
+        that run at the same time, one pytest session each."""
         if self.results is not None:
             return self.results
         if self.run_error:
@@ -513,61 +696,50 @@ class VmSession:
         self.ran = len(nodeids)
         if any(n.startswith(DEB_TESTS) for n in nodeids):
             self._build_deb()
+        groups = split_modules(nodeids, GUESTS)
+        if len(groups) > 1:
+            self.guests = [Guest(self, i, str(i + 1)) for i in range(len(groups))]
         results: dict[str, GuestOutcome] = {}
         t0 = time.monotonic()
-        pending = nodeids
-        for boot in range(MAX_GUEST_BOOTS):
-            watch = KernelWatch()
-            faulted = self._run_in_guest(pending, results, watch)
-            pending = [n for n in pending if n not in results]
-            if not faulted:
-                break
-            # This guest's kernel is damaged or wedged: nothing else runs on it
-            # (host-side tests of the harness included); the rest gets a new one.
-            self.vm.close(timeout=10)
-            self.vm = None
-            self.reboots += 1
-            if not pending:
-                break
-            self.write(
-                f"[vm] kernel fault in the guest: a fresh guest for the {len(pending)}"
-                " test(s) still to run"
-            )
-            if boot == MAX_GUEST_BOOTS - 1:
-                for n in pending:
-                    results[n] = GuestOutcome(
-                        "error", f"not run: the guest kernel faulted {MAX_GUEST_BOOTS} times"
-                    )
+        errors: list[BaseException] = []
+
+        def run(guest: Guest, group: list[str]) -> None:
+            try:
+                guest.run(group, results)
+            except BaseException as exc:  # a skip or failure for every guest test
+                errors.append(exc)
+
+        threads = [
+            threading.Thread(target=run, args=(guest, group), name=f"guest{guest.name}")
+            for guest, group in zip(self.guests, groups, strict=False)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            while thread.is_alive():
+                thread.join(1.0)
         self.suite_seconds = time.monotonic() - t0
-        self.results = results
-        if self.vm is not None:
-            self._keep_failures(self.vm)
+        if errors:
+            raise errors[0]
+        self.results = {n: results[n] for n in nodeids if n in results}
         return self.results
 
     def _build_deb(self) -> None:
         """The package from this checkout (cached by source hash), before the guest runs;
         a failure is reported by the package's tests, the others still run."""
+        from tests.debpackage import DebBuildError, build_deb
+
         t0 = time.monotonic()
         try:
-            r = subprocess.run(
-                [str(self.config.rootpath / "scripts/build-deb")],
-                capture_output=True,
-                text=True,
-                timeout=BUILD_DEB_TIMEOUT,
-            )
-        except subprocess.TimeoutExpired:
-            self.deb_error = f"scripts/build-deb took more than {BUILD_DEB_TIMEOUT:.0f}s"
+            built = build_deb()
+        except DebBuildError as e:
+            self.deb_error = str(e)
             return
-        lines = r.stdout.strip().splitlines()
-        if r.returncode != 0 or not lines or not lines[-1].endswith(".deb"):
-            self.deb_error = f"scripts/build-deb: exit {r.returncode}\n{r.stdout}{r.stderr}"[-3000:]
-            return
-        self.deb = Path(lines[-1])
-        said = lines[-2] if len(lines) > 1 else ""  # "built in N s ..." or "source unchanged ..."
-        self.deb_info = f"package {self.deb.name}: {said} ({time.monotonic() - t0:.1f}s)"
+        self.deb = built.path
+        self.deb_info = f"package {self.deb.name}: {built.said} ({time.monotonic() - t0:.1f}s)"
         self.write(f"[vm] {self.deb_info}")
 
-    def _deb_env(self, vm: Any) -> dict[str, str]:
+    def deb_env(self, vm: Any) -> dict[str, str]:
         if self.deb_error:
             return {"USBIP_VM_DEB_ERROR": self.deb_error}
         if self.deb is None:
@@ -575,7 +747,7 @@ class VmSession:
         vm.write_file(GUEST_DEB, self.deb.read_bytes())
         return {"USBIP_VM_DEB": GUEST_DEB}
 
-    def _guest_command(self) -> list[str]:
+    def guest_command(self) -> list[str]:
         opt = self.config.option
         cmd = [
             sys.executable,
@@ -597,101 +769,11 @@ class VmSession:
             cmd.append(f"--tb={opt.tbstyle}")
         return cmd + shlex.split(os.environ.get("USBIP_VM_GUEST_PYTEST_ARGS", ""))
 
-    def _run_in_guest(
-        self, nodeids: list[str], results: dict[str, GuestOutcome], watch: KernelWatch
-    ) -> bool:
-        """One guest pytest session over `nodeids`; fills `results`. True if the
-        guest kernel faulted (its remaining tests need a fresh guest)."""
-        vm = self.get_vm()
-        from hotplug.testing.vm.kernels import VMError
-
-        cmd = self._guest_command() + nodeids
-        self.write(f"[vm] running {len(nodeids)} test(s) in the guest: {shlex.join(cmd[:3])} ...")
-        vm.console_watchers.append(watch.feed)
-        t0 = time.monotonic()
-        try:
-            vm.run(["rm", "-f", GUEST_RESULTS], timeout=30, echo=False)
-            proc = vm.start_command(
-                cmd,
-                timeout=SUITE_TIMEOUT,
-                env={
-                    "USBIP_VM_RESULTS": GUEST_RESULTS,
-                    # the checkout is read-only in the guest (if hypothesis is used)
-                    "HYPOTHESIS_STORAGE_DIRECTORY": "/tmp/hypothesis",
-                    # knobs of guest tests, e.g. the fault matrix's storm seed
-                    **{k: v for k, v in os.environ.items() if k.startswith("USBIP_FAULT_")},
-                    **self._deb_env(vm),
-                },
-                prefix="[guest] ",
-            )
-            # A wedged kernel may never let the session end (a task stuck in the
-            # kernel ignores pytest-timeout's signal): once the console shows a
-            # fault, the session gets FAULT_GRACE seconds to finish by itself.
-            while not proc.done:
-                proc._done.wait(1.0)
-                if watch.fault_since is not None and (
-                    time.monotonic() - watch.fault_since > FAULT_GRACE
-                ):
-                    break
-            wedged = not proc.done
-            res = proc.wait(timeout=15) if not wedged else None
-            raw = _read_results(vm, timeout=120 if not wedged else 15)
-        except VMError as e:
-            if watch.fault_since is None:
-                self.run_error = f"the guest test session broke down: {e}\n{vm.console_tail(20)}"
-                pytest.fail(self.run_error, pytrace=False)
-            res, raw, wedged = None, "", True
-        finally:
-            with contextlib.suppress(ValueError):
-                vm.console_watchers.remove(watch.feed)
-        records = [json.loads(ln) for ln in raw.splitlines() if ln.strip()]
-        outcomes = aggregate(records)
-        results.update(outcomes)
-        faulted = watch.fault_since is not None or any(
-            ("kernel_fault", "1") in o.props for o in outcomes.values()
-        )
-        if faulted:
-            culprit = watch.running or next((n for n in nodeids if n not in results), None)
-            if culprit is None:
-                self.write("[vm] the guest kernel faulted outside any test:")
-                self.write("\n".join(watch.lines))
-            if culprit is not None and (culprit not in results or wedged):
-                results[culprit] = GuestOutcome(
-                    "failed",
-                    "the guest kernel faulted while this test ran (seen on the serial console"
-                    + ("; the guest then hung" if wedged else "")
-                    + "); the tests after it ran in a fresh guest:\n"
-                    + "\n".join(watch.lines),
-                )
-        if res is not None and res.timed_out:
-            self.run_error = (
-                f"the guest test session hit USBIP_VM_SUITE_TIMEOUT={SUITE_TIMEOUT:.0f}s"
-            )
-        rc = res.returncode if res is not None else "none: guest abandoned"
-        self.write(f"[vm] guest session done in {time.monotonic() - t0:.1f}s (pytest exit {rc})")
-        self.guest_rc = res.returncode if res is not None else None
-        return faulted
-
-    def _keep_failures(self, vm: Any) -> None:
-        """Failed guest tests in full, and the guest's kernel log, next to the console
-        log: what a truncated CI summary leaves out is still on the machine."""
-        failed = {n: o for n, o in (self.results or {}).items() if o.outcome in ("failed", "error")}
-        if not failed or self.console_log is None:
-            return
-        path = self.console_log.with_name(f"failures-{os.getpid()}.log")
-        with contextlib.suppress(Exception), open(path, "w", encoding="utf-8") as f:
-            for nodeid, o in failed.items():
-                f.write(f"===== {o.outcome}: {nodeid}\n{o.text}\n\n")
-            dmesg = vm.run(["dmesg", "--ctime"], timeout=60, echo=False)
-            f.write(f"===== guest kernel log\n{dmesg.stdout}\n")
-            self.write(f"[vm] failed guest tests in full, and the guest's kernel log: {path}")
-
     def close(self) -> None:
-        if self.vm is not None:
-            self.vm.close()
-            self.vm = None
+        for guest in self.guests:
+            guest.close()
         if self._thread is not None:
-            self._thread.join(30)  # ends once its VM is gone
+            self._thread.join(30)  # ends once its VMs are gone
             self._release_output()
         if self._term is not None:
             with contextlib.suppress(OSError):
@@ -749,9 +831,8 @@ class GuestTestProxy(pytest.Item):
         results = state.guest_results(self.session.items)
         outcome = results.get(self.nodeid)
         if outcome is None:
-            why = state.run_error or (
-                f"guest pytest exited {state.guest_rc} without a report for this test"
-            )
+            rcs = ", ".join(str(g.guest_rc) for g in state.guests if self.nodeid in g.nodeids)
+            why = state.run_error or (f"guest pytest exited {rcs} without a report for this test")
             pytest.fail(f"{why}; see the [guest] output above", pytrace=False)
         self.user_properties.extend(outcome.props)
         self.user_properties.append(("guest_seconds", f"{outcome.duration:.2f}"))
@@ -806,27 +887,36 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
     state: VmSession | None = getattr(config, "_usbip_vm_session", None)
-    if state is None or (state.results is None and state.vm is None and not state.boot_error):
+    booted = state is not None and any(g.vm is not None or g.boot_info for g in state.guests)
+    if state is None or (state.results is None and not booted and not state.boot_error):
         return
     tr = terminalreporter
     tr.section("usbip-hotplug test VM")
     if state.skip_reason:
         tr.write_line(f"skipped: {state.skip_reason}")
         return
-    if state.boot_info:
-        tr.write_line(state.boot_info)
+    for guest in state.guests:
+        if guest.boot_info:
+            label = f"guest {guest.name}: " if guest.name else ""
+            tr.write_line(label + guest.boot_info)
     if state.boot_error:
         tr.write_line(state.boot_error)
     if state.deb_info:
         tr.write_line(state.deb_info)
     if state.suite_seconds is not None:
         tr.write_line(f"guest pytest session: {state.suite_seconds:.1f}s for {state.ran} test(s)")
-    if state.reboots:
-        tr.write_line(f"fresh guests booted after a kernel fault: {state.reboots}")
+    if len(state.guests) > 1:
+        for guest in state.guests:
+            took = f"{guest.seconds:.1f}s" if guest.seconds is not None else "-"
+            tr.write_line(f"  guest {guest.name}: {len(guest.nodeids)} test(s) in {took}")
+    reboots = sum(g.reboots for g in state.guests)
+    if reboots:
+        tr.write_line(f"fresh guests booted after a kernel fault: {reboots}")
     for nodeid, o in (state.results or {}).items():
         props = ", ".join(f"{k}={v}" for k, v in o.props)
         tr.write_line(
             f"  {o.outcome:8} {o.duration:7.1f}s  {nodeid}" + (f"  [{props}]" if props else "")
         )
-    if state.console_log is not None:
-        tr.write_line(f"guest console log: {state.console_log}")
+    for guest in state.guests:
+        if guest.console_log is not None:
+            tr.write_line(f"guest console log: {guest.console_log}")

@@ -20,7 +20,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 PY="${PYTHON:-python3}"
 
 # qemu-system-x86  QEMU (the guest runs under it, KVM or emulation)
-# busybox-static   virtme-ng's initramfs needs a static busybox
+# busybox-static   virtme-ng's initramfs needs a static busybox; its ping is the
+#                  guest's (the USB network test)
 # file             virtme-ng reads the kernel version with it
 # kmod             depmod (host) and modprobe (guest)
 # udev             systemd-udevd in the guest (events, /dev/disk/by-id)
@@ -30,7 +31,10 @@ PY="${PYTHON:-python3}"
 # systemd          PID 1 of a namespace in the guest, to run our units as shipped
 # python3          Debian's interpreter, which those units run the programs with
 # util-linux       unshare and nsenter for that namespace
-PACKAGES=(qemu-system-x86 busybox-static file kmod udev usbip mount apt dpkg systemd python3 util-linux)
+# iproute2         ip netns / ip link (USB network test), ss -K (fault matrix)
+# alsa-utils       aplay in the guest, playing through QEMU's usb-audio behind vhci
+PACKAGES=(qemu-system-x86 busybox-static file kmod udev usbip mount apt dpkg systemd python3 util-linux
+          iproute2 alsa-utils)
 
 if [ "$(id -u)" -ne 0 ]; then
     echo "setup-host.sh: run me as root (apt-get install)" >&2

@@ -56,3 +56,13 @@ def test_files_round_trip_through_the_agent(guest_vm: Any) -> None:
 
     with pytest.raises(VMError, match="No such file"):
         guest_vm.read_file("/tmp/does-not-exist")
+
+
+def test_qmp_from_the_host(guest_vm: Any) -> None:
+    """The host's QMP client on the booted guest's QEMU (hotplug.testing.vm.qmp);
+    the guest's own use of it: tests/vm/guest/test_qemu_devices.py."""
+    assert guest_vm.qmp.execute("query-status")["running"] is True
+    peripherals = {
+        p["name"] for p in guest_vm.qmp.execute("qom-list", {"path": "/machine/peripheral"})
+    }
+    assert {"usbipvm-xhci", "usbipvm-vser"} <= peripherals

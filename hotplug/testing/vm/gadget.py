@@ -2,14 +2,18 @@
 
 `dummy_hcd` gives pairs of a host controller and a UDC (`dummy_udc.N`); a
 configfs gadget bound to a UDC is enumerated by the kernel as a real USB
-device behind the matching `dummy_hcd.N` controller. `MassStorageGadget`
-builds a `usb_f_mass_storage` gadget backed by a file, with its own ids and
-serial; `plug()` / `unplug()` write the UDC name / an empty line to the
-gadget's `UDC` file, which makes udev emit add / remove.
+device behind the matching `dummy_hcd.N` controller. A `Gadget` is one
+configuration of configfs functions (`Function`: mass storage, CDC ACM
+serial, CDC ECM/NCM network, HID keyboard) with its own ids and serial;
+`MassStorageGadget`, `AcmGadget`, `NetworkGadget`, `StorageAcmGadget` (a
+composite) and `HidKeyboardGadget` are ready-made ones. `plug()` / `unplug()`
+write the UDC name / an empty line to the gadget's `UDC` file, which makes
+udev emit add / remove.
 
 Binding a gadget to `usbip-vudc.N` instead (`load_vudc()` then
 `gadget.plug("usbip-vudc.0")`) exports it through the vUDC, for the `--device`
-mode.
+mode. `reload_dummy_hcd()` loads dummy_hcd anew with other parameters (e.g.
+SuperSpeed), `dummy_hcd_params()` tells the ones in force.
 
 Every wait here is a bounded poll of sysfs (`wait_until`) that raises
 `WaitTimeout` naming what it waited for.
@@ -18,7 +22,9 @@ Every wait here is a bounded poll of sysfs (`wait_until`) that raises
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
+import hashlib
 import itertools
 import mmap
 import os
@@ -33,26 +39,41 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, ClassVar, Literal, Self, TypedDict, TypeVar, Unpack
 
 __all__ = [
+    "AcmFunction",
+    "AcmGadget",
     "BlockDevice",
+    "DummyHcdParams",
+    "EcmFunction",
+    "Function",
     "Gadget",
+    "GadgetIds",
+    "HidKeyboardFunction",
     "HidKeyboardGadget",
+    "MassStorageFunction",
     "MassStorageGadget",
+    "NcmFunction",
+    "NetworkFunction",
+    "NetworkGadget",
     "SetConfigurationCounter",
+    "StorageAcmGadget",
     "UdevWatcher",
     "UsbDevice",
     "WaitTimeout",
     "block_devices",
     "busid_driver",
+    "dummy_hcd_params",
     "free_udcs",
     "load_gadget_modules",
     "load_usbip_modules",
     "load_vudc",
     "modprobe",
+    "reload_dummy_hcd",
     "remove_all_gadgets",
     "udcs",
+    "udev_named",
     "unplug_all",
     "usb_devices",
     "wait_until",
@@ -64,9 +85,11 @@ GADGETS = CONFIGFS / "usb_gadget"
 USB_DEVICES = SYS / "bus" / "usb" / "devices"
 UDC_CLASS = SYS / "class" / "udc"
 VHCI0 = SYS / "devices" / "platform" / "vhci_hcd.0"
+UDEV_DATA = Path("/run/udev/data")  # udev's database: n<ifindex> once it handled a netdev
 # Every gadget this module makes has a name with this prefix, so that
 # `remove_all_gadgets()` can clean up after a crashed test.
 NAME_PREFIX = "usbiptest_"
+BACKING_DIR_PREFIX = "usbip-gadget-"  # /run/usbip-gadget-*: a mass-storage function's file
 DEFAULT_TIMEOUT = 60.0  # emulated guests on busy CI machines are slow
 POLL_INTERVAL = 0.05
 
@@ -177,6 +200,61 @@ def load_vudc(count: int = 1) -> list[str]:
     )
 
 
+@dataclass(frozen=True)
+class DummyHcdParams:
+    """dummy_hcd's module parameters; they apply at load time only. With
+    `is_super_speed`, each controller has a SuperSpeed root hub next to its
+    high-speed one, and a gadget that can do SuperSpeed connects there."""
+
+    num: int = 1
+    is_high_speed: bool = True
+    is_super_speed: bool = False
+
+    def args(self) -> list[str]:
+        return [
+            f"num={self.num}",
+            f"is_high_speed={int(self.is_high_speed)}",
+            f"is_super_speed={int(self.is_super_speed)}",
+        ]
+
+
+def dummy_hcd_params() -> DummyHcdParams | None:
+    """The parameters dummy_hcd is loaded with; None if it is not loaded."""
+    params = SYS / "module/dummy_hcd/parameters"
+    num = _read(params / "num")
+    if num is None:
+        return None
+    return DummyHcdParams(
+        num=int(num),
+        is_high_speed=_read(params / "is_high_speed") == "Y",
+        is_super_speed=_read(params / "is_super_speed") == "Y",
+    )
+
+
+def reload_dummy_hcd(params: DummyHcdParams, *, timeout: float = DEFAULT_TIMEOUT) -> list[str]:
+    """Unload dummy_hcd and load it with `params`; return the dummy UDC names.
+
+    Refuses while a gadget is bound to a dummy UDC: unloading would pull its
+    device mid-use, and its configfs `UDC` would go on naming the UDC that
+    vanished (seen on 6.1). Bus numbers are taken lowest-free, so the same
+    `num` gets the same buses back.
+    """
+    bound = sorted(u for u in bound_udcs() if u.startswith("dummy_udc."))
+    if bound:
+        raise RuntimeError(
+            f"gadgets are bound to {', '.join(bound)}: unplug them before reloading dummy_hcd"
+        )
+    if module_loaded("dummy_hcd"):
+        run(["rmmod", "dummy_hcd"], timeout=timeout)
+    modprobe("dummy_hcd", *params.args(), timeout=timeout)
+
+    def all_there() -> list[str] | None:
+        names = udcs("dummy_udc.")
+        return names if len(names) == params.num else None
+
+    return wait_until(all_there, timeout=timeout, what=f"{params.num} dummy_udc.* after reload")
+
+
 # ---------------------------------------------------------------------------
 # UDCs and USB devices
 
@@ -225,6 +303,11 @@ class UsbDevice:
     @property
     def driver(self) -> str | None:
         return busid_driver(self.busid)
+
+    @property
+    def speed(self) -> str | None:
+        """Mb/s as the kernel reports it: "480" high speed, "5000" SuperSpeed."""
+        return self.attr("speed")
 
     @property
     def on_vhci(self) -> bool:
@@ -338,12 +421,30 @@ def block_devices(busid: str) -> list[BlockDevice]:
     return sorted(out, key=lambda b: b.name)
 
 
+def _opens(dev: str) -> bool:
+    """The block device node can be opened now (it exists and its disk is live).
+
+    The kernel (6.1's device_add_disk) adds the disk to sysfs and devtmpfs makes
+    its node before the disk is live: an open in between fails with ENXIO. Seen
+    by a test that found the node and opened it at once. O_NONBLOCK: a
+    removable disk opens without asking for its medium.
+    """
+    try:
+        fd = os.open(dev, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno in (errno.ENXIO, errno.ENOENT, errno.ENODEV):
+            return False
+        raise
+    os.close(fd)
+    return True
+
+
 def wait_block_device(busid: str, *, timeout: float = DEFAULT_TIMEOUT) -> BlockDevice:
-    """The disk of the USB device `busid`, once it has a size and a /dev node."""
+    """The disk of the USB device `busid`, once it has a size and its node opens."""
 
     def ready() -> BlockDevice | None:
         for b in block_devices(busid):
-            if b.size_bytes > 0 and os.path.exists(b.dev):
+            if b.size_bytes > 0 and _opens(b.dev):
                 return b
         return None
 
@@ -351,7 +452,7 @@ def wait_block_device(busid: str, *, timeout: float = DEFAULT_TIMEOUT) -> BlockD
 
 
 # ---------------------------------------------------------------------------
-# gadgets
+# gadget functions
 
 _counter = itertools.count(1)
 
@@ -360,25 +461,290 @@ def _new_serial() -> str:
     return f"UT{os.getpid():06d}{next(_counter):04d}"
 
 
-class Gadget:
-    """A configfs gadget with one configuration and one function; a context manager.
+def _ensure_modules(modules: Iterable[str]) -> None:
+    # Loaded by name, not left to configfs's request_module("usbfunc:...") or
+    # udev: an alias load is what the guest's modprobe.blacklist stops.
+    for module in modules:
+        if not module_loaded(module):
+            modprobe(module)
 
-    The plumbing every kind shares: ids, strings, the configuration, plugging
-    into a UDC and finding what the kernel made of it. A subclass names its
-    function (`FUNCTION`, e.g. `mass_storage.0`) and fills its configfs
-    directory in `_make_function`.
 
-    Leaving the context unplugs it and removes the configfs tree (and whatever
-    the subclass made, `_remove_extras`), in the order configfs requires.
+def _mac(first_octet: int, seed: str) -> str:
+    """A locally administered unicast MAC address derived from `seed`."""
+    tail = hashlib.blake2b(seed.encode(), digest_size=5).digest()
+    return ":".join(f"{b:02x}" for b in (first_octet, *tail))
+
+
+class Function:
+    """One function of a configfs gadget: the directory `functions/<KIND>.<instance>`
+    that the gadget links into its configuration.
+
+    A subclass names its kind and the module that provides it, writes its
+    attributes in `configure`, and makes / deletes what lives outside configfs
+    (a backing file) in `prepare` / `cleanup`. An instance belongs to one gadget.
     """
 
-    FUNCTION = ""
-    CONFIGURATION = ""
+    KIND: ClassVar[str] = ""
+    MODULES: ClassVar[tuple[str, ...]] = ()
+    # CDC functions group their interfaces with an Interface Association
+    # Descriptor; a device that has one says so in its class (0xEF/2/1).
+    USES_IAD: ClassVar[bool] = False
+
+    def __init__(self, instance: str) -> None:
+        self.instance = instance
+        self.path: Path | None = None  # its configfs directory, once the gadget made it
+
+    @property
+    def name(self) -> str:
+        return f"{self.KIND}.{self.instance}"
+
+    @property
+    def dir(self) -> Path:
+        if self.path is None:
+            raise RuntimeError(f"function {self.name} belongs to no created gadget yet")
+        return self.path
+
+    def prepare(self, gadget: str) -> None:
+        """Before the tree of the gadget (configfs name `gadget`) exists."""
+        _ensure_modules(self.MODULES)
+
+    def configure(self, fn: Path) -> None:
+        """Write the function's attributes into its new directory `fn`."""
+
+    def cleanup(self) -> None:
+        """After the gadget's tree is gone: delete what `prepare` made."""
+
+
+class MassStorageFunction(Function):
+    """`usb_f_mass_storage` with one LUN backed by a file of `size` bytes."""
+
+    KIND = "mass_storage"
+    MODULES = ("usb_f_mass_storage",)
+
+    def __init__(
+        self,
+        *,
+        size: int = 4 << 20,
+        removable: bool = True,
+        backing_dir: str | Path | None = None,
+        instance: str = "0",
+    ) -> None:
+        super().__init__(instance)
+        self.size = size
+        self.removable = removable
+        self._backing_dir = Path(backing_dir) if backing_dir else None
+        self._own_dir: str | None = None
+        self.backing_file: Path | None = None
+
+    def prepare(self, gadget: str) -> None:
+        super().prepare(gadget)
+        if self._backing_dir is None:
+            # /run is a tmpfs in the guest: no 9p or overlay below the disk.
+            self._own_dir = tempfile.mkdtemp(prefix=BACKING_DIR_PREFIX, dir="/run")
+            self._backing_dir = Path(self._own_dir)
+        self.backing_file = self._backing_dir / f"{gadget}.img"
+        with open(self.backing_file, "wb") as f:
+            f.truncate(self.size)
+
+    def configure(self, fn: Path) -> None:
+        assert self.backing_file is not None
+        _write(fn / "stall", "1")
+        _write(fn / "lun.0/removable", "1" if self.removable else "0")
+        _write(fn / "lun.0/file", str(self.backing_file))
+
+    def cleanup(self) -> None:
+        if self.backing_file is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.backing_file.unlink()
+        if self._own_dir is not None:
+            with contextlib.suppress(OSError):
+                os.rmdir(self._own_dir)
+            self._own_dir = self._backing_dir = None
+
+    def read_backing(self, offset: int, length: int) -> bytes:
+        """Bytes of the backing file, as the gadget stored them."""
+        assert self.backing_file is not None
+        with open(self.backing_file, "rb") as f:
+            f.seek(offset)
+            return f.read(length)
+
+
+class AcmFunction(Function):
+    """`usb_f_acm`: a CDC ACM serial port. Its device-side end is the tty
+    /dev/ttyGS<port_num>, there from the moment the function exists; the host's
+    cdc_acm makes the other end, a /dev/ttyACM<n>."""
+
+    KIND = "acm"
+    MODULES = ("usb_f_acm",)
+    USES_IAD = True
+
+    def __init__(self, instance: str = "usb0") -> None:
+        super().__init__(instance)
+
+    def tty(self) -> str | None:
+        """/dev/ttyGSn of this function, once its node exists."""
+        num = _read(self.dir / "port_num")
+        node = f"/dev/ttyGS{num}"
+        return node if num and os.path.exists(node) else None
+
+    def wait_tty(self, *, timeout: float = DEFAULT_TIMEOUT) -> str:
+        return wait_until(self.tty, timeout=timeout, what=f"/dev/ttyGS* of {self.dir}")
+
+
+class NetworkFunction(Function):
+    """A USB Ethernet function: `dev_addr` is the MAC of the device side's network
+    interface, `host_addr` the one the host's driver gives its end (from the
+    iMACAddress string). Subclasses name the protocol (ECM, NCM)."""
+
+    USES_IAD = True
+
+    def __init__(self, *, dev_addr: str, host_addr: str, instance: str = "usb0") -> None:
+        super().__init__(instance)
+        self.dev_addr = dev_addr
+        self.host_addr = host_addr
+
+    def configure(self, fn: Path) -> None:
+        _write(fn / "dev_addr", self.dev_addr)
+        _write(fn / "host_addr", self.host_addr)
+
+    def interface(self) -> str | None:
+        """The device side's network interface, once registered (the gadget is
+        bound) and named by udev. It keeps its name in other namespaces."""
+        name = _read(self.dir / "ifname")  # "(unnamed net_device)" until bound
+        if not name or name.startswith("("):
+            return None
+        net = SYS / "class/net" / name
+        if net.exists():  # still in this namespace: wait until udev is done with it
+            return name if udev_named(net) else None
+        return name
+
+    def wait_interface(self, *, timeout: float = DEFAULT_TIMEOUT) -> str:
+        return wait_until(
+            self.interface, timeout=timeout, what=f"the network interface of {self.dir}"
+        )
+
+
+class EcmFunction(NetworkFunction):
+    """`usb_f_ecm`: CDC Ethernet (ECM); the host's driver is cdc_ether."""
+
+    KIND = "ecm"
+    MODULES = ("usb_f_ecm",)
+
+
+class NcmFunction(NetworkFunction):
+    """`usb_f_ncm`: CDC NCM; the host's driver is cdc_ncm."""
+
+    KIND = "ncm"
+    MODULES = ("usb_f_ncm",)
+
+
+# A boot keyboard (HID 1.11, appendix B.1): an 8-byte input report (modifier
+# bits, a reserved byte, six key codes) and a 1-byte LED output report.
+BOOT_KEYBOARD_REPORT_DESC = bytes.fromhex(
+    "05010906a101"  # Generic Desktop / Keyboard, Collection (Application)
+    "050719e029e71500250175019508 8102"  # 8 modifier bits
+    "95017508 8103"  # reserved byte
+    "95057501050819012905 9102"  # 5 LED bits (output)
+    "95017503 9103"  # LED padding
+    "9506750815002565050719002965 8100"  # 6 key codes (array)
+    "c0"
+)
+HID_KEY_A = 0x04  # usage of "a" on the keyboard page; Linux calls it KEY_A (30)
+
+
+class HidKeyboardFunction(Function):
+    """`usb_f_hid` as a boot keyboard; reports are written to /dev/hidgN."""
+
+    KIND = "hid"
+    MODULES = ("usb_f_hid",)
+
+    def __init__(self, instance: str = "usb0") -> None:
+        super().__init__(instance)
+
+    def configure(self, fn: Path) -> None:
+        _write(fn / "protocol", "1")  # keyboard
+        _write(fn / "subclass", "1")  # boot interface
+        _write(fn / "report_length", "8")
+        with open(fn / "report_desc", "wb") as f:  # binary: one write, as configfs wants
+            f.write(BOOT_KEYBOARD_REPORT_DESC)
+
+    def hidg_device(self) -> str | None:
+        """/dev/hidgN of this function while plugged, once its node exists."""
+        dev = _read(self.dir / "dev")  # "major:minor"
+        hidg = SYS / "class" / "hidg"
+        if not dev or not hidg.is_dir():
+            return None
+        for entry in hidg.iterdir():
+            node = Path("/dev") / entry.name
+            if _read(entry / "dev") == dev and node.exists():
+                return str(node)
+        return None
+
+
+# ---------------------------------------------------------------------------
+# gadgets
+
+FunctionT = TypeVar("FunctionT", bound=Function)
+
+
+class GadgetIds(TypedDict, total=False):
+    """What the host reads in a gadget's device descriptor and strings, and the
+    configfs name (default: from the serial)."""
+
+    serial: str | None
+    id_vendor: int
+    id_product: int
+    bcd_device: int
+    manufacturer: str
+    product: str
+    name: str | None
+
+
+def _dirs(path: Path) -> list[Path]:
+    """Subdirectories (not links) of a configfs directory; none if it is gone."""
+    try:
+        return sorted(p for p in path.iterdir() if p.is_dir() and not p.is_symlink())
+    except FileNotFoundError:
+        return []
+
+
+def _remove_gadget_tree(g: Path) -> None:
+    """Delete an unbound gadget's configfs tree in the order configfs requires:
+    the links into each configuration, its strings, the configuration, then the
+    functions (their default groups go with them), the strings, the gadget."""
+    steps: list[Callable[[], None]] = []
+    for config in _dirs(g / "configs"):
+        steps += [link.unlink for link in sorted(config.iterdir()) if link.is_symlink()]
+        steps += [s.rmdir for s in _dirs(config / "strings")]
+        steps.append(config.rmdir)
+    steps += [fn.rmdir for fn in _dirs(g / "functions")]
+    steps += [s.rmdir for s in _dirs(g / "strings")]
+    steps.append(g.rmdir)
+    for step in steps:
+        with contextlib.suppress(FileNotFoundError):
+            step()
+
+
+class Gadget:
+    """A configfs gadget with one configuration holding `functions`; a context manager.
+
+    The plumbing every kind shares: ids, strings, the configuration, plugging
+    into a UDC and finding what the kernel made of it (the device on
+    dummy_hcd, its copies behind vhci_hcd and their ttys and network
+    interfaces). The subclasses below are ready-made sets of functions;
+    `Gadget([MassStorageFunction(), AcmFunction()])` makes any other set.
+
+    Leaving the context unplugs it and removes the configfs tree and what its
+    functions made outside configfs.
+    """
+
+    CONFIGURATION = "test"
     # bmAttributes of the configuration: bus powered (0x80 is required).
     BM_ATTRIBUTES = 0x80
 
     def __init__(
         self,
+        functions: Sequence[Function] = (),
         *,
         serial: str | None = None,
         id_vendor: int = 0x1D6B,  # Linux Foundation
@@ -388,6 +754,7 @@ class Gadget:
         product: str = "Test Gadget",
         name: str | None = None,
     ) -> None:
+        self.functions = list(functions)
         self.serial = serial or _new_serial()
         self.id_vendor = id_vendor
         self.id_product = id_product
@@ -402,61 +769,58 @@ class Gadget:
 
     @property
     def function_dir(self) -> Path:
-        return self.path / "functions" / self.FUNCTION
+        """The configfs directory of the first function (the only one of most gadgets)."""
+        return self.functions[0].dir
+
+    def function(self, kind: type[FunctionT]) -> FunctionT:
+        """The first function of that class."""
+        for fn in self.functions:
+            if isinstance(fn, kind):
+                return fn
+        raise LookupError(f"gadget {self.name} has no {kind.__name__}")
 
     def create(self) -> Self:
         """Make the configfs tree (not plugged yet)."""
         ensure_configfs()
-        self._prepare()
+        for fn in self.functions:
+            fn.prepare(self.name)
         g = self.path
         g.mkdir()
         self.created = True
         _write(g / "idVendor", f"0x{self.id_vendor:04x}")
         _write(g / "idProduct", f"0x{self.id_product:04x}")
         _write(g / "bcdDevice", f"0x{self.bcd_device:04x}")
-        _write(g / "bcdUSB", "0x0200")
+        _write(g / "bcdUSB", "0x0200")  # the composite layer sets 0x0320 at SuperSpeed
+        if any(fn.USES_IAD for fn in self.functions):
+            _write(g / "bDeviceClass", "0xef")  # Miscellaneous
+            _write(g / "bDeviceSubClass", "0x02")  # Common Class
+            _write(g / "bDeviceProtocol", "0x01")  # Interface Association Descriptor
         (g / "strings/0x409").mkdir()
         _write(g / "strings/0x409/serialnumber", self.serial)
         _write(g / "strings/0x409/manufacturer", self.manufacturer)
         _write(g / "strings/0x409/product", self.product)
-        (g / "configs/c.1").mkdir()
-        (g / "configs/c.1/strings/0x409").mkdir()
-        _write(g / "configs/c.1/strings/0x409/configuration", self.CONFIGURATION)
-        _write(g / "configs/c.1/MaxPower", "100")
-        _write(g / "configs/c.1/bmAttributes", f"0x{self.BM_ATTRIBUTES:02x}")
-        self.function_dir.mkdir()
-        self._make_function(self.function_dir)
-        (g / "configs/c.1" / self.FUNCTION).symlink_to(self.function_dir)
+        config = g / "configs/c.1"
+        config.mkdir()
+        (config / "strings/0x409").mkdir()
+        _write(config / "strings/0x409/configuration", self.CONFIGURATION)
+        _write(config / "MaxPower", "100")
+        _write(config / "bmAttributes", f"0x{self.BM_ATTRIBUTES:02x}")
+        for fn in self.functions:
+            fn.path = g / "functions" / fn.name
+            fn.path.mkdir()
+            fn.configure(fn.path)
+            (config / fn.name).symlink_to(fn.path)
         return self
 
-    def _prepare(self) -> None:
-        """Before the tree exists: load the function's module, make files."""
-
-    def _make_function(self, fn: Path) -> None:
-        raise NotImplementedError
-
-    def _remove_extras(self) -> None:
-        """After the tree is gone: delete what `_prepare` made."""
-
     def remove(self, *, timeout: float = DEFAULT_TIMEOUT) -> None:
-        """Unplug and delete the gadget tree (idempotent)."""
-        g = self.path
-        if g.is_dir():
+        """Unplug and delete the gadget tree and its functions' files (idempotent)."""
+        if self.path.is_dir():
             if self.udc:
                 self.unplug(timeout=timeout)
-            steps: list[Callable[[], None]] = [
-                (g / "configs/c.1" / self.FUNCTION).unlink,
-                (g / "configs/c.1/strings/0x409").rmdir,
-                (g / "configs/c.1").rmdir,
-                self.function_dir.rmdir,
-                (g / "strings/0x409").rmdir,
-                g.rmdir,
-            ]
-            for step in steps:
-                with contextlib.suppress(FileNotFoundError):
-                    step()
+            _remove_gadget_tree(self.path)
         self.created = False
-        self._remove_extras()
+        for fn in self.functions:
+            fn.cleanup()
 
     def __enter__(self) -> Self:
         if not self.created:
@@ -570,6 +934,35 @@ class Gadget:
             return SYS / "devices" / "platform" / udc
         return None
 
+    def vhci_ttys(self) -> list[str]:
+        """/dev/tty* (e.g. ttyACM0) of this device's copies behind vhci_hcd (nodes
+        that exist)."""
+        out: list[str] = []
+        for d in self.vhci_devices():
+            for tty in sorted(d.path.glob("*:*/tty/tty*")):
+                node = Path("/dev") / tty.name
+                if node.exists():
+                    out.append(str(node))
+        return out
+
+    def vhci_interfaces(self) -> list[str]:
+        """Network interfaces of this device's copies behind vhci_hcd, once udev has
+        named them (it renames cdc_ether's usb0 to enx<MAC>; moving an interface
+        before that races the rename)."""
+        out: list[str] = []
+        for d in self.vhci_devices():
+            for net in sorted(d.path.glob("*:*/net/*")):
+                if udev_named(net):
+                    out.append(net.name)
+        return out
+
+
+def udev_named(net: Path) -> bool:
+    """udev has handled the network interface at sysfs `net` (its database entry
+    exists, written after any rename) and the interface still has that name."""
+    ifindex = _read(net / "ifindex")
+    return bool(ifindex) and (UDEV_DATA / f"n{ifindex}").exists() and net.exists()
+
 
 def unplug_all(gadgets: Sequence[Gadget], *, timeout: float = DEFAULT_TIMEOUT) -> None:
     """Pull several gadgets at once: every cable first (soft_connect), then wait
@@ -605,61 +998,31 @@ class MassStorageGadget(Gadget):
     Removing it deletes the backing file too.
     """
 
-    FUNCTION = "mass_storage.0"
     CONFIGURATION = "mass storage"
 
     def __init__(
         self,
         *,
-        serial: str | None = None,
         size: int = 4 << 20,
-        id_vendor: int = 0x1D6B,  # Linux Foundation
-        id_product: int = 0x0104,  # Multifunction Composite Gadget
-        bcd_device: int = 0x0100,
-        manufacturer: str = "usbip-hotplug",
-        product: str = "Test Disk",
         backing_dir: str | Path | None = None,
         removable: bool = True,
-        name: str | None = None,
+        **ids: Unpack[GadgetIds],
     ) -> None:
-        super().__init__(
-            serial=serial,
-            id_vendor=id_vendor,
-            id_product=id_product,
-            bcd_device=bcd_device,
-            manufacturer=manufacturer,
-            product=product,
-            name=name,
-        )
-        self.size = size
-        self.removable = removable
-        self._backing_dir = Path(backing_dir) if backing_dir else None
-        self._own_dir: str | None = None
-        self.backing_file: Path | None = None
+        self.storage = MassStorageFunction(size=size, removable=removable, backing_dir=backing_dir)
+        ids.setdefault("product", "Test Disk")
+        super().__init__([self.storage], **ids)
 
-    def _prepare(self) -> None:
-        if self._backing_dir is None:
-            # /run is a tmpfs in the guest: no 9p or overlay below the disk.
-            self._own_dir = tempfile.mkdtemp(prefix="usbip-gadget-", dir="/run")
-            self._backing_dir = Path(self._own_dir)
-        self.backing_file = self._backing_dir / f"{self.name}.img"
-        with open(self.backing_file, "wb") as f:
-            f.truncate(self.size)
+    @property
+    def size(self) -> int:
+        return self.storage.size
 
-    def _make_function(self, fn: Path) -> None:
-        assert self.backing_file is not None
-        _write(fn / "stall", "1")
-        _write(fn / "lun.0/removable", "1" if self.removable else "0")
-        _write(fn / "lun.0/file", str(self.backing_file))
+    @property
+    def removable(self) -> bool:
+        return self.storage.removable
 
-    def _remove_extras(self) -> None:
-        if self.backing_file is not None:
-            with contextlib.suppress(FileNotFoundError):
-                self.backing_file.unlink()
-        if self._own_dir is not None:
-            with contextlib.suppress(OSError):
-                os.rmdir(self._own_dir)
-            self._own_dir = None
+    @property
+    def backing_file(self) -> Path | None:
+        return self.storage.backing_file
 
     def wait_block_device(self, *, timeout: float = DEFAULT_TIMEOUT) -> BlockDevice:
         """The usb-storage disk of the locally enumerated device."""
@@ -676,24 +1039,60 @@ class MassStorageGadget(Gadget):
 
     def read_backing(self, offset: int, length: int) -> bytes:
         """Bytes of the backing file, as the gadget stored them."""
-        assert self.backing_file is not None
-        with open(self.backing_file, "rb") as f:
-            f.seek(offset)
-            return f.read(length)
+        return self.storage.read_backing(offset, length)
 
 
-# A boot keyboard (HID 1.11, appendix B.1): an 8-byte input report (modifier
-# bits, a reserved byte, six key codes) and a 1-byte LED output report.
-BOOT_KEYBOARD_REPORT_DESC = bytes.fromhex(
-    "05010906a101"  # Generic Desktop / Keyboard, Collection (Application)
-    "050719e029e71500250175019508 8102"  # 8 modifier bits
-    "95017508 8103"  # reserved byte
-    "95057501050819012905 9102"  # 5 LED bits (output)
-    "95017503 9103"  # LED padding
-    "9506750815002565050719002965 8100"  # 6 key codes (array)
-    "c0"
-)
-HID_KEY_A = 0x04  # usage of "a" on the keyboard page; Linux calls it KEY_A (30)
+class StorageAcmGadget(MassStorageGadget):
+    """A composite device: the mass-storage function and a CDC ACM serial port
+    (`acm`) in one configuration, as a debug probe with a disk has."""
+
+    CONFIGURATION = "mass storage + serial"
+
+    def __init__(
+        self,
+        *,
+        size: int = 4 << 20,
+        backing_dir: str | Path | None = None,
+        removable: bool = True,
+        **ids: Unpack[GadgetIds],
+    ) -> None:
+        ids.setdefault("product", "Test Disk + Serial")
+        super().__init__(size=size, backing_dir=backing_dir, removable=removable, **ids)
+        self.acm = AcmFunction()
+        self.functions.append(self.acm)
+
+
+class AcmGadget(Gadget):
+    """A CDC ACM serial adapter: the device side's end is `acm.wait_tty()`
+    (/dev/ttyGSn), the host's the /dev/ttyACMn that cdc_acm makes (`vhci_ttys()`
+    for the copy behind vhci_hcd)."""
+
+    CONFIGURATION = "serial"
+
+    def __init__(self, **ids: Unpack[GadgetIds]) -> None:
+        self.acm = AcmFunction()
+        ids.setdefault("product", "Test Serial")
+        super().__init__([self.acm], **ids)
+
+
+class NetworkGadget(Gadget):
+    """A USB network adapter, CDC ECM (default) or NCM. Its MAC addresses derive
+    from the serial: `net.dev_addr` on the device side's interface
+    (`net.wait_interface()`), `net.host_addr` on the host's (`vhci_interfaces()`
+    for the copy behind vhci_hcd)."""
+
+    CONFIGURATION = "network"
+
+    def __init__(
+        self, *, protocol: Literal["ecm", "ncm"] = "ecm", **ids: Unpack[GadgetIds]
+    ) -> None:
+        ids.setdefault("product", f"Test Network ({protocol.upper()})")
+        super().__init__(**ids)
+        kind = EcmFunction if protocol == "ecm" else NcmFunction
+        self.net: NetworkFunction = kind(
+            dev_addr=_mac(0x02, self.serial), host_addr=_mac(0x06, self.serial)
+        )
+        self.functions.append(self.net)
 
 
 class HidKeyboardGadget(Gadget):
@@ -704,50 +1103,17 @@ class HidKeyboardGadget(Gadget):
     for remote wakeup), which is what USB/IP cannot carry (issue 16).
     """
 
-    FUNCTION = "hid.usb0"
     CONFIGURATION = "boot keyboard"
     BM_ATTRIBUTES = 0xA0  # bus powered, remote wakeup
 
-    def __init__(
-        self,
-        *,
-        serial: str | None = None,
-        id_vendor: int = 0x1D6B,
-        id_product: int = 0x0104,
-        manufacturer: str = "usbip-hotplug",
-        product: str = "Test Keyboard",
-        name: str | None = None,
-    ) -> None:
-        super().__init__(
-            serial=serial,
-            id_vendor=id_vendor,
-            id_product=id_product,
-            manufacturer=manufacturer,
-            product=product,
-            name=name,
-        )
-
-    def _prepare(self) -> None:
-        modprobe("usb_f_hid")
-
-    def _make_function(self, fn: Path) -> None:
-        _write(fn / "protocol", "1")  # keyboard
-        _write(fn / "subclass", "1")  # boot interface
-        _write(fn / "report_length", "8")
-        with open(fn / "report_desc", "wb") as f:  # binary: one write, as configfs wants
-            f.write(BOOT_KEYBOARD_REPORT_DESC)
+    def __init__(self, **ids: Unpack[GadgetIds]) -> None:
+        self.keyboard = HidKeyboardFunction()
+        ids.setdefault("product", "Test Keyboard")
+        super().__init__([self.keyboard], **ids)
 
     def hidg_device(self) -> str | None:
         """/dev/hidgN of this function while plugged, once its node exists."""
-        dev = _read(self.function_dir / "dev")  # "major:minor"
-        hidg = SYS / "class" / "hidg"
-        if not dev or not hidg.is_dir():
-            return None
-        for entry in hidg.iterdir():
-            node = Path("/dev") / entry.name
-            if _read(entry / "dev") == dev and node.exists():
-                return str(node)
-        return None
+        return self.keyboard.hidg_device()
 
     def wait_hidg_device(self, *, timeout: float = DEFAULT_TIMEOUT) -> str:
         return wait_until(self.hidg_device, timeout=timeout, what=f"/dev/hidg* of {self.name}")
@@ -884,24 +1250,25 @@ def dummy_busnum(udc: str) -> int:
 
 
 def remove_all_gadgets(prefix: str = NAME_PREFIX) -> list[str]:
-    """Remove leftover gadgets made by this module (after a crashed test)."""
+    """Remove leftover gadgets made by this module (after a crashed test), and
+    the backing files their mass-storage functions made."""
     removed: list[str] = []
     if not GADGETS.is_dir():
         return removed
     for g in sorted(GADGETS.iterdir()):
         if not g.name.startswith(prefix):
             continue
-        serial = _read(g / "strings/0x409/serialnumber")
-        gadget: Gadget
-        if (g / "functions" / HidKeyboardGadget.FUNCTION).is_dir():
-            gadget = HidKeyboardGadget(name=g.name, serial=serial)
-        else:
-            storage = MassStorageGadget(name=g.name, serial=serial)
-            lun = _read(g / "functions/mass_storage.0/lun.0/file")
-            storage.backing_file = Path(lun) if lun else None
-            gadget = storage
-        gadget.created = True
-        gadget.remove()
+        luns = (_read(f) for f in sorted(g.glob("functions/mass_storage.*/lun.*/file")))
+        backing_files = [Path(lun) for lun in luns if lun]
+        leftover = Gadget(name=g.name, serial=_read(g / "strings/0x409/serialnumber"))
+        leftover.created = True
+        leftover.remove()
+        for backing in backing_files:
+            with contextlib.suppress(OSError):
+                backing.unlink()
+            if backing.parent.name.startswith(BACKING_DIR_PREFIX):
+                with contextlib.suppress(OSError):
+                    backing.parent.rmdir()
         removed.append(g.name)
     return removed
 

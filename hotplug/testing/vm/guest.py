@@ -26,6 +26,10 @@ How it works
   asks it to run commands (several at once if needed) and to read or write
   files; it streams the commands' output back line by line. One boot serves
   any number of commands; leaving the context manager powers the guest off.
+* QEMU also gets a `qemu-xhci` controller and what its device models need
+  (qemu_usb.py), a QMP socket (`GuestVM.qmp`), and an exchange directory of
+  this guest's own, shared read-only at `/run/usbip-vm/exchange`, through
+  which in-guest tests get the replies to their QMP requests (qmp.py).
 
 KVM is used when it works: `USBIP_VM_KVM=auto` (default) tries a KVM boot with a
 short deadline and falls back to emulation (TCG), remembering a failed probe per
@@ -45,9 +49,11 @@ import itertools
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -57,6 +63,7 @@ from types import TracebackType
 from typing import IO, Any
 
 import hotplug
+from hotplug.testing.vm import qemu_usb
 from hotplug.testing.vm.agent import FRAME_MARK
 from hotplug.testing.vm.kernels import (
     KVM_PROBE_TIMEOUT,
@@ -74,6 +81,7 @@ from hotplug.testing.vm.kernels import (
     ensure_kernel,
     kvm_setting,
 )
+from hotplug.testing.vm.qmp import GUEST_EXCHANGE, REPLIES, QmpChannel, QmpClient
 
 DEFAULT_MEMORY = "1536M"
 DEFAULT_CPUS = 2
@@ -114,6 +122,9 @@ GUEST_OVERLAY_DIRS = ("/etc", "/lib", "/home", "/opt", "/srv", "/usr", "/var", "
 # Second share of the host root, mounted with cache=loose in the guest.
 HOSTFS_TAG = "usbipvm_hostfs"
 HOSTFS_MOUNT = "/run/usbip-vm/hostfs"
+# A host directory of this guest's own, shared read-only (and uncached) with it:
+# the replies of the QMP channel, the files QEMU's USB devices write (qmp.py).
+EXCHANGE_TAG = "usbipvm_xchg"
 
 
 class GuestCommandError(VMError):
@@ -291,6 +302,14 @@ class GuestVM:
         self.console_watchers: list[OutputFn] = []
         self.guest_info: dict[str, Any] = {}
         self._boot_script: Path | None = None
+        # QMP (qmp.py): the host's client and the channel in-guest tests use; the
+        # exchange directory (`GUEST_EXCHANGE` in the guest) and QEMU's socket
+        # are in a temporary directory of this guest's (`_workdir`).
+        self._workdir: Path | None = None
+        self.exchange: Path | None = None
+        self.qmp: QmpClient | None = None
+        self._qmp_channel: QmpChannel | None = None
+        self._qemu_usb_opts: list[str] = []
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -316,6 +335,7 @@ class GuestVM:
         check_host(usbip=False)
         if self.kernel is None:
             self.kernel = ensure_kernel(log=self._say)
+        self._prepare_qmp()
         plans: list[tuple[str, float]]
         if self.kvm == "0":
             plans = [("tcg", self.boot_timeout)]
@@ -341,6 +361,17 @@ class GuestVM:
             if self._boot_script is not None:
                 self._boot_script.unlink(missing_ok=True)
                 self._boot_script = None
+
+    def _prepare_qmp(self) -> None:
+        """The exchange directory, QEMU's QMP socket, the channel that serves the
+        guest's requests, and what QEMU's USB devices need on the host."""
+        self._workdir = Path(tempfile.mkdtemp(prefix="usbip-vm-"))
+        self.exchange = self._workdir / "exchange"
+        self.exchange.mkdir()
+        self._qemu_usb_opts = qemu_usb.host_setup(self.exchange)
+        self.qmp = QmpClient(self._workdir / "qmp.sock")
+        self._qmp_channel = QmpChannel(self.qmp, self.exchange / REPLIES, log=self._say)
+        self.console_watchers.append(self._qmp_channel.feed)
 
     def _boot_plans(self, plans: Sequence[tuple[str, float]]) -> None:
         for i, (accel, timeout) in enumerate(plans):
@@ -386,6 +417,9 @@ class GuestVM:
             "else",
             "  echo 'usbip-vm: cached 9p mount failed; Python will start slowly' >&2",
             "fi",
+            f"mkdir -p {GUEST_EXCHANGE}",
+            f"mount -t 9p -o trans=virtio,version=9p2000.L,cache=none,ro {EXCHANGE_TAG}"
+            f" {GUEST_EXCHANGE} || echo 'usbip-vm: no exchange directory: QMP will not work' >&2",
             "exec env "
             + shlex.join(
                 [
@@ -463,6 +497,16 @@ class GuestVM:
             "-device",
             f"virtio-9p-pci,fsdev=usbipvmfs,mount_tag={HOSTFS_TAG}",
         ]
+        if self._workdir is not None and self.exchange is not None:
+            cmd += [
+                "-qmp",
+                f"unix:{self._workdir / 'qmp.sock'},server=on,wait=off",
+                "-fsdev",
+                f"local,id=usbipvmxchg,path={self.exchange},security_model=none,readonly=on",
+                "-device",
+                f"virtio-9p-pci,fsdev=usbipvmxchg,mount_tag={EXCHANGE_TAG}",
+                *self._qemu_usb_opts,
+            ]
         return cmd
 
     def _boot(self, accel: str, timeout: float) -> None:
@@ -522,21 +566,28 @@ class GuestVM:
     def close(self, timeout: float = SHUTDOWN_TIMEOUT) -> None:
         """Power the guest off (bounded); kill QEMU if it does not stop."""
         proc = self._proc
-        if proc is None:
-            return
-        if proc.poll() is None:
-            with contextlib.suppress(VMError):
-                self._send({"op": "shutdown"})
-            with contextlib.suppress(OSError):
-                assert proc.stdin is not None
-                proc.stdin.close()
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self._say(f"guest did not power off within {timeout:.0f}s; killing QEMU")
-                self._kill()
-        self._reap()
-        self._proc = None
+        if proc is not None:
+            if proc.poll() is None:
+                with contextlib.suppress(VMError):
+                    self._send({"op": "shutdown"})
+                with contextlib.suppress(OSError):
+                    assert proc.stdin is not None
+                    proc.stdin.close()
+                try:
+                    proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    self._say(f"guest did not power off within {timeout:.0f}s; killing QEMU")
+                    self._kill()
+            self._reap()
+            self._proc = None
+        if self._qmp_channel is not None:
+            with contextlib.suppress(ValueError):
+                self.console_watchers.remove(self._qmp_channel.feed)
+            self._qmp_channel.close()
+            self._qmp_channel = None
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
 
     def _kill(self) -> None:
         proc = self._proc

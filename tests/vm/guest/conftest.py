@@ -3,8 +3,13 @@
 Write in-guest tests as plain pytest tests in this directory; the host runs
 them in the VM (see tests/vm/conftest.py). Available here:
 
-- `gadget_modules` (session): dummy_hcd (4 UDCs), libcomposite,
+- `gadget_modules` (session): dummy_hcd (4 UDCs, high speed), libcomposite,
   usb_f_mass_storage loaded, configfs mounted; returns the dummy UDC names.
+  A test that loads dummy_hcd anew (`gd.reload_dummy_hcd`, e.g. SuperSpeed)
+  carries the marker `reloads_dummy_hcd`, puts the session's parameters back
+  in a fixture, and runs with its module after every other module.
+- `gadgets` (function): a list; gadgets appended to it (any `gd.Gadget`)
+  are unplugged and removed after the test, newest first.
 - `usbip_modules` (session): usbip-host and vhci-hcd loaded.
 - `make_gadget` (function): factory `make_gadget(**MassStorageGadget kwargs)`
   returning a created (not plugged) gadget with a unique serial; all of them
@@ -35,6 +40,28 @@ import pytest
 from hotplug.testing.vm import gadget as gd
 
 IN_VM = os.environ.get("USBIP_IN_VM") == "1"
+RELOADS_DUMMY_HCD = "reloads_dummy_hcd"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules with a test that reloads dummy_hcd run last, that test last in its
+    module: every other module sees only the session's dummy_hcd, even if putting
+    it back failed. The module stays in one piece (its module fixtures once)."""
+    if not IN_VM:
+        return
+    last = {item.path for item in items if item.get_closest_marker(RELOADS_DUMMY_HCD)}
+    if not last:
+        return
+    first_seen: dict[Path, int] = {}
+    for i, item in enumerate(items):
+        first_seen.setdefault(item.path, i)
+    items.sort(
+        key=lambda item: (
+            item.path in last,
+            first_seen[item.path] if item.path in last else 0,
+            item.get_closest_marker(RELOADS_DUMMY_HCD) is not None,
+        )
+    )
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -29,16 +29,16 @@ import select
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
 from hotplug.testing.vm import gadget as gd
 from tests.helpers import NotifySocket, disk_policy
+from tests.vm.guest.programs import HOTPLUG, USBIPA, Program, run
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -123,7 +123,7 @@ def unexport_seen(usbipa_log: str, busid: str) -> bool:
 # --------------------------------------------------------------------------- the rig
 
 
-def _alive(proc: subprocess.Popen[str] | None) -> bool:
+def _alive(proc: Program | None) -> bool:
     return proc is not None and proc.poll() is None
 
 
@@ -135,8 +135,8 @@ class Rig:
         self.state = work / "state"  # USBIP_HOTPLUG_STATE_DIR
         self.policy = work / "policy.yaml"
         self.usbipa_state = work / "usbipa-state"
-        self.usbipa: subprocess.Popen[str] | None = None
-        self.daemon: subprocess.Popen[str] | None = None
+        self.usbipa: Program | None = None
+        self.daemon: Program | None = None
         self.start_seconds = 0.0  # how long the last start took, to READY
         self.usbipa_logs: list[Path] = []
         self.daemon_logs: list[Path] = []
@@ -150,7 +150,7 @@ class Rig:
         env.update(extra)
         return env
 
-    def _start(self, name: str, argv: list[str], logs: list[Path]) -> subprocess.Popen[str]:
+    def _start(self, name: str, module: str, args: list[str], logs: list[Path]) -> Program:
         log = self.work / f"{name}-{len(logs) + 1}.log"
         logs.append(log)
         sock_dir = self.work / f"notify-{name}"
@@ -159,21 +159,13 @@ class Rig:
         notify = NotifySocket(sock_dir)
         t0 = time.monotonic()
         try:
-            with open(log, "w") as out:
-                proc = subprocess.Popen(
-                    argv,
-                    env=self.env(NOTIFY_SOCKET=str(notify.path)),
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    text=True,
-                )
+            proc = Program(module, args, self.env(NOTIFY_SOCKET=str(notify.path)), log)
             try:
                 notify.wait("READY", timeout=90, proc=proc)
             except AssertionError as exc:
                 # Not left running: a daemon that got READY late would answer on
                 # the control socket and make the next start fail as "another daemon".
                 proc.kill()
-                proc.wait(timeout=30)
                 raise AssertionError(f"{exc}\n{name} log:\n{log.read_text()}") from None
         finally:
             notify.close()  # later notifications are dropped (the sender does not block)
@@ -184,10 +176,13 @@ class Rig:
 
     def start_usbipa(self) -> None:
         assert not _alive(self.usbipa)
-        argv = [sys.executable, "-m", "hotplug.app.cli", "--listen", "127.0.0.1"]
-        argv += ["-t", str(USBIPA_PORT), "--allow", "127.0.0.0/8"]
-        argv += ["--state-dir", str(self.usbipa_state)]
-        self.usbipa = self._start("usbipa", argv, self.usbipa_logs)
+        self.usbipa = self._start("usbipa", USBIPA, self.usbipa_args(), self.usbipa_logs)
+
+    def usbipa_args(self, port: int = USBIPA_PORT) -> list[str]:
+        return [
+            *("--listen", "127.0.0.1", "-t", str(port), "--allow", "127.0.0.0/8"),
+            *("--state-dir", str(self.usbipa_state)),
+        ]
 
     def stop_usbipa(self, sig: int = signal.SIGTERM) -> None:
         self._stop(self.usbipa, sig)
@@ -197,16 +192,8 @@ class Rig:
         return self._since("usbipa", self.usbipa_logs)
 
     def usbipa_status(self) -> list[dict[str, Any]]:
-        r = subprocess.run(
-            [
-                *(sys.executable, "-m", "hotplug.app.cli", "status", "--json"),
-                *("--state-dir", str(self.usbipa_state)),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env=self.env(),
-        )
+        args = ["status", "--json", "--state-dir", str(self.usbipa_state)]
+        r = run(USBIPA, args, self.env(), timeout=60, work=self.work)
         assert r.returncode == 0, r.stderr
         rows: list[dict[str, Any]] = json.loads(r.stdout)
         return rows
@@ -215,9 +202,8 @@ class Rig:
 
     def start_daemon(self) -> None:
         assert not _alive(self.daemon)
-        argv = [sys.executable, "-m", "hotplug.device.cli", "run", "-c", str(self.policy)]
-        argv += ["--poll-interval", "0.5", "--watch-interval", "0.5"]
-        self.daemon = self._start("daemon", argv, self.daemon_logs)
+        args = ["run", "-c", str(self.policy), "--poll-interval", "0.5", "--watch-interval", "0.5"]
+        self.daemon = self._start("daemon", HOTPLUG, args, self.daemon_logs)
 
     def stop_daemon(self, sig: int = signal.SIGTERM) -> int | None:
         return self._stop(self.daemon, sig)
@@ -227,20 +213,13 @@ class Rig:
         return self._since("daemon", self.daemon_logs)
 
     def hotplug_status(self) -> dict[str, Any]:
-        r = subprocess.run(
-            [sys.executable, "-m", "hotplug.device.cli", "status", "--json"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env=self.env(),
-        )
+        r = run(HOTPLUG, ["status", "--json"], self.env(), timeout=60, work=self.work)
         assert r.returncode == 0, r.stderr
         data: dict[str, Any] = json.loads(r.stdout)
         return data
 
     def status_now(self) -> dict[str, Any]:
-        """The same report over the control socket, without starting a Python
-        process (`usbip-hotplug status` takes 5-15 s in the emulated guest)."""
+        """The same report over the control socket, without a process at all."""
         from hotplug.device.control import request, socket_path
 
         return request(socket_path(self.state), {"command": "status"}, timeout=30)
@@ -251,7 +230,7 @@ class Rig:
     # -- both
 
     @staticmethod
-    def _stop(proc: subprocess.Popen[str] | None, sig: int) -> int | None:
+    def _stop(proc: Program | None, sig: int) -> int | None:
         if proc is None:
             return None
         if proc.poll() is None:
@@ -260,7 +239,6 @@ class Rig:
             return proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
-            proc.wait(timeout=30)
             raise AssertionError(
                 f"pid {proc.pid} did not stop within 60 s of signal {sig}"
             ) from None
@@ -318,11 +296,16 @@ class Rig:
             print(f"----- {log.name}\n{log.read_text()}")
 
 
-@pytest.fixture(scope="module")
-def rig(usbip_modules: None, gadget_modules: list[str]) -> Iterator[Rig]:
-    shutil.rmtree(WORK, ignore_errors=True)
-    WORK.mkdir(parents=True)
-    r = Rig(WORK)
+R = TypeVar("R", bound=Rig)
+
+
+@contextlib.contextmanager
+def rig_in(work: Path, kind: type[R]) -> Iterator[R]:
+    """A rig of `kind` working in `work` (emptied first); at the end its programs
+    stopped, every vhci port detached and `work` removed."""
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    r = kind(work)
     try:
         yield r
     finally:
@@ -330,7 +313,13 @@ def rig(usbip_modules: None, gadget_modules: list[str]) -> Iterator[Rig]:
         for port in used_ports():  # never leave a port behind for other modules
             with contextlib.suppress(Exception):
                 gd.run(["usbip", "detach", "-p", str(port.port)])
-        shutil.rmtree(WORK, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def rig(usbip_modules: None, gadget_modules: list[str]) -> Iterator[Rig]:
+    with rig_in(WORK, Rig) as r:
+        yield r
 
 
 @pytest.fixture
@@ -344,9 +333,7 @@ def show_logs(rig: Rig) -> Iterator[None]:
             print(f"----- {log.name} (this test)\n{text}")
 
 
-def plug_and_export(
-    g: gd.MassStorageGadget, udc: str | None = None
-) -> tuple[str, gd.VhciPort, float]:
+def plug_and_export(g: gd.Gadget, udc: str | None = None) -> tuple[str, gd.VhciPort, float]:
     """Plug the gadget; return its busid, the vhci port the kernel attached it on,
     and the seconds from plug to exported."""
     t0 = time.monotonic()
@@ -891,8 +878,6 @@ def test_daemon_real_claim_before_probe_survives_sigkill(
     stopped (SIGTERM), the daemon puts autoprobe back itself; started and killed
     again, the keyboard waits until `restore-autoprobe` (the unit's ExecStopPost)
     hands it over."""
-    from tests.vm.guest.test_fault_matrix import OneShot
-
     rig.ensure(usbipa=True)
     rig.set_policy(claim_policy())
     rig.settle()
@@ -921,7 +906,7 @@ def test_daemon_real_claim_before_probe_survives_sigkill(
     busid = kb.wait_busid(timeout=ENUM)
     assert gd.busid_driver(busid) is None
     t0 = time.monotonic()
-    result = OneShot(["restore-autoprobe"], rig.env(), rig.work).wait()
+    result = run(HOTPLUG, ["restore-autoprobe"], rig.env(), timeout=90, work=rig.work)
     record_property("s_restore_autoprobe", f"{time.monotonic() - t0:.2f}")
     assert result.returncode == 0, result.stderr
     assert autoprobe() == "1" and gd.busid_driver(busid) == "usb" and key_arrives(kb)

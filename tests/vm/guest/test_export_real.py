@@ -8,7 +8,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -18,6 +17,7 @@ import pytest
 
 from hotplug.testing.vm import gadget as gd
 from tests.helpers import NotifySocket
+from tests.vm.guest.programs import HOTPLUG, USBIPA, Program, run
 
 MiB = 1 << 20
 SYS = Path("/sys")
@@ -26,13 +26,7 @@ USBIPA_PORT = 3250  # not 3240: the classic usbipd fixture owns that one
 
 def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, USBIP_HOTPLUG_STATE_DIR="/run/usbip-hotplug-test")
-    return subprocess.run(
-        [sys.executable, "-m", "hotplug.device.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
+    return run(HOTPLUG, args, env, timeout=timeout)
 
 
 def attr(busid: str, name: str) -> str | None:
@@ -47,7 +41,7 @@ def used_ports() -> list[gd.VhciPort]:
 
 
 class Usbipa:
-    def __init__(self, proc: subprocess.Popen[str], port: int, state: Path) -> None:
+    def __init__(self, proc: Program, port: int, state: Path) -> None:
         self.proc = proc
         self.port = port
         self.state = state
@@ -57,47 +51,38 @@ class Usbipa:
         return f"127.0.0.1:{self.port}"
 
 
+def usbipa_program(tmp: Path, args: Sequence[str]) -> Program:
+    """usbipa with `args`, its log in `tmp`, once it said READY."""
+    notify = NotifySocket(tmp)
+    log = tmp / f"usbipa-{len(list(tmp.glob('usbipa-*.log'))) + 1}.log"
+    proc = Program(USBIPA, args, dict(os.environ, NOTIFY_SOCKET=str(notify.path)), log)
+    try:
+        notify.wait("READY", timeout=60, proc=proc)
+    except AssertionError:
+        proc.kill()
+        raise
+    finally:
+        notify.close()
+    return proc
+
+
 def start_usbipa(
     tmp: Path, allow: str = "127.0.0.0/8", port: int = USBIPA_PORT, extra: Sequence[str] = ()
 ) -> Usbipa:
-    notify = NotifySocket(tmp)
     state = tmp / "usbipa-state"
-    env = dict(os.environ, NOTIFY_SOCKET=str(notify.path))
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "hotplug.app.cli",
-            "--listen",
-            "127.0.0.1",
-            "-t",
-            str(port),
-            "--allow",
-            allow,
-            "--state-dir",
-            str(state),
-            *extra,
-        ],
-        env=env,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        notify.wait("READY", timeout=60, proc=proc)
-    finally:
-        notify.close()
+    args = ["--listen", "127.0.0.1", "-t", str(port), "--allow", allow]
+    proc = usbipa_program(tmp, [*args, "--state-dir", str(state), *extra])
     return Usbipa(proc, port, state)
 
 
-def stop(proc: subprocess.Popen[str]) -> str:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return proc.stderr.read() if proc.stderr else ""
+def stop(proc: Program) -> str:
+    """Stop a program of ours (SIGTERM, then SIGKILL after 30 s); what it logged."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    return proc.errors()
 
 
 @pytest.fixture
@@ -166,20 +151,7 @@ def test_connect_moves_data_intact_and_disconnect_frees_everything(
     assert mine[busid]["exported_to"] == usbipa.address
     assert mine[busid]["usbip_status"] == "used"
 
-    status = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "hotplug.app.cli",
-            "status",
-            "--json",
-            "--state-dir",
-            str(usbipa.state),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    status = run(USBIPA, ["status", "--json", "--state-dir", str(usbipa.state)], timeout=60)
     (session,) = json.loads(status.stdout)
     assert session["busid"] == busid and session["port"] == port.port
     assert session["state"] == "attached" and session["local_busid"] == remote.busid
@@ -342,35 +314,18 @@ def test_tls_export_moves_data_intact(
     from tests.tlscerts import make_pki
 
     pki = make_pki(tmp_path / "pki")
-    notify = NotifySocket(tmp_path)
-    proc = subprocess.Popen(
+    proc = usbipa_program(
+        tmp_path,
         [
-            sys.executable,
-            "-m",
-            "hotplug.app.cli",
-            "--listen",
-            "127.0.0.1",
-            "-t",
-            "3251",
-            "--tls-cert",
-            str(pki.server.cert),
-            "--tls-key",
-            str(pki.server.key),
-            "--tls-client-ca",
-            str(pki.ca),
-            "--allow-client",
-            "CN=lab-1",
-            "--state-dir",
-            str(tmp_path / "usbipa-state"),
+            *("--listen", "127.0.0.1", "-t", "3251"),
+            *("--tls-cert", str(pki.server.cert), "--tls-key", str(pki.server.key)),
+            *("--tls-client-ca", str(pki.ca), "--allow-client", "CN=lab-1"),
+            *("--state-dir", str(tmp_path / "usbipa-state")),
         ],
-        env=dict(os.environ, NOTIFY_SOCKET=str(notify.path)),
-        stderr=subprocess.PIPE,
-        text=True,
     )
     g = plugged_gadget
     busid = g.wait_busid()
     try:
-        notify.wait("READY", timeout=60, proc=proc)
         flags = ["--cert", str(pki.client.cert), "--key", str(pki.client.key), "--ca", str(pki.ca)]
         t0 = time.monotonic()
         result = cli("connect", "-r", "tls://127.0.0.1:3251", "-b", busid, *flags)
@@ -388,7 +343,6 @@ def test_tls_export_moves_data_intact(
         assert result.returncode == 0, result.stderr
         assert_back_home(g, busid)
     finally:
-        notify.close()
         print("usbipa log:\n" + stop(proc))
         for port in used_ports():
             gd.run(["usbip", "detach", "-p", str(port.port)])
@@ -476,18 +430,9 @@ def test_usbipa_detaches_a_port_whose_device_never_enumerates(
         f"listen: 127.0.0.1\nport: {USBIPA_PORT}\nallow:\n  - from: 127.0.0.0/8\n"
         "limits:\n  enumeration_timeout: 8\n"
     )
-    notify = NotifySocket(tmp_path)
-    state = str(tmp_path / "state")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "hotplug.app.cli", "-c", str(config), "--state-dir", state],
-        env=dict(os.environ, NOTIFY_SOCKET=str(notify.path)),
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = usbipa_program(tmp_path, ["-c", str(config), "--state-dir", str(tmp_path / "state")])
     log = ""
     try:
-        notify.wait("READY", timeout=60, proc=proc)
-        notify.close()
         device = StallingDevice(("127.0.0.1", USBIPA_PORT))
         t0 = time.monotonic()
         device.start()

@@ -22,7 +22,7 @@ time budget); the rest carries the marker `fault_matrix_full` and runs by hand:
 Cheap by construction: one usbipa and one daemon serve every case and are
 restarted only where a case kills or stops one; fault points are re-armed per
 case in the running processes; and one-shot commands run `hotplug.device.cli.main`
-in a child forked from this test process (`OneShot`), because starting a new
+in a child forked from this test process (tests/vm/guest/programs.py), because starting a new
 Python and importing the CLI costs seconds per command in the emulated guest.
 The child is a process of its own (pid, exit status, signals, file
 descriptors), so SIGKILL and the kernel's view of "the process that wrote the
@@ -41,26 +41,21 @@ completed and been freed by the tx thread (GPF at stub_rx_loop+0x8cb, address
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
-import shutil
 import signal
 import subprocess
-import sys
 import time
-import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from hotplug import faultpoints
-from hotplug.device import cli
 from hotplug.testing.vm import gadget as gd
 from tests.helpers import disk_policy
-from tests.vm.guest.test_daemon_real import ENUM, KiB, MiB, Rig, used_ports
+from tests.vm.guest.programs import HOTPLUG, Program
+from tests.vm.guest.test_daemon_real import ENUM, KiB, MiB, Rig, rig_in, used_ports
 
 USBIPA_PORT = 3253  # 3240 usbipd, 3250/3251 test_export_real, 3252 test_daemon_real
 TARGET = f"127.0.0.1:{USBIPA_PORT}"
@@ -104,81 +99,14 @@ def policy(serial_glob: str = f"{DAEMON_SERIAL}*") -> str:
 # --------------------------------------------------------------------------- one-shot commands
 
 
-class OneShot:
-    """`usbip-hotplug ARGS` in a child forked from this (test) process.
-
-    The child runs the CLI's own `main`, with its own environment, its own
-    stdout/stderr (files, read back by `result()`) and the fault points armed;
-    it ends with `os._exit`, so nothing of the test process (buffers, atexit,
-    pytest's state) runs twice.
-    """
-
-    def __init__(self, args: Sequence[str], env: dict[str, str], out_dir: Path) -> None:
-        n = next(_serial)
-        self.args = list(args)
-        self.out = out_dir / f"oneshot-{n}.out"
-        self.err = out_dir / f"oneshot-{n}.err"
-        self.returncode: int | None = None
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - the child
-            self._child(env)
-        self.pid = pid
-
-    def _child(self, env: dict[str, str]) -> None:
-        code = 3
-        try:
-            for fd, path in ((1, self.out), (2, self.err)):
-                opened = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-                os.dup2(opened, fd)
-                os.close(opened)
-            sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
-            sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
-            os.environ.clear()
-            os.environ.update(env)
-            # Read once at import in a new process; this one imported it unarmed.
-            faultpoints._DIR = env.get(faultpoints.ENV) or None
-            code = cli.main(self.args)
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 2
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            with contextlib.suppress(Exception):
-                sys.stdout.flush()
-                sys.stderr.flush()
-            os._exit(code)
-
-    def poll(self) -> int | None:
-        if self.returncode is None:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-            if pid:
-                self.returncode = os.waitstatus_to_exitcode(status)
-        return self.returncode
-
-    def alive(self) -> bool:
-        return self.poll() is None
-
-    def wait(self, timeout: float = 90) -> subprocess.CompletedProcess[str]:
-        try:
-            gd.wait_until(lambda: not self.alive(), timeout=timeout, what=f"{self.args} to exit")
-        except gd.WaitTimeout:
-            self.kill()
-            raise
-        return self.result()
-
-    def kill(self) -> None:
-        if self.alive():
-            os.kill(self.pid, signal.SIGKILL)
-            os.waitpid(self.pid, 0)
-            self.returncode = -signal.SIGKILL
-
-    def result(self) -> subprocess.CompletedProcess[str]:
-        assert self.returncode is not None
-        return subprocess.CompletedProcess(
-            self.args, self.returncode, self.out.read_text(), self.err.read_text()
-        )
+def finished(proc: Program, timeout: float = 90) -> subprocess.CompletedProcess[str]:
+    """A one-shot command's outcome, once it ended (killed after `timeout` s)."""
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    return proc.result()
 
 
 class MatrixRig(Rig):
@@ -186,27 +114,27 @@ class MatrixRig(Rig):
 
     def __init__(self, work: Path) -> None:
         super().__init__(work)
-        self.oneshots: list[OneShot] = []
+        self.oneshots: list[Program] = []
+        self.table_before: set[str] = set()
 
     def env(self, **extra: str) -> dict[str, str]:
         return super().env(USBIP_HOTPLUG_FAULTPOINTS=str(FAULTS), **extra)
 
-    def start_usbipa(self) -> None:
-        assert self.usbipa is None or self.usbipa.poll() is not None
-        argv = [sys.executable, "-m", "hotplug.app.cli", "--listen", "127.0.0.1"]
-        argv += ["-t", str(USBIPA_PORT), "--allow", "127.0.0.0/8"]
-        argv += ["--state-dir", str(self.usbipa_state)]
-        self.usbipa = self._start("usbipa", argv, self.usbipa_logs)
+    def usbipa_args(self, port: int = USBIPA_PORT) -> list[str]:
+        return super().usbipa_args(port)
 
-    def cli(self, *args: str) -> OneShot:
+    def cli(self, *args: str) -> Program:
         """One-shot `usbip-hotplug ...` with its own records (not the daemon's)."""
         env = self.env(USBIP_HOTPLUG_STATE_DIR=str(self.work / "connect-state"))
-        proc = OneShot(args, env, self.work)
+        n = len(self.oneshots) + 1
+        proc = Program(
+            HOTPLUG, args, env, self.work / f"oneshot-{n}.out", self.work / f"oneshot-{n}.err"
+        )
         self.oneshots.append(proc)
         return proc
 
     def cli_run(self, *args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
-        return self.cli(*args).wait(timeout)
+        return finished(self.cli(*args), timeout)
 
     def alive(self) -> bool:
         return self.daemon is not None and self.daemon.poll() is None
@@ -267,21 +195,19 @@ def udc(gadget_modules: list[str]) -> str:
 @pytest.fixture(scope="module")
 def rig(usbip_modules: None, gadget_modules: list[str], udc: str) -> Iterator[MatrixRig]:
     gd.modprobe("tcp_diag")  # for cut_link(); udev's blacklist does not cover it
-    shutil.rmtree(WORK, ignore_errors=True)
-    FAULTS.mkdir(parents=True)
-    r = MatrixRig(WORK)
-    r.write_policy(policy())
-    try:
-        yield r
-    finally:
-        for pause in FAULTS.glob("*.pause"):
-            pause.unlink()
-        r.close()
-        for port in used_ports():
-            with contextlib.suppress(Exception):
-                gd.run(["usbip", "detach", "-p", str(port.port)])
-        free_leftover_slot(udc)
-        shutil.rmtree(WORK, ignore_errors=True)
+    with rig_in(WORK, MatrixRig) as r:
+        FAULTS.mkdir(parents=True)
+        # Entries other modules left in this guest before (a device unplugged
+        # while exported keeps its slot): theirs, not this module's to account for.
+        r.table_before = set(table())
+        r.write_policy(policy())
+        try:
+            yield r
+        finally:
+            for pause in FAULTS.glob("*.pause"):
+                pause.unlink()
+            r.close()  # before the slot is freed: nothing may export meanwhile
+            free_leftover_slot(udc)
 
 
 def free_leftover_slot(udc: str) -> None:
@@ -387,7 +313,8 @@ def assert_clean(
     gd.wait_until(lambda: not used_ports(), timeout=ENUM, what="every vhci port free")
     assert on_usbip_host() == [], on_usbip_host()
     entries = table()
-    assert set(entries) <= {busid}, f"usbip-host's table holds other busids: {entries}"
+    others = set(entries) - {busid} - rig.table_before
+    assert not others, f"usbip-host's table holds busids no case of this module used: {entries}"
     assert rig.alive(), f"the daemon died:\n{rig.daemon_text()}"
     assert rig.usbipa is not None and rig.usbipa.poll() is None, "usbipa died"
     status = rig.status_now()
@@ -472,7 +399,7 @@ def test_fault_connect_pulled_at(
         proc = rig.cli("connect", "-r", TARGET, "-b", busid, "--timeout", "10")
         pause.wait(proc.alive)
         g.unplug(timeout=ENUM)
-    record_property("error", one_error_line(proc.wait()))
+    record_property("error", one_error_line(finished(proc)))
     assert_clean_and_usable(rig, g, udc, busid, record_property, by="connect")
 
 
@@ -498,7 +425,7 @@ def test_fault_connect_link_cut_at(
         pause.wait(proc.alive)
         cut = cut_link()
         assert cut, "no connection to usbipa to cut"
-    result = proc.wait()
+    result = finished(proc)
     no_traceback(result)
     record_property("connect", result.returncode)
     if point == "export.after-connect":
@@ -535,7 +462,7 @@ def test_fault_disconnect_pulled_at(
         proc = rig.cli("disconnect", "-b", busid)
         pause.wait(proc.alive)
         g.unplug(timeout=ENUM)
-    result = proc.wait()
+    result = finished(proc)
     assert result.returncode == 0 and "Traceback" not in result.stderr, result
     assert_clean_and_usable(rig, g, udc, busid, record_property, by="connect")
 

@@ -71,13 +71,17 @@ def policy(serial_glob: str = f"{SERIAL_PREFIX}*", broken: bool = False) -> str:
 
 
 class Systemd:
-    """systemd as PID 1 of its own namespaces; commands run inside them with nsenter."""
+    """systemd as PID 1 of its own namespaces; commands run inside them with nsenter.
 
-    def __init__(self, log: Path) -> None:
+    `setup`: shell commands run in the new mount namespace first, while the
+    guest's /run is still there (mounts that only this systemd is to see)."""
+
+    def __init__(self, log: Path, setup: str = "") -> None:
         self.log = log
         script = (
+            (f"{setup} && " if setup else "")
             # A private /run that still shows udev's database.
-            "mkdir -p /tmp/uh-udev && mount --bind /run/udev /tmp/uh-udev"
+            + "mkdir -p /tmp/uh-udev && mount --bind /run/udev /tmp/uh-udev"
             " && mount -t tmpfs -o mode=755 tmpfs /run"
             " && mkdir /run/udev && mount --move /tmp/uh-udev /run/udev"
             f" && exec {SYSTEMD} --unit=usbip-test.target"
@@ -130,6 +134,10 @@ class Systemd:
                 why += f"\n--- journalctl -u {argv[2]}:\n{log.stdout}"
             raise AssertionError(why)
         return r
+
+    def path(self, path: str) -> Path:
+        """`path` as the namespace sees it (its mounts may differ from the guest's)."""
+        return Path(f"/proc/{self.pid}/root{path}")
 
     def show(self, unit: str, prop: str) -> str:
         return self.run("systemctl", "show", "-p", prop, "--value", unit).stdout.strip()
