@@ -1,6 +1,6 @@
 """settings.claim: before-probe against the default (after-probe), on the real kernel.
 
-    python -m bench.claim_compare --rounds 5        # under flock /opt/vm.lock
+    python -m bench.claim_compare --rounds 5
 
 Issue 14, item 3. Boots the test VM once (hotplug.testing.vm) and runs this
 module again inside it (`--guest`): usbipa on 127.0.0.1 and the daemon
