@@ -36,11 +36,18 @@ import re
 from pathlib import Path
 
 from hotplug.kernel.stub import STUB_DRIVER
-from hotplug.kernel.sysfs import KernelError, SysfsPaths, SysfsWriter, busid_sort_key, driver_name
+from hotplug.kernel.sysfs import (
+    BUSID_RE,
+    KernelError,
+    SysfsPaths,
+    SysfsWriter,
+    busid_sort_key,
+    driver_name,
+    read_int,
+)
 from hotplug.usb import HUB_CLASS
 
 ROOT_HUB_RE = re.compile(r"\Ausb([0-9]+)\Z")
-DEVICE_RE = re.compile(r"\A[0-9]+-[0-9]+(?:\.[0-9]+)*\Z")
 INTERFACE_RE = re.compile(r"\A([0-9]+-[0-9]+(?:\.[0-9]+)*):[0-9]+\.[0-9]+\Z")
 
 
@@ -94,10 +101,7 @@ class UsbBus(SysfsWriter):
         return self.paths.usb_devices / device / name
 
     def _class(self, name: str) -> int:
-        try:
-            return int((self._dir(name) / "bDeviceClass").read_text().strip(), 16)
-        except (OSError, ValueError):
-            return 0
+        return read_int(self._dir(name) / "bDeviceClass", 16)
 
     def devices(self) -> list[str]:
         """Every USB device (root hubs too), hubs first: root hubs, then hubs
@@ -115,7 +119,7 @@ class UsbBus(SysfsWriter):
             key = busid_sort_key(name)
             return (1 if self._class(name) == HUB_CLASS else 2, len(key), key)
 
-        return sorted((n for n in names if ROOT_HUB_RE.match(n) or DEVICE_RE.match(n)), key=order)
+        return sorted((n for n in names if ROOT_HUB_RE.match(n) or BUSID_RE.match(n)), key=order)
 
     def interfaces(self, device: str) -> list[str]:
         prefix = interface_prefix(device)

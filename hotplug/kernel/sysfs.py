@@ -138,7 +138,8 @@ def read_attr(path: Path) -> str | None:
         return None
 
 
-def _int(path: Path, base: int, default: int = 0) -> int:
+def read_int(path: Path, base: int, default: int = 0) -> int:
+    """An integer attribute; `default` when it is missing, empty or not a number."""
     text = read_attr(path)
     if not text:
         return default
@@ -177,14 +178,14 @@ def read_interfaces(dev_dir: Path, busid: str) -> tuple[Interface, ...]:
     for entry in entries:
         if not entry.name.startswith(prefix):
             continue
-        number = _int(entry / "bInterfaceNumber", 16, default=len(found))
+        number = read_int(entry / "bInterfaceNumber", 16, default=len(found))
         found.append(
             (
                 number,
                 Interface(
-                    klass=_int(entry / "bInterfaceClass", 16),
-                    subclass=_int(entry / "bInterfaceSubClass", 16),
-                    protocol=_int(entry / "bInterfaceProtocol", 16),
+                    klass=read_int(entry / "bInterfaceClass", 16),
+                    subclass=read_int(entry / "bInterfaceSubClass", 16),
+                    protocol=read_int(entry / "bInterfaceProtocol", 16),
                 ),
             )
         )
