@@ -5,10 +5,6 @@ devices back as Debian's 6.1 does (docs/PROTOCOL.md)."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
 
 from hotplug.kernel.autoprobe import device_of_interface, interface_prefix
 from hotplug.testing.fake_kernel import FakeTree, FakeUsbDevice, descriptors
@@ -16,17 +12,6 @@ from hotplug.testing.fake_kernel import FakeTree, FakeUsbDevice, descriptors
 HUB = FakeUsbDevice("1-1", 0x05E3, 0x0608, device_class=0x09, interfaces=((0x09, 0, 0),))
 DISK = FakeUsbDevice("1-2", 0x1D6B, 0x0104, serial="D1")
 BEHIND = FakeUsbDevice("1-1.3", 0x1D6B, 0x0105, serial="K1", interfaces=((0x03, 1, 1),))
-
-
-@pytest.fixture
-def tree(tmp_path: Path) -> Iterator[FakeTree]:
-    tree = FakeTree(tmp_path / "root").create()
-    proc = tree.start_server()
-    try:
-        yield tree
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def driver(tree: FakeTree, name: str) -> str | None:
