@@ -508,7 +508,7 @@ class Daemon:
             log.event(
                 logger,
                 logging.INFO,
-                f"{device.busid}: {device.vid_pid} came {now - trail.until + trail.follow:.1f} s"
+                f"{device.busid}: {device.vid_pid} came {trail.since_leaving(now):.1f} s"
                 f" after {trail.left} left, later than follow's {trail.follow:g} s; the policy"
                 " decides as for any device",
                 busid=device.busid,

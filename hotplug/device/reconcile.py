@@ -180,6 +180,10 @@ class Trail:
     left: str  # vid:pid of the device that left
     until: float
 
+    def since_leaving(self, now: float) -> float:
+        """Seconds from the device's leaving (`until` less the window) to `now`."""
+        return max(0.0, now - (self.until - self.follow))
+
 
 @dataclass(frozen=True)
 class Following:
@@ -219,7 +223,7 @@ def follow_on_arrival(trail: Trail | None, came: str, now: float) -> Following |
     """A device appears at a busid: does it follow the trail there? Only in time."""
     if trail is None or now >= trail.until:
         return None
-    return Following(trail, came, max(0.0, now - (trail.until - trail.follow)))
+    return Following(trail, came, trail.since_leaving(now))
 
 
 def desire(
