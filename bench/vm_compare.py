@@ -35,6 +35,7 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +132,74 @@ class HostSampler:
             "other_qemus_max": max(vms),
             "samples": len(loads),
         }
+
+
+class GuestRun:
+    """One benchmark's guest run: boot the test VM, run `python -m MODULE ARGS`
+    inside it within the time left, and keep the line the guest marked with
+    `result_mark`. What the host was doing meanwhile goes into `meta`.
+
+    `guest_args(budget)` gets the seconds the guest may spend measuring (the
+    time left after boot, less the power-off and `tail` for the last step's
+    clean-up). Returns the guest's JSON result and exit status, or None after
+    saying why on stderr.
+    """
+
+    def __init__(self, name: str, meta: dict[str, Any], deadline: float) -> None:
+        self.name, self.meta, self.deadline = name, meta, deadline
+
+    def run(
+        self,
+        module: str,
+        guest_args: Callable[[float], list[str]],
+        result_mark: str,
+        tail: float = 120.0,
+    ) -> tuple[dict[str, Any], int] | None:
+        from hotplug.testing.vm.guest import GuestVM
+        from hotplug.testing.vm.kernels import VMError, check_host
+
+        result_line: list[str] = []
+
+        def output(line: str) -> None:
+            if result_mark in line:
+                result_line.append(line.split(result_mark, 1)[1])
+            else:
+                print(line, flush=True)
+
+        sampler = HostSampler()
+        try:
+            check_host(usbip=True)
+            vm = GuestVM(output=output, prefix="[guest] ")
+            killer = threading.Timer(max(1.0, self.deadline - time.monotonic()), vm.close, [10.0])
+            killer.daemon = True
+            killer.start()
+            try:
+                with vm:
+                    self.meta.update(accel=vm.accel, boot_s=round(vm.boot_seconds or 0, 1))
+                    sampler.start()
+                    left = self.deadline - time.monotonic()
+                    budget = left - SHUTDOWN_RESERVE - tail
+                    if budget <= 0:
+                        print(f"bench.{self.name}: no time left after boot", file=sys.stderr)
+                        return None
+                    argv = [sys.executable, "-m", module, *guest_args(budget)]
+                    res = vm.run(argv, timeout=max(30.0, left - SHUTDOWN_RESERVE))
+            finally:
+                killer.cancel()
+        except VMError as exc:
+            print(f"bench.{self.name}: {exc}", file=sys.stderr)
+            return None
+        self.meta["host_load_during"] = sampler.stop()
+        self.meta["load_end"] = load()
+        self.meta["other_qemus_end"] = other_qemus()
+        if not result_line:
+            print(
+                f"bench.{self.name}: the guest gave no result (exit {res.returncode})",
+                file=sys.stderr,
+            )
+            return None
+        result: dict[str, Any] = json.loads(result_line[-1])
+        return result, res.returncode
 
 
 def stats(values: list[float]) -> dict[str, float | int]:
@@ -281,9 +350,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
 
-    from hotplug.testing.vm.guest import GuestVM
-    from hotplug.testing.vm.kernels import VMError, check_host
-
     deadline = time.monotonic() + args.timeout
     meta: dict[str, Any] = {
         "rounds": args.rounds,
@@ -295,52 +361,23 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m bench.vm_compare " + " ".join(argv or sys.argv[1:]),
         "checkout": checkout(),
     }
-    result_line: list[str] = []
 
-    def output(line: str) -> None:
-        if RESULT_MARK in line:
-            result_line.append(line.split(RESULT_MARK, 1)[1])
-        else:
-            print(line, flush=True)
+    def guest_args(budget: float) -> list[str]:
+        return [
+            "--rounds", str(args.rounds), "--warmup", str(args.warmup),
+            "--variants", args.variants, "--interval", str(args.interval),
+            "--budget", f"{budget:.0f}",
+            *(f"--daemon-env={kv}" for kv in args.daemon_env),
+        ]  # fmt: skip
 
-    sampler = HostSampler()
-    try:
-        check_host(usbip=True)
-        vm = GuestVM(output=output, prefix="[guest] ")
-        killer = threading.Timer(max(1.0, deadline - time.monotonic()), vm.close, [10.0])
-        killer.daemon = True
-        killer.start()
-        try:
-            with vm:
-                meta.update(accel=vm.accel, boot_s=round(vm.boot_seconds or 0, 1))
-                sampler.start()
-                left = deadline - time.monotonic()
-                budget = left - SHUTDOWN_RESERVE - 120  # the last round and the clean-up
-                if budget <= 0:
-                    print("bench.vm_compare: no time left after boot", file=sys.stderr)
-                    return 1
-                argv_guest = [
-                    sys.executable, "-m", "bench.vm_compare_guest",
-                    "--rounds", str(args.rounds), "--warmup", str(args.warmup),
-                    "--variants", args.variants, "--interval", str(args.interval),
-                    "--budget", f"{budget:.0f}",
-                    *(f"--daemon-env={kv}" for kv in args.daemon_env),
-                ]  # fmt: skip
-                res = vm.run(argv_guest, timeout=max(30.0, left - SHUTDOWN_RESERVE))
-        finally:
-            killer.cancel()
-    except VMError as exc:
-        print(f"bench.vm_compare: {exc}", file=sys.stderr)
+    ran = GuestRun("vm_compare", meta, deadline).run(
+        "bench.vm_compare_guest",
+        guest_args,
+        RESULT_MARK,
+    )
+    if ran is None:
         return 1
-    meta["host_load_during"] = sampler.stop()
-    meta["load_end"] = load()
-    meta["other_qemus_end"] = other_qemus()
-    if not result_line:
-        print(
-            f"bench.vm_compare: the guest gave no result (exit {res.returncode})", file=sys.stderr
-        )
-        return 1
-    result = json.loads(result_line[-1])
+    result, returncode = ran
     meta.update(result.get("info", {}))
     meta["guest_loadavg"] = result.get("guest_loadavg")
     summary = summarize(result)
@@ -358,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(line + "\n")
     print(line)
-    return 1 if errors or res.returncode != 0 else 0
+    return 1 if errors or returncode != 0 else 0
 
 
 if __name__ == "__main__":

@@ -27,14 +27,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from bench.vm_compare import (
-    SHUTDOWN_RESERVE,
-    HostSampler,
+    GuestRun,
     checkout,
     host_machine,
     load,
@@ -169,9 +167,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", metavar="FILE", help="also write the JSON result to FILE")
     args = p.parse_args(argv)
 
-    from hotplug.testing.vm.guest import GuestVM
-    from hotplug.testing.vm.kernels import VMError, check_host
-
     deadline = time.monotonic() + args.timeout
     meta: dict[str, Any] = {
         "host": host_machine(),
@@ -180,51 +175,23 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m bench.vm_datapath " + " ".join(argv or sys.argv[1:]),
         "checkout": checkout(),
     }
-    result_line: list[str] = []
 
-    def output(line: str) -> None:
-        if RESULT_MARK in line:
-            result_line.append(line.split(RESULT_MARK, 1)[1])
-        else:
-            print(line, flush=True)
+    def guest_args(budget: float) -> list[str]:
+        return [
+            "--paths", args.paths, "--seconds", str(args.seconds),
+            "--disk-mib", str(args.disk_mib), "--budget", f"{budget:.0f}",
+            *(["--workloads", args.workloads] if args.workloads else []),
+            *(["--no-crypto-modules"] if args.no_crypto_modules else []),
+        ]  # fmt: skip
 
-    sampler = HostSampler()
-    try:
-        check_host(usbip=True)
-        vm = GuestVM(output=output, prefix="[guest] ")
-        killer = threading.Timer(max(1.0, deadline - time.monotonic()), vm.close, [10.0])
-        killer.daemon = True
-        killer.start()
-        try:
-            with vm:
-                meta.update(accel=vm.accel, boot_s=round(vm.boot_seconds or 0, 1))
-                sampler.start()
-                left = deadline - time.monotonic()
-                budget = left - SHUTDOWN_RESERVE - 120  # the last path and the clean-up
-                if budget <= 0:
-                    print("bench.vm_datapath: no time left after boot", file=sys.stderr)
-                    return 1
-                argv_guest = [
-                    sys.executable, "-m", "bench.vm_datapath_guest",
-                    "--paths", args.paths, "--seconds", str(args.seconds),
-                    "--disk-mib", str(args.disk_mib), "--budget", f"{budget:.0f}",
-                    *(["--workloads", args.workloads] if args.workloads else []),
-                    *(["--no-crypto-modules"] if args.no_crypto_modules else []),
-                ]  # fmt: skip
-                res = vm.run(argv_guest, timeout=max(30.0, left - SHUTDOWN_RESERVE))
-        finally:
-            killer.cancel()
-    except VMError as exc:
-        print(f"bench.vm_datapath: {exc}", file=sys.stderr)
+    ran = GuestRun("vm_datapath", meta, deadline).run(
+        "bench.vm_datapath_guest",
+        guest_args,
+        RESULT_MARK,
+    )
+    if ran is None:
         return 1
-    meta["host_load_during"] = sampler.stop()
-    meta["load_end"] = load()
-    meta["other_qemus_end"] = other_qemus()
-    if not result_line:
-        code = res.returncode
-        print(f"bench.vm_datapath: the guest gave no result (exit {code})", file=sys.stderr)
-        return 1
-    result = json.loads(result_line[-1])
+    result, returncode = ran
     print_report(result, meta)
     errors = [f"{p['path']}: {p['error']}" for p in result["paths"] if "error" in p]
     if result.get("fatal"):
@@ -242,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(line + "\n")
     print(line)
-    return 1 if errors or res.returncode != 0 else 0
+    return 1 if errors or returncode != 0 else 0
 
 
 if __name__ == "__main__":

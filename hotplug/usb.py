@@ -94,6 +94,47 @@ class Device:
         return f"{self.vendor:04x}:{self.product:04x}"
 
 
+# USB descriptor types (USB 2.0, table 9-5) and the one configuration descriptor field read.
+_DT_CONFIG = 0x02
+_DT_INTERFACE = 0x04
+_DEVICE_DESCRIPTOR_LENGTH = 18
+
+
+def interfaces_from_descriptors(raw: bytes) -> tuple[Interface, ...]:
+    """The interfaces of the first configuration in a device's `descriptors` file.
+
+    The kernel keeps the device descriptor (18 bytes) and then every
+    configuration descriptor with all that follows it, as the device sent
+    them, whether or not a configuration is chosen yet. A device that no driver
+    has configured (settings.claim: before-probe) has no interface directories
+    in sysfs; this is what it will have once configured with its first
+    configuration (the one the kernel chooses for all but a few multi-
+    configuration devices). Alternate settings other than 0 are skipped.
+    Malformed or cut-short data yields what was read up to there.
+    """
+    interfaces: list[Interface] = []
+    pos = _DEVICE_DESCRIPTOR_LENGTH
+    configs = 0
+    while pos + 2 <= len(raw):
+        length, kind = raw[pos], raw[pos + 1]
+        if length < 2:
+            break  # a zero length would loop for ever; the rest cannot be trusted
+        if kind == _DT_CONFIG:
+            configs += 1
+            if configs > 1:
+                break
+        elif (
+            kind == _DT_INTERFACE
+            and configs == 1
+            and length >= 9
+            and pos + 9 <= len(raw)
+            and raw[pos + 3] == 0  # bAlternateSetting
+        ):
+            interfaces.append(Interface(raw[pos + 5], raw[pos + 6], raw[pos + 7]))
+        pos += length
+    return tuple(interfaces)
+
+
 def device_from_attributes(
     busid: str,
     path: str,

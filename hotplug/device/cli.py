@@ -213,6 +213,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="show what the running daemon does with each device")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(handler="status:cmd_status")
+    p = sub.add_parser(
+        "restore-autoprobe",
+        help="after a daemon that held new devices back ended uncleanly: autoprobe back on,"
+        " waiting devices to their drivers",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="say nothing if nothing was held")
+    p.set_defaults(handler="claim:cmd_restore_autoprobe")
     # Without help= argparse does not list the command (SUPPRESS would show as text).
     p = sub.add_parser("_complete")
     p.add_argument("what", choices=["busids", "remotes"])

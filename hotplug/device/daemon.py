@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from hotplug import log, usbids
+from hotplug.device.claim import Claim, describe
 from hotplug.device.control import ControlError, bind_control_socket, serve, socket_path
 from hotplug.device.events import DeviceEvent, EventSource
 from hotplug.device.operations import Operations, in_thread
@@ -32,21 +33,26 @@ from hotplug.device.policy.files import load_policy
 from hotplug.device.policy.model import Policy, PolicyError, Target
 from hotplug.device.policy.watch import PolicyWatcher
 from hotplug.device.reconcile import (
+    Following,
     Observed,
     Release,
     Slot,
+    Trail,
     Unexport,
     Wanted,
     adopt,
     desire,
+    follow_on_arrival,
     reconcile,
     retry_now,
     status_line,
     target_from_record,
+    trail_after,
 )
 from hotplug.device.records import BY_DAEMON, DaemonRecords, ExportRecords
 from hotplug.device.report import device_rows, display_state, table_report
 from hotplug.device.status import DaemonInfo, StatusReply
+from hotplug.kernel.autoprobe import ROOT_HUB_RE, UsbBus
 from hotplug.kernel.stub import STUB_DRIVER, StubStatus, UsbipHost
 from hotplug.kernel.sysfs import KernelError, driver_name
 from hotplug.notify import Notifier
@@ -88,11 +94,14 @@ class Daemon:
         source: Callable[[], EventSource],
         records: ExportRecords,
         notifier: Notifier | None = None,
+        bus: UsbBus | None = None,
     ) -> None:
         self.options = options
         self.policy = policy
         self.policy_error: str | None = None
         self.stub = stub
+        # settings.claim: before-probe: new devices wait for our decision.
+        self.claim = Claim(bus or UsbBus(stub.paths), options.state_dir)
         self.make_source = source
         self.records = DaemonRecords(records)
         self.notifier = notifier or Notifier()
@@ -107,6 +116,10 @@ class Daemon:
         self.leftovers: set[str] = set()
         self.slots: dict[str, Slot] = {}
         self.observed: dict[str, Observed] = {}
+        # A rule's `follow:`: trails left by exported devices that went, by busid,
+        # and the devices that came back on one in time (reconcile.Trail, Following).
+        self.trails: dict[str, Trail] = {}
+        self.following: dict[str, Following] = {}
         self.ops = Operations(self)
         self.wake_at: float | None = None
         self.watchdog_interval = Notifier.watchdog_interval()
@@ -121,6 +134,7 @@ class Daemon:
             "(it keeps coming and going: cable, hub or the device itself?)",
             kind_field="busid",
         )
+        self._source: EventSource | None = None
         self._wake: asyncio.Event | None = None
         self._stop: asyncio.Event | None = None
         self._reloading: asyncio.Task[None] | None = None
@@ -139,10 +153,14 @@ class Daemon:
         control_path = socket_path(self.options.state_dir)
         server = await serve(bind_control_socket(control_path), self.handle_request)
         source = self.make_source()  # the monitor listens before we enumerate
+        self._source = source
         # Parse usb.ids (~0.5 s of Python) now, not in the first plug's export path
         # where the decision's log line would (bench/vm_compare.py measured it).
         usbids.system_database()
         try:
+            self._recover_claim()
+            if self.policy.settings.claim == "before-probe":
+                self._claiming(True)  # before the enumeration: no device slips through
             loop.add_reader(source.fileno(), self._on_events, source)
             self._coldplug(source.coldplug())
             self._adopt()
@@ -168,6 +186,8 @@ class Daemon:
                 loop.remove_reader(source.fileno())
             await self._shutdown()
         finally:
+            if self.claim.active:  # however we leave: no device may be left waiting
+                self._claiming(False)
             self.metrics.stop()
             source.close()
             server.close()
@@ -196,12 +216,14 @@ class Daemon:
             self._step()
 
     def _timeout(self) -> float:
+        now = time.monotonic()
         waits = [
             self.options.poll_interval,
-            *(t - time.monotonic() for t in self.settling.values()),
+            *(t - now for t in self.settling.values()),
+            *(trail.until - now for trail in self.trails.values()),
         ]
         if self.wake_at is not None:
-            waits.append(self.wake_at - time.monotonic())
+            waits.append(self.wake_at - now)
         if self.watchdog_interval is not None:
             waits.append(self.watchdog_interval)
         return max(0.0, min(waits))
@@ -233,6 +255,8 @@ class Daemon:
                 elif slot.owned:
                     self.ops.start(Release(busid))
             await self.ops.drain(STOP_GRACE)
+        if self.claim.active:
+            self._claiming(False)
         # A last try for writes the loop kept retrying: with on_stop keep, the next
         # start adopts only what its records name.
         self.records.retry()
@@ -255,6 +279,19 @@ class Daemon:
                 del self.settling[busid]
                 if busid in self.devices:
                     self._log_decision(self.devices[busid], "no driver took it; deciding anyway: ")
+        for busid, trail in list(self.trails.items()):
+            if now >= trail.until:
+                del self.trails[busid]
+                log.event(
+                    logger,
+                    logging.INFO,
+                    f"{busid}: nothing came back within {trail.follow:g} s of {trail.left} "
+                    "leaving; no longer following it",
+                    busid=busid,
+                    target=trail.target,
+                    rule=trail.rule,
+                    event="follow-ended",
+                )
         self.records.retry()
         self._observe()
         self._take_stranded()
@@ -293,15 +330,14 @@ class Daemon:
             if not self.stub.paths.device_dir(busid).exists():
                 if self.slots.get(busid, Slot()).owned:
                     self.leftovers.add(busid)
-                if self.devices.pop(busid, None) is not None:  # the kernel wins over a late event
-                    self._log_unplugged(busid)
-                self.held_back.discard(busid)
-                self.settling.pop(busid, None)
+                self._gone(busid)  # the kernel wins over a late event
                 observed[busid] = Observed()
                 continue
-            bound = self.bound(busid)
+            driver = driver_name(self.stub.paths.device_dir(busid))
+            bound = driver == STUB_DRIVER
             used = bound and self.stub.status(busid) == StubStatus.USED
-            observed[busid] = Observed(bound=bound, used=used)
+            waiting = driver is None and self.claim.active
+            observed[busid] = Observed(bound=bound, used=used, waiting=waiting)
         self.observed = observed
 
     def _take_stranded(self) -> None:
@@ -356,7 +392,7 @@ class Daemon:
             return Wanted("none", None, "waiting for the kernel to configure it")
         owned = self.slots.get(device.busid, Slot()).owned
         held = device.busid in self.held_back and not self.policy.settings.coldplug and not owned
-        return desire(self.policy, device, held_back=held)
+        return desire(self.policy, device, held, self.following.get(device.busid))
 
     # ------------------------------------------------------------------ devices
 
@@ -374,21 +410,17 @@ class Daemon:
     def _apply_event(self, event: DeviceEvent, source: EventSource) -> None:
         if event.action == "rescan":
             self._coldplug(source.coldplug(), at_start=False)
+        elif event.action in ("waiting", "driver"):
+            self._claim_event(event)
         elif event.action == "remove":
-            self.held_back.discard(event.busid)
-            self.settling.pop(event.busid, None)
-            if self.devices.pop(event.busid, None) is not None:
-                self._log_unplugged(event.busid)
+            self._gone(event.busid)
         elif event.device is not None:
             self._device_present(event.device)
 
     def _coldplug(self, devices: list[Device], at_start: bool = True) -> None:
         present = {d.busid for d in devices}
         for busid in set(self.devices) - present:
-            del self.devices[busid]
-            self.held_back.discard(busid)
-            self.settling.pop(busid, None)
-            self._log_unplugged(busid)
+            self._gone(busid)
         for device in devices:
             self._device_present(device, coldplug=at_start)
 
@@ -416,8 +448,13 @@ class Daemon:
                 )
         if coldplug and old is None:
             self.held_back.add(device.busid)
+        if old is None and not coldplug:
+            self._arrived(device)
         prefix = "present at start: " if coldplug else "plugged in: "
-        if device.driver is None and old is None:
+        if device.driver is None and old is None and self.claim.active:
+            # Held back from its drivers: it waits for us, not for a driver.
+            self._log_decision(device, prefix)
+        elif device.driver is None and old is None:
             # udev can report the device before its usual driver chose a
             # configuration, so before its interfaces exist: deciding now could
             # export a keyboard that an `interface_class: hid` rule keeps here.
@@ -436,6 +473,122 @@ class Daemon:
             self._log_decision(device, prefix)
         elif old is None:
             self._log_decision(device, prefix)
+
+    def _gone(self, busid: str) -> None:
+        """The device at `busid` left (unplugged, or re-enumerating as another)."""
+        self.held_back.discard(busid)
+        self.settling.pop(busid, None)
+        self.following.pop(busid, None)
+        device = self.devices.pop(busid, None)
+        if device is None:
+            return
+        self._log_unplugged(busid)
+        trail = trail_after(self.slots.get(busid), device.vid_pid, time.monotonic())
+        if trail is not None:
+            self.trails[busid] = trail
+            log.event(
+                logger,
+                logging.INFO,
+                f"{busid}: {device.vid_pid} left while exported to {trail.target}; for"
+                f" {trail.follow:g} s whatever appears at {busid} goes there too (follow)",
+                busid=busid,
+                target=trail.target,
+                rule=trail.rule,
+                event="follow-armed",
+            )
+
+    def _arrived(self, device: Device) -> None:
+        """A device appeared at a busid: on a trail in time, it follows it."""
+        trail = self.trails.pop(device.busid, None)
+        if trail is None:
+            return
+        now = time.monotonic()
+        following = follow_on_arrival(trail, device.vid_pid, now)
+        if following is None:
+            log.event(
+                logger,
+                logging.INFO,
+                f"{device.busid}: {device.vid_pid} came {trail.since_leaving(now):.1f} s"
+                f" after {trail.left} left, later than follow's {trail.follow:g} s; the policy"
+                " decides as for any device",
+                busid=device.busid,
+                rule=trail.rule,
+                event="follow-ended",
+            )
+            return
+        self.following[device.busid] = following
+        log.event(
+            logger,
+            logging.INFO,
+            f"{device.busid}: came back as {device.vid_pid} {following.after:.1f} s after"
+            f" {trail.left} left; following it to {trail.target}",
+            busid=device.busid,
+            target=trail.target,
+            rule=trail.rule,
+            event="followed",
+        )
+
+    # ------------------------------------------------------------------ claim: before-probe
+
+    def _recover_claim(self) -> None:
+        """What a previous run that held devices back and did not end cleanly left."""
+        try:
+            probed = self.claim.recover(self.policy.settings.claim == "before-probe")
+        except KernelError as exc:
+            log.event(
+                logger,
+                logging.ERROR,
+                f"cannot hand waiting devices to their drivers: {exc}",
+                event="autoprobe-error",
+            )
+            return
+        if probed is not None:
+            log.event(
+                logger,
+                logging.WARNING,
+                "new USB devices were held back from their drivers with no daemon to decide"
+                " (a previous run did not end cleanly): drivers_autoprobe restored, "
+                + describe(probed),
+                event="autoprobe-restored",
+            )
+
+    def _claiming(self, on: bool) -> None:
+        """settings.claim: before-probe on or off (at start, on reload, at stop)."""
+        if self._source is not None:
+            self._source.claims(on)
+        try:
+            if on:
+                self.claim.begin()
+                message = (
+                    "holding new USB devices back from their drivers (drivers_autoprobe 0):"
+                    " exported devices go to usbip-host unconfigured, the others to their"
+                    " drivers at once"
+                )
+            else:
+                message = "drivers_autoprobe back to 1: " + describe(self.claim.end())
+        except (KernelError, StateError) as exc:
+            log.event(
+                logger,
+                logging.ERROR,
+                f"settings.claim: cannot {'hold devices back' if on else 'restore autoprobe'}:"
+                f" {exc}" + ("; devices are taken after their drivers probed them" if on else ""),
+                event="autoprobe-error",
+            )
+            if on and self._source is not None:
+                self._source.claims(False)
+            return
+        log.event(logger, logging.INFO, message, event="claim-on" if on else "claim-off")
+
+    def _claim_event(self, event: DeviceEvent) -> None:
+        """A root hub, an interface or a driver while devices are held back."""
+        if not self.claim.active:
+            return
+        if event.action == "driver":
+            self.ops.sweep_interfaces()
+        elif ROOT_HUB_RE.match(event.busid):
+            self.ops.hand_over(event.busid, interface=False)
+        else:
+            self.ops.hand_over(event.busid, interface=True)
 
     def _log_decision(self, device: Device, prefix: str) -> None:
         wanted = self.wanted(device)
@@ -594,6 +747,9 @@ class Daemon:
             return
         self.policy = policy
         self.policy_error = None
+        claiming = policy.settings.claim == "before-probe"
+        if claiming != self.claim.active:
+            self._claiming(claiming)
         self.metrics.reconfigure(self.metrics_listen())
         self.slots = retry_now(self.slots, time.monotonic())
         log.event(
@@ -627,7 +783,15 @@ class Daemon:
                 policy=list(self.policy.sources),
                 policy_error=self.policy_error,
                 on_stop=self.options.on_stop or self.policy.settings.on_stop,
+                claim="before-probe" if self.claim.active else "after-probe",
             ),
             usbip_host=table_report(self.stub),
-            devices=device_rows(self.devices, self.slots, self.settling, self.wanted),
+            devices=device_rows(
+                self.devices,
+                self.slots,
+                self.settling,
+                self.wanted,
+                self.trails,
+                self.following,
+            ),
         )

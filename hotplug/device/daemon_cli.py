@@ -17,7 +17,7 @@ from hotplug.device.reconcile import desire
 from hotplug.device.records import BY_DAEMON, exports_dir
 from hotplug.device.udev import UdevSource, enumerate_devices
 from hotplug.faultpoints import reach
-from hotplug.kernel import make_stub
+from hotplug.kernel import make_bus, make_stub
 from hotplug.kernel.stub import STUB_DRIVER
 from hotplug.metrics import MetricsError
 from hotplug.printable import printable
@@ -81,7 +81,7 @@ def _run(args: argparse.Namespace) -> int:
         settle_time=args.settle_time,
         metrics_listen=args.metrics_listen,
     )
-    daemon = Daemon(options, policy, stub, source, exports_dir())
+    daemon = Daemon(options, policy, stub, source, exports_dir(), bus=make_bus())
     try:
         return asyncio.run(daemon.run())
     except (ControlError, MetricsError) as exc:
@@ -120,6 +120,11 @@ def _policy_summary(policy: Policy) -> str:
         f"  {len(policy.targets)} targets, {len(policy.rules)} rules; "
         f"on_stop {settings.on_stop}, coldplug {'on' if settings.coldplug else 'off'}"
         + ("" if settings.coldplug else " (devices present when the daemon starts are left alone)")
+        + (
+            "; claim before-probe (new devices wait for the daemon: drivers_autoprobe 0)"
+            if settings.claim == "before-probe"
+            else ""
+        )
     )
 
 
@@ -132,6 +137,8 @@ def _check_line(policy: Policy, device: Device, foreign: bool) -> str:
         verdict = f"export to {first.name} ({first.address})"
         if rest:
             verdict += ", fallback " + ", ".join(f"{t.name} ({t.address})" for t in rest)
+        if wanted.follow is not None:
+            verdict += f", and follow it for {wanted.follow:g} s if it leaves"
     elif wanted.action == "ignore":
         verdict = "leave alone (ignore)"
     else:

@@ -1,4 +1,4 @@
-"""The daemon's operations: export, unexport, release, each in a thread of its own.
+"""The daemon's operations: export, unexport, release, probe, each in a thread of its own.
 
 An export, unexport or release writes to sysfs and talks to a target: it
 blocks. Each runs in its own thread (`in_thread`), at most one per device,
@@ -23,18 +23,21 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from hotplug import log
+from hotplug.device.claim import Claim, describe
 from hotplug.device.export import Attempt, export, unexport
 from hotplug.device.policy.model import Target
 from hotplug.device.reconcile import (
     Abort,
     Action,
     Export,
+    Probe,
     Release,
     Slot,
     Unexport,
     Wanted,
     export_failed,
     export_succeeded,
+    probe_finished,
     release_finished,
     unexport_finished,
 )
@@ -128,6 +131,7 @@ class Host(Protocol):
     """What an operation needs of the daemon that runs it."""
 
     stub: UsbipHost
+    claim: Claim
     slots: dict[str, Slot]
     devices: dict[str, Device]
     records: DaemonRecords
@@ -187,6 +191,8 @@ class Operations:
             coro = self._export(action)
         elif isinstance(action, Unexport):
             coro = self._unexport(action)
+        elif isinstance(action, Probe):
+            coro = self._probe(action)
         else:
             coro = self._release(action)
         task = asyncio.create_task(coro, name=f"{type(action).__name__.lower()} {action.busid}")
@@ -360,16 +366,28 @@ class Operations:
                 # instead of waiting for the kernel to notice the far end closed.
                 with contextlib.suppress(KernelError):
                     self.daemon.stub.stop(busid)
+            else:
+                self._interfaces_home(busid)
+
+    def _interfaces_home(self, busid: str) -> None:
+        """Given back while new devices are held back: the generic driver chose a
+        configuration again, and its interfaces wait for their drivers."""
+        if self.daemon.claim.active:
+            with contextlib.suppress(KernelError):
+                self.daemon.claim.bus.hand_over(busid)
 
     async def _release(self, action: Release) -> None:
         busid = action.busid
         error: str | None = None
         device = self.daemon.devices.get(busid)
         devid = device.devid if device is not None else None
+
+        def release() -> None:
+            self.daemon.stub.release(busid, devid)
+            self._interfaces_home(busid)
+
         try:
-            await in_thread(
-                f"release {busid}", lambda: self.daemon.stub.release(busid, devid), KERNEL_SLACK
-            )
+            await in_thread(f"release {busid}", release, KERNEL_SLACK)
         except (KernelError, OSError) as exc:
             error = str(exc)
         try:
@@ -387,3 +405,67 @@ class Operations:
             )
         finally:
             self._finish(busid)
+
+    async def _probe(self, action: Probe) -> None:
+        """A device held back from its drivers that the policy does not export."""
+        busid = action.busid
+        error: str | None = None
+        probed: list[str] = []
+        try:
+            probed = await in_thread(
+                f"probe {busid}", lambda: self.daemon.claim.bus.hand_over(busid), KERNEL_SLACK
+            )
+        except (KernelError, OSError) as exc:
+            error = str(exc)
+        try:
+            slot = self.daemon.slots.get(busid, Slot())
+            self.daemon.slots[busid] = probe_finished(slot, error, time.monotonic())
+            message = f"{busid}: " + (
+                f"handing it to its drivers failed: {error}" if error else describe(probed)
+            )
+            log.event(
+                logger,
+                logging.INFO if error is None else logging.WARNING,
+                message,
+                busid=busid,
+                event="probed",
+            )
+        finally:
+            self._finish(busid)
+
+    def hand_over(self, name: str, interface: bool) -> None:
+        """A root hub or an interface that appeared while devices are held back
+        (not a device the policy decides about): to its drivers, in a thread."""
+        if name in self.running:
+            return
+        bus = self.daemon.claim.bus
+
+        def work() -> list[str]:
+            if interface:
+                return [name] if bus.hand_over_interface(name) else []
+            return bus.hand_over(name)
+
+        self._side_task(name, work)
+
+    def sweep_interfaces(self) -> None:
+        """A driver registered: interfaces that waited for it (probed before its
+        module was loaded) get it now, as autoprobe would have given it."""
+        self._side_task("sweep", lambda: self.daemon.claim.bus.sweep(devices=False))
+
+    def _side_task(self, key: str, work: Callable[[], list[str]]) -> None:
+        if key in self.running:
+            return
+
+        async def run() -> None:
+            try:
+                probed = await in_thread(f"probe {key}", work, KERNEL_SLACK)
+                if probed:
+                    log.event(logger, logging.INFO, describe(probed), busid=None, event="probed")
+            except (KernelError, OSError) as exc:
+                log.event(
+                    logger, logging.WARNING, f"probing {key} failed: {exc}", event="probe-failed"
+                )
+            finally:
+                self.running.pop(key, None)
+
+        self.running[key] = asyncio.create_task(run(), name=f"probe {key}")

@@ -15,6 +15,11 @@ Fallbacks and backoff work in rounds, as the policy documents them: a round
 tries the rule's target and then each fallback once, in `target_chain` order,
 one right after the other; when the whole round failed, the next round starts
 after `retry.delay(round, rand)` of the rule's own (first) target.
+
+Following (a rule's `follow:`): a device that was exported by a rule with
+`follow: N` and leaves lays a `Trail` at its busid (`trail_after`); whatever
+appears there within N seconds follows it (`follow_on_arrival`), and `desire`
+sends it to the same target whatever its ids, as the rule's own export would.
 """
 
 from __future__ import annotations
@@ -30,8 +35,18 @@ from hotplug.wire.address import parse_address
 if TYPE_CHECKING:  # read, never written or imported at run time: records.py does I/O
     from hotplug.device.records import ExportRecord
 
-Phase = Literal["idle", "exporting", "exported", "backoff", "unexporting", "releasing", "foreign"]
-BUSY: frozenset[str] = frozenset({"exporting", "unexporting", "releasing"})
+Phase = Literal[
+    "idle", "exporting", "exported", "backoff", "unexporting", "releasing", "probing", "foreign"
+]
+BUSY: frozenset[str] = frozenset({"exporting", "unexporting", "releasing", "probing"})
+# A lost link is exported again only after this many seconds. An unplug looks
+# like a lost link for a moment: usb_disconnect marks the device "not attached"
+# before it removes it, the next URB the far side sends fails to submit, and
+# usbip-host drops the link at once while the device is still in sysfs and
+# bound to it (seen on 6.1 with keyboards and disks unplugged while exported:
+# the daemon exported again, and that export found no device). By then an
+# unplug has removed the device, and the daemon unexports instead.
+LINK_SETTLE = 2.0
 
 
 # --------------------------------------------------------------------------- inputs
@@ -45,6 +60,7 @@ class Wanted:
     rule: str | None
     reason: str
     chain: tuple[Target, ...] = ()  # the rule's target, then its fallbacks
+    follow: float | None = None  # the rule's `follow:`, carried into the slot by Export
 
     @property
     def exports(self) -> bool:
@@ -57,6 +73,9 @@ class Observed:
 
     bound: bool = False
     used: bool = False  # usbip_status == 2: a live link
+    # No driver at all while the daemon holds new devices back (settings.claim:
+    # before-probe): it waits for us to bind it to usbip-host or hand it over.
+    waiting: bool = False
 
 
 @dataclass(frozen=True)
@@ -75,6 +94,11 @@ class Slot:
     last_error: str | None = None
     since: float = 0.0  # when the phase began
     aborting: bool = False  # an Abort was sent for the operation in flight
+    # The rule of the export started last, and its `follow:`: a device that
+    # leaves while exported by it lays a Trail (trail_after).
+    rule: str | None = None
+    follow: float | None = None
+    probed: bool = False  # handed to its usual drivers once (Probe): never again
 
 
 # --------------------------------------------------------------------------- outputs
@@ -111,7 +135,15 @@ class Abort:
     busid: str
 
 
-Action = Export | Unexport | Release | Abort
+@dataclass(frozen=True)
+class Probe:
+    """Hand a device that waits for us (held back from its drivers) to its usual
+    drivers: the policy does not export it."""
+
+    busid: str
+
+
+Action = Export | Unexport | Release | Abort | Probe
 
 
 @dataclass(frozen=True)
@@ -137,9 +169,77 @@ class Plan:
 # --------------------------------------------------------------------------- policy -> wanted
 
 
-def desire(policy: Policy, device: Device, held_back: bool = False) -> Wanted:
-    """The policy's wish for `device`. `held_back`: present at start with coldplug off."""
+@dataclass(frozen=True)
+class Trail:
+    """A device exported by a rule with `follow:` left its busid: until `until`
+    (monotonic), whatever appears there goes to `target` (a name in the policy)."""
+
+    rule: str | None
+    target: str
+    follow: float  # the rule's `follow:`, seconds
+    left: str  # vid:pid of the device that left
+    until: float
+
+    def since_leaving(self, now: float) -> float:
+        """Seconds from the device's leaving (`until` less the window) to `now`."""
+        return max(0.0, now - (self.until - self.follow))
+
+
+@dataclass(frozen=True)
+class Following:
+    """A device that appeared on a trail in time: it goes where the trail leads."""
+
+    trail: Trail
+    came: str  # its own vid:pid
+    after: float  # seconds between the leaving and the arrival
+
+    @property
+    def reason(self) -> str:
+        t = self.trail
+        rule = f"rule '{t.rule}'" if t.rule else "its rule"
+        return (
+            f"follows {t.left}, exported by {rule} (follow: {t.follow:g}), which left "
+            f"{self.after:.1f} s before; came back as {self.came}"
+        )
+
+
+def trail_after(slot: Slot | None, left: str, now: float) -> Trail | None:
+    """The trail a device leaves as it goes, if a rule with `follow:` wanted it
+    exported: exported (`exported_to`, whatever the link does now: a device that
+    re-enumerates drops its link first), being exported, or between attempts. A
+    device may re-enumerate the moment it is attached, before its export's result
+    is booked here, or as the export fails because it went. `follow` is cleared
+    once the policy no longer wants the device exported (reconcile).
+    """
+    if slot is None or slot.follow is None:
+        return None
+    target = slot.exported_to or slot.target
+    if target is None:
+        return None
+    return Trail(slot.rule, target.name, slot.follow, left, now + slot.follow)
+
+
+def follow_on_arrival(trail: Trail | None, came: str, now: float) -> Following | None:
+    """A device appears at a busid: does it follow the trail there? Only in time."""
+    if trail is None or now >= trail.until:
+        return None
+    return Following(trail, came, trail.since_leaving(now))
+
+
+def desire(
+    policy: Policy, device: Device, held_back: bool = False, following: Following | None = None
+) -> Wanted:
+    """The policy's wish for `device`. `held_back`: present at start with coldplug off.
+    `following`: it appeared on a trail in time, so it goes where the trail leads,
+    whatever its ids (hubs and devices imported through vhci_hcd still never go)."""
     decision = policy.decide(device)
+    if following is not None and not (device.is_hub or device.on_vhci):
+        name = following.trail.target
+        if name not in policy.targets:
+            return Wanted("none", following.trail.rule, f"unknown target '{name}' to follow to")
+        chain = tuple(policy.target_chain(name))
+        trail = following.trail
+        return Wanted("export", trail.rule, following.reason, chain, trail.follow)
     if held_back and decision.action == "export":
         return Wanted(
             "none",
@@ -151,7 +251,7 @@ def desire(policy: Policy, device: Device, held_back: bool = False) -> Wanted:
             chain = tuple(policy.target_chain(decision.target))
         except KeyError:
             return Wanted("none", decision.rule, f"unknown target '{decision.target}'")
-        return Wanted("export", decision.rule, decision.reason, chain)
+        return Wanted("export", decision.rule, decision.reason, chain, decision.follow)
     return Wanted(decision.action, decision.rule, decision.reason)
 
 
@@ -223,12 +323,26 @@ def _one(
     if s.owned and not o.bound:
         s = replace(s, owned=False)
     if s.phase == "exported" and not o.used:
-        s = phase(s, "idle", position=0)
-        if w is not None:  # unplugging takes the link down too; that is no news
-            note("warning", "link-lost", f"{busid}: link to {_name(s.target)} lost", s.target)
-            s = replace(s, last_error=f"link to {_name(s.target)} lost")
+        if w is None:  # unplugging takes the link down too; that is no news
+            s = phase(s, "idle", position=0)
+        else:
+            note(
+                "warning",
+                "link-lost",
+                f"{busid}: link to {_name(s.target)} lost; exporting again in {LINK_SETTLE:g} s",
+                s.target,
+            )
+            s = phase(
+                s,
+                "backoff",
+                position=0,
+                next_at=now + LINK_SETTLE,
+                last_error=f"link to {_name(s.target)} lost",
+            )
 
     if w is None or not w.exports:
+        if w is not None:
+            s = replace(s, follow=None)  # no longer a device that rule follows
         if s.exported_to is not None:
             what = "unplugged" if w is None else f"not wanted any more ({w.reason})"
             note("info", "unexport", f"{busid}: {what}; unexporting", s.exported_to)
@@ -239,6 +353,10 @@ def _one(
             return phase(s, "releasing")
         if w is None:
             return None  # unplugged and nothing of ours left: forget it
+        if o.waiting and not s.probed:
+            note("info", "probe", f"{busid}: not exported ({w.reason}); to its usual drivers", None)
+            plan.actions.append(Probe(busid))
+            return phase(s, "probing", probed=True, next_at=None, position=0, round=0)
         return phase(s, "foreign" if o.bound else "idle", next_at=None, position=0, round=0)
 
     # The policy wants it exported.
@@ -281,7 +399,16 @@ def _one(
     position = s.position if s.position < len(w.chain) else 0
     target = w.chain[position]
     plan.actions.append(Export(busid, target, adopt=s.owned and o.bound, rule=w.rule))
-    return phase(s, "exporting", target=target, position=position, next_at=None, aborting=False)
+    return phase(
+        s,
+        "exporting",
+        target=target,
+        position=position,
+        next_at=None,
+        aborting=False,
+        rule=w.rule,
+        follow=w.follow,
+    )
 
 
 def _name(target: Target | None) -> str:
@@ -355,6 +482,11 @@ def unexport_finished(slot: Slot, still_bound: bool, error: str | None, now: flo
 
 def release_finished(slot: Slot, still_bound: bool, error: str | None, now: float) -> Slot:
     return replace(slot, phase="idle", owned=still_bound, last_error=error, since=now)
+
+
+def probe_finished(slot: Slot, error: str | None, now: float) -> Slot:
+    """Handed to its usual drivers (or that failed: it is not tried again)."""
+    return replace(slot, phase="idle", last_error=error, since=now)
 
 
 def retry_now(slots: Mapping[str, Slot], now: float) -> dict[str, Slot]:

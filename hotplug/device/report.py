@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable, Collection, Mapping
 
 from hotplug import usbids
-from hotplug.device.reconcile import Slot, Wanted
+from hotplug.device.reconcile import Following, Slot, Trail, Wanted
 from hotplug.device.status import DeviceRow, TableReport
 from hotplug.kernel.stub import TABLE_SLOTS, UsbipHost
 from hotplug.kernel.sysfs import KernelError, busid_sort_key
@@ -22,8 +22,13 @@ def device_rows(
     slots: Mapping[str, Slot],
     settling: Collection[str],
     wanted_of: Callable[[Device], Wanted],
+    trails: Mapping[str, Trail] | None = None,
+    following: Mapping[str, Following] | None = None,
 ) -> list[DeviceRow]:
-    """One row per device plugged in or still in the daemon's books, by busid."""
+    """One row per device plugged in or still in the daemon's books, by busid;
+    a busid where a device is awaited (a rule's `follow:`) has one too."""
+    trails = trails or {}
+    following = following or {}
     mono, wall = time.monotonic(), time.time()
 
     def to_wall(t: float | None) -> float | None:
@@ -31,13 +36,24 @@ def device_rows(
 
     rows = []
     db = usbids.system_database()
-    for busid in sorted(set(devices) | set(slots), key=busid_sort_key):
+    for busid in sorted(set(devices) | set(slots) | set(trails), key=busid_sort_key):
         device = devices.get(busid)
         slot = slots.get(busid, Slot(since=mono))
         wanted = wanted_of(device) if device is not None else None
         target = slot.target
         if target is None and slot.phase == "idle" and wanted is not None and wanted.exports:
             target = wanted.chain[0]
+        trail = trails.get(busid) if device is None else None
+        follows = following.get(busid) if device is not None else None
+        state = "settling" if busid in settling else display_state(slot, wanted)
+        reason = wanted.reason if wanted is not None else "unplugged"
+        follow: str | None = follows.reason if follows is not None else None
+        if trail is not None and slot.phase == "idle":
+            state = "awaiting"
+            reason = follow = (
+                f"{trail.left} left; until {_clock(to_wall(trail.until))} whatever appears"
+                f" here goes to {trail.target} ({_rule(trail.rule)}follow: {trail.follow:g})"
+            )
         rows.append(
             DeviceRow(
                 busid=busid,
@@ -49,17 +65,27 @@ def device_rows(
                 if device is not None
                 else None,
                 serial=device.serial if device is not None else None,
-                rule=wanted.rule if wanted is not None else None,
-                reason=wanted.reason if wanted is not None else "unplugged",
-                state="settling" if busid in settling else display_state(slot, wanted),
-                target=target.name if target is not None else None,
+                rule=wanted.rule if wanted is not None else (trail.rule if trail else None),
+                reason=reason,
+                state=state,
+                target=target.name if target is not None else (trail.target if trail else None),
                 address=target.address if target is not None else None,
                 since=to_wall(slot.since),
                 last_error=slot.last_error,
                 next_retry=to_wall(slot.next_at) if slot.phase == "backoff" else None,
+                follow=follow,
+                follow_until=to_wall(trail.until) if trail is not None else None,
             )
         )
     return rows
+
+
+def _rule(name: str | None) -> str:
+    return f"rule '{name}', " if name else ""
+
+
+def _clock(stamp: float | None) -> str:
+    return "-" if stamp is None else time.strftime("%H:%M:%S", time.localtime(stamp))
 
 
 def table_report(stub: UsbipHost) -> TableReport:

@@ -34,6 +34,10 @@ class DeviceRow(TypedDict):
     since: float | None  # time.time() the state began
     last_error: str | None
     next_retry: float | None  # time.time() of the next round, while backing off
+    # A rule's `follow:`: why this device goes where the device before it went,
+    # or (state "awaiting", no device) what will follow and until when.
+    follow: str | None
+    follow_until: float | None  # time.time() the awaiting ends
 
 
 class TableReport(TypedDict, total=False):
@@ -54,6 +58,9 @@ class DaemonInfo(TypedDict):
     policy: list[str]  # the files the policy was read from
     policy_error: str | None  # the last reload's errors (the previous policy is in force)
     on_stop: str
+    # before-probe: new devices wait for the daemon (drivers_autoprobe 0); after-probe:
+    # the kernel's default (settings.claim, or after-probe if holding them back failed).
+    claim: str
 
 
 class StatusReply(TypedDict):
@@ -92,6 +99,10 @@ def render_status(reply: dict[str, Any]) -> str:
     lines = [f"daemon: {daemon.get('status', '?')} (pid {daemon.get('pid', '?')})"]
     sources = daemon.get("policy") or []
     lines.append(f"policy: {', '.join(sources) if sources else 'none (exports nothing)'}")
+    if daemon.get("claim") == "before-probe":
+        lines.append(
+            "claim: before-probe (new devices wait for the daemon; drivers_autoprobe is 0)"
+        )
     if daemon.get("policy_error"):
         lines.append("policy error (the previous policy stays in force):")
         lines.extend(f"  {line}" for line in str(daemon["policy_error"]).splitlines())
@@ -123,6 +134,8 @@ def render_status(reply: dict[str, Any]) -> str:
         details = []
         if row.get("state") in ("not matched", "ignored"):
             details.append(str(row.get("reason")))
+        if row.get("follow"):
+            details.append(str(row["follow"]))
         if row.get("last_error"):
             details.append(f"last error: {row['last_error']}")
         if row.get("next_retry") is not None:

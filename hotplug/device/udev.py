@@ -10,6 +10,10 @@ details now". The "bind" that follows "add" is the one to trust for
 interfaces: the usual driver has chosen a configuration by then. "unbind"
 is ignored (the device is still there; our own binding to usbip-host
 causes one). Root hubs ("usb1") are not devices we can export.
+
+Holding devices back (settings.claim: before-probe), the monitor also listens
+to interfaces and to driver registrations (`claims`), which become "waiting"
+and "driver" events (device/events.py).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any, Protocol
 
 from hotplug import log
 from hotplug.device.events import DeviceEvent
+from hotplug.kernel.autoprobe import INTERFACE_RE, ROOT_HUB_RE
 from hotplug.kernel.sysfs import BUSID_RE, KernelError, SysfsPaths, list_devices, read_interfaces
 from hotplug.usb import Device, device_from_attributes
 
@@ -39,6 +44,9 @@ class UdevDevice(Protocol):
 
     @property
     def sys_name(self) -> str: ...
+
+    @property
+    def subsystem(self) -> str | None: ...
 
     @property
     def sys_path(self) -> str: ...
@@ -106,12 +114,22 @@ def device_from_udev(dev: UdevDevice) -> Device | None:
     )
 
 
+USB_DRIVERS = "/bus/usb/drivers/"
+CLAIM_ACTIONS = frozenset({"waiting", "driver"})  # only while holding devices back
+
+
 def event_from_udev(dev: UdevDevice) -> DeviceEvent | None:
     """A monitor event as a `DeviceEvent`, or None if it is nothing for us."""
     busid = dev.sys_name
-    if not BUSID_RE.match(busid):
-        return None
     action = dev.action or "add"
+    if not BUSID_RE.match(busid):
+        if action != "add":
+            return None
+        if dev.subsystem == "drivers":
+            return DeviceEvent("driver", busid) if USB_DRIVERS in dev.sys_path else None
+        if dev.subsystem == "usb" and (ROOT_HUB_RE.match(busid) or INTERFACE_RE.match(busid)):
+            return DeviceEvent("waiting", busid)
+        return None
     if action == "remove":
         return DeviceEvent("remove", busid)
     if action not in PRESENT_ACTIONS:
@@ -144,6 +162,24 @@ class UdevSource:
                 monitor = real
         self.context = context
         self.monitor = monitor
+        self.claiming = False
+
+    def claims(self, on: bool) -> None:
+        """Interfaces and driver registrations too (filters run in the kernel:
+        without them, those events never wake us)."""
+        if on == self.claiming:
+            return
+        filter_by = getattr(self.monitor, "filter_by", None)
+        if filter_by is None:
+            self.claiming = on
+            return
+        if on:
+            filter_by("usb", "usb_interface")
+            filter_by("drivers")
+        else:
+            getattr(self.monitor, "remove_filter")()  # noqa: B009 (not in UdevMonitor)
+            filter_by("usb", "usb_device")
+        self.claiming = on
 
     def coldplug(self) -> list[Device]:
         devices = self.context.list_devices(subsystem="usb", DEVTYPE="usb_device")
@@ -166,7 +202,7 @@ class UdevSource:
             if dev is None:
                 break
             event = event_from_udev(dev)
-            if event is not None:
+            if event is not None and (self.claiming or event.action not in CLAIM_ACTIONS):
                 events.append(event)
         return events
 

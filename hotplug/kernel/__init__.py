@@ -2,10 +2,11 @@
 side), vhci_hcd (vhci.py, the application side), usbip-vudc (vudc.py), and the
 reading of devices (sysfs.py).
 
-`make_stub` and `make_vhci` are the one seam where the product may load a
+`make_stub`, `make_vhci` and `make_bus` are the one seam where the product may load a
 test double: with USBIP_HOTPLUG_FAKE_KERNEL set they return the fake kernel's
 writers (hotplug.testing.fake_kernel), which send each write to a process
-playing the kernel. Every program gets its stub and vhci from here.
+playing the kernel. Every program gets its stub, vhci and usb bus (autoprobe.py:
+drivers_autoprobe, drivers_probe) from here.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from hotplug.kernel.autoprobe import UsbBus
 from hotplug.kernel.stub import StubStatus, UsbipHost
 from hotplug.kernel.sysfs import DeviceNotFound, KernelError, SysfsPaths
 from hotplug.kernel.vhci import Vhci, VhciPort
@@ -22,9 +24,11 @@ __all__ = [
     "KernelError",
     "StubStatus",
     "SysfsPaths",
+    "UsbBus",
     "UsbipHost",
     "Vhci",
     "VhciPort",
+    "make_bus",
     "make_stub",
     "make_vhci",
 ]
@@ -54,3 +58,14 @@ def make_vhci() -> Vhci:
 
         return FakeVhci(paths, server)
     return Vhci(paths)
+
+
+def make_bus() -> UsbBus:
+    """The usb bus's drivers_autoprobe and drivers_probe (settings.claim: before-probe)."""
+    paths = SysfsPaths.from_env()
+    server = _fake_server()
+    if server is not None:
+        from hotplug.testing.fake_kernel import FakeUsbBus
+
+        return FakeUsbBus(paths, server)
+    return UsbBus(paths)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hotplug.errors import HotplugError
-from hotplug.usb import Device, Interface, device_from_attributes
+from hotplug.usb import Device, Interface, device_from_attributes, interfaces_from_descriptors
 
 # A USB device (not a root hub "usb1", not an interface "1-1:1.0"). ASCII digits
 # and \Z, not \d and $: "1-1\n" and fullwidth or Arabic-Indic digits are not busids.
@@ -138,7 +138,8 @@ def read_attr(path: Path) -> str | None:
         return None
 
 
-def _int(path: Path, base: int, default: int = 0) -> int:
+def read_int(path: Path, base: int, default: int = 0) -> int:
+    """An integer attribute; `default` when it is missing, empty or not a number."""
     text = read_attr(path)
     if not text:
         return default
@@ -158,23 +159,33 @@ def driver_name(dev_dir: Path) -> str | None:
 
 
 def read_interfaces(dev_dir: Path, busid: str) -> tuple[Interface, ...]:
+    """The device's interfaces: its interface directories once it is configured;
+    before that (no configuration chosen: bConfigurationValue is empty, as when
+    drivers_autoprobe is 0), those its descriptors promise for the first one."""
     found: list[tuple[int, Interface]] = []
     prefix = busid + ":"
     try:
         entries = list(dev_dir.iterdir())
     except OSError:
         return ()
+    if not any(e.name.startswith(prefix) for e in entries) and not read_attr(
+        dev_dir / "bConfigurationValue"
+    ):
+        try:
+            return interfaces_from_descriptors((dev_dir / "descriptors").read_bytes())
+        except OSError:
+            return ()
     for entry in entries:
         if not entry.name.startswith(prefix):
             continue
-        number = _int(entry / "bInterfaceNumber", 16, default=len(found))
+        number = read_int(entry / "bInterfaceNumber", 16, default=len(found))
         found.append(
             (
                 number,
                 Interface(
-                    klass=_int(entry / "bInterfaceClass", 16),
-                    subclass=_int(entry / "bInterfaceSubClass", 16),
-                    protocol=_int(entry / "bInterfaceProtocol", 16),
+                    klass=read_int(entry / "bInterfaceClass", 16),
+                    subclass=read_int(entry / "bInterfaceSubClass", 16),
+                    protocol=read_int(entry / "bInterfaceProtocol", 16),
                 ),
             )
         )

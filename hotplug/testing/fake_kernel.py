@@ -36,11 +36,12 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from hotplug.kernel.autoprobe import UsbBus, device_of_interface, interface_prefix
 from hotplug.kernel.stub import UsbipHost
 from hotplug.kernel.sysfs import KernelError, SysfsPaths, explain_write_error
 from hotplug.kernel.vhci import PortState, Vhci, parse_status
 from hotplug.spawn import CHILD_CWD, child_env, python_module
-from hotplug.usb import Speed
+from hotplug.usb import Speed, interfaces_from_descriptors
 
 STATUS_HEADER = "hub port sta spd dev      sockfd local_busid"
 RX_CAP = 1 << 20
@@ -107,6 +108,32 @@ class FakeVhci(_FakeWriter, Vhci):
         self.server = server
 
 
+class FakeUsbBus(_FakeWriter, UsbBus):
+    def __init__(self, paths: SysfsPaths, server: Path) -> None:
+        UsbBus.__init__(self, paths)
+        self.server = server
+
+
+# The usual interface drivers of the classes the tests use, as the fake kernel
+# binds them when an interface is probed (by autoprobe or drivers_probe).
+INTERFACE_DRIVERS = {0x02: "cdc_acm", 0x03: "usbhid", 0x08: "usb-storage", 0x09: "hub"}
+
+
+def descriptors(dev: FakeUsbDevice) -> bytes:
+    """What the kernel keeps in a device's `descriptors` file: the device
+    descriptor, then its one configuration with an interface descriptor each."""
+    device = struct.pack(
+        "<BBHBBBBHHHBBBB",
+        18, 1, 0x0200, dev.device_class, 0, 0, 64, dev.vendor, dev.product, 0x0100, 1, 2, 3, 1,
+    )  # fmt: skip
+    body = b"".join(
+        struct.pack("<BBBBBBBBB", 9, 4, n, 0, 0, klass, sub, proto, 0)
+        for n, (klass, sub, proto) in enumerate(dev.interfaces)
+    )
+    config = struct.pack("<BBHBBBBB", 9, 2, 9 + len(body), len(dev.interfaces), 1, 0, 0x80, 50)
+    return device + config + body
+
+
 # --------------------------------------------------------------------------- the tree
 
 
@@ -141,6 +168,7 @@ class FakeTree:
         p.usb_devices.mkdir(parents=True, exist_ok=True)
         (p.usb_drivers / "usb").mkdir(parents=True, exist_ok=True)
         (p.sys / "bus/usb/drivers_probe").touch()
+        (p.sys / "bus/usb/drivers_autoprobe").write_text("1\n")
         (p.sys / "devices/fake").mkdir(parents=True, exist_ok=True)
         if stub:
             self.load_stub()
@@ -178,6 +206,9 @@ class FakeTree:
         except FileNotFoundError:
             return []
 
+    def autoprobe(self) -> bool:
+        return (self.paths.sys / "bus/usb/drivers_autoprobe").read_text().strip() != "0"
+
     def vhci_received(self, port: int) -> bytes:
         """What vhci port `port` received from the far end since its last attach."""
         try:
@@ -186,6 +217,10 @@ class FakeTree:
             return b""
 
     def add_device(self, dev: FakeUsbDevice, devnum: int | None = None) -> Path:
+        """Plug a device in. With drivers_autoprobe 0 it stays as the kernel leaves
+        it then: no driver, no configuration chosen, no interfaces (only its
+        `descriptors` say what they will be)."""
+        autoprobe = self.autoprobe()
         busnum = int(dev.busid.split("-")[0])
         real = self.paths.sys / f"devices/fake/usb{busnum}/{dev.busid}"
         real.mkdir(parents=True)
@@ -199,9 +234,9 @@ class FakeTree:
             "bDeviceClass": f"{dev.device_class:02x}",
             "bDeviceSubClass": "00",
             "bDeviceProtocol": "00",
-            "bConfigurationValue": "1",
+            "bConfigurationValue": "1" if autoprobe else "",
             "bNumConfigurations": "1",
-            "bNumInterfaces": f"{len(dev.interfaces):2d}",
+            "bNumInterfaces": f"{len(dev.interfaces):2d}" if autoprobe else "",
             "manufacturer": dev.manufacturer,
             "product": dev.product_name,
         }
@@ -209,13 +244,9 @@ class FakeTree:
             attrs["serial"] = dev.serial
         for name, value in attrs.items():
             (real / name).write_text(value + "\n")
-        for number, (klass, subclass, protocol) in enumerate(dev.interfaces):
-            iface = real / f"{dev.busid}:1.{number}"
-            iface.mkdir()
-            (iface / "bInterfaceNumber").write_text(f"{number:02x}\n")
-            (iface / "bInterfaceClass").write_text(f"{klass:02x}\n")
-            (iface / "bInterfaceSubClass").write_text(f"{subclass:02x}\n")
-            (iface / "bInterfaceProtocol").write_text(f"{protocol:02x}\n")
+        (real / "descriptors").write_bytes(descriptors(dev))
+        if autoprobe:
+            _make_interfaces(real, dev.busid)
         node = self.paths.usbfs_node(busnum, int(attrs["devnum"]))
         node.parent.mkdir(parents=True, exist_ok=True)
         # Who this device is, for usbip-host's table (its `udev` pointer): a token
@@ -228,7 +259,9 @@ class FakeTree:
         # usbip-host's table holds its busid (seen in the VM). As in the kernel,
         # that probe is serialised with every other driver write and finds the
         # device taken if someone bound it in the moment after it appeared.
-        if self.server_socket.exists():
+        if not autoprobe:
+            pass  # held back: it waits for drivers_probe
+        elif self.server_socket.exists():
             with contextlib.suppress(KernelError, OSError):
                 _send_write(
                     self.server_socket, self.paths.sys / "bus/usb/drivers_probe", dev.busid, None
@@ -283,6 +316,9 @@ class FakeTree:
     def vhci(self) -> FakeVhci:
         return FakeVhci(self.paths, self.server_socket)
 
+    def bus(self) -> FakeUsbBus:
+        return FakeUsbBus(self.paths, self.server_socket)
+
     def env(self) -> dict[str, str]:
         return {
             "USBIP_HOTPLUG_SYSFS_ROOT": str(self.root),
@@ -322,6 +358,26 @@ def _set_driver(paths: SysfsPaths, busid: str, driver: str | None) -> None:
     tmp.unlink(missing_ok=True)
     tmp.symlink_to(paths.usb_drivers / driver)
     os.replace(tmp, link)
+
+
+def _make_interfaces(dev_dir: Path, busid: str) -> list[Path]:
+    """The interface directories a configuration makes (from `descriptors`), once."""
+    made: list[Path] = []
+    try:
+        raw = (dev_dir / "descriptors").read_bytes()
+    except OSError:
+        return made
+    for number, iface in enumerate(interfaces_from_descriptors(raw)):
+        path = dev_dir / f"{interface_prefix(busid)}1.{number}"
+        made.append(path)
+        if path.exists():
+            continue
+        path.mkdir()
+        (path / "bInterfaceNumber").write_text(f"{number:02x}\n")
+        (path / "bInterfaceClass").write_text(f"{iface.klass:02x}\n")
+        (path / "bInterfaceSubClass").write_text(f"{iface.subclass:02x}\n")
+        (path / "bInterfaceProtocol").write_text(f"{iface.protocol:02x}\n")
+    return made
 
 
 def _replace_text(path: Path, text: str) -> None:
@@ -451,6 +507,51 @@ class FakeKernelServer:
         (dev_dir / "usbip_sockfd").touch()
         (dev_dir / "usbip_debug").touch()
 
+    def _autoprobe(self) -> bool:
+        return self.tree.autoprobe()
+
+    def _drivers_probe(self, name: str) -> None:
+        """A device gets the generic driver, which configures it; an interface gets
+        its class's driver, unless usbip-host holds its device (which claims the
+        device's port: interface drivers refuse an owned device)."""
+        device = device_of_interface(name)
+        if device is None:
+            self._require_device(name)
+            if _driver(self.paths, name) is None:
+                # The generic driver: usbip-host does not get a device this way
+                # even when its busid is in the table (seen on 6.1 in the VM).
+                _set_driver(self.paths, name, "usb")
+                self._configure(name)
+            return
+        iface = self.paths.usb_devices / device / name
+        if not iface.is_dir():
+            raise _Fail(errno.ENODEV)
+        if _driver(self.paths, device) != "usbip-host" and not (iface / "driver").exists():
+            self._bind_interface(iface)
+
+    def _configure(self, busid: str) -> None:
+        """The generic driver chose the configuration: the interfaces appear, and
+        get their drivers at once only while autoprobe is on."""
+        dev_dir = self.paths.usb_devices / busid
+        interfaces = _make_interfaces(dev_dir, busid)
+        _replace_text(dev_dir / "bConfigurationValue", "1\n")
+        _replace_text(dev_dir / "bNumInterfaces", f"{len(interfaces):2d}\n")
+        if self._autoprobe():
+            for iface in interfaces:
+                self._bind_interface(iface)
+
+    def _bind_interface(self, iface: Path) -> None:
+        try:
+            klass = int((iface / "bInterfaceClass").read_text(), 16)
+        except (OSError, ValueError):
+            return
+        driver = INTERFACE_DRIVERS.get(klass)
+        if driver is not None:
+            (self.paths.usb_drivers / driver).mkdir(parents=True, exist_ok=True)
+            link = iface / "driver"
+            link.unlink(missing_ok=True)
+            link.symlink_to(self.paths.usb_drivers / driver)
+
     def _stub_disconnect(self, busid: str) -> None:
         slots = self._slots()
         slot = self._slot(slots, busid)
@@ -511,6 +612,7 @@ class FakeKernelServer:
         if present is not None and present[0] == udev:
             if _driver(self.paths, busid) is None:
                 _set_driver(self.paths, busid, "usb")
+                self._configure(busid)
         elif writer is None or udev not in _tokens_held_by(writer):
             self._oops(
                 f"general protection fault in __mutex_lock, do_rebind [usbip_host]: rebind {busid}:"
@@ -714,11 +816,11 @@ class FakeKernelServer:
         elif path == stub / "rebind":
             self._rebind(value, writer)
         elif path == p.sys / "bus/usb/drivers_probe":
-            self._require_device(value)
-            if _driver(p, value) is None:
-                # The generic driver: usbip-host does not get a device this way
-                # even when its busid is in the table (seen on 6.1 in the VM).
-                _set_driver(p, value, "usb")
+            self._drivers_probe(value)
+        elif path == p.sys / "bus/usb/drivers_autoprobe":
+            if value not in ("0", "1"):
+                raise _Fail(errno.EINVAL)
+            _replace_text(path, value + "\n")
         elif name == "unbind" and path.parent.name == "driver":
             busid = path.parent.parent.name
             self._require_device(busid)

@@ -1,7 +1,9 @@
 """Device events as JSON lines on a FIFO: the event source tests use in place of udev.
 
 `usbip-hotplug run --events FIFO` (a hidden option) reads it; `write_event`
-(or any writer) sends {"action": "add"|"remove", "busid": "1-1"} lines. The
+(or any writer) sends {"action": "add"|"remove", "busid": "1-1"} lines, and
+{"action": "waiting"|"driver", "busid": NAME} where udev would report a root
+hub, an interface or a driver to a daemon that holds devices back. The
 device's details are read from sysfs (the fake tree in tests), as the daemon
 does for udev's coldplug.
 """
@@ -81,6 +83,8 @@ class JsonLinesSource:
         except (ValueError, KeyError, TypeError):
             logger.warning("ignoring malformed event line %r", line[:200])
             return None
+        if action in ("waiting", "driver") and isinstance(busid, str):
+            return DeviceEvent(action, busid)  # as udev reports them while claiming
         if action not in ("add", "remove") or not isinstance(busid, str):
             logger.warning("ignoring event %r: expected action add or remove and a busid", data)
             return None
@@ -95,6 +99,9 @@ class JsonLinesSource:
             log.event(logger, logging.INFO, f"{busid} left before we could look", busid=busid)
             return None
         return DeviceEvent("add", busid, device)
+
+    def claims(self, on: bool) -> None:
+        """The writer sends "waiting" and "driver" lines itself when it wants them."""
 
     def close(self) -> None:
         for fd in (self._fd, self._keepalive):

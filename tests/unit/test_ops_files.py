@@ -36,6 +36,8 @@ def test_hotplug_unit() -> None:
     assert u["ExecReload"][0].split()[1] == "check"
     assert u["ExecReload"][1].endswith("-HUP $MAINPID")
     assert any("modprobe usbip-host" in v and v.startswith("-") for v in u["ExecStartPre"])
+    # settings.claim: before-probe is undone however the daemon ends (issue 14, item 3).
+    assert [v.split()[1] for v in u["ExecStopPost"]] == ["restore-autoprobe"]
     assert u["ProtectSystem"] == ["strict"]
     assert set(u["ReadWritePaths"][0].split()) >= {
         "/sys/bus/usb",
@@ -118,6 +120,7 @@ def test_install_script(tmp_path: Path) -> None:
     hotplug = (units / "usbip-hotplug.service").read_text()
     assert f"ExecStart={bindir}/usbip-hotplug run" in hotplug
     assert f"ExecReload={bindir}/usbip-hotplug check" in hotplug
+    assert f"ExecStopPost={bindir}/usbip-hotplug restore-autoprobe" in hotplug
     assert f"ExecStart={bindir}/usbipa" in (units / "usbipa.service").read_text()
     assert (prefix / "etc/udev/rules.d/90-usbip-hotplug.rules").exists()
     conf = prefix / "etc/usbip-hotplug"

@@ -104,7 +104,7 @@ def test_a_misspelt_key_is_not_also_reported_missing_but_others_are() -> None:
         "connect_timeout, handshake_timeout, retry, cert, key, ca)",
         "p.yaml:3: targets.lab.address: missing; expected 'host[:port]'",
         "p.yaml:5: rules[0].mtch: unknown key; did you mean 'match'? "
-        "(allowed here: name, match, export, action)",
+        "(allowed here: name, match, export, action, follow)",
         "p.yaml:5: rules[0]: expected 'export: TARGET' or 'action: ignore', got neither",
     ]
 
@@ -363,7 +363,7 @@ ERROR_CASES: list[tuple[str, str, str]] = [
         "rule-unknown-key",
         rules("  - match: {}", "    exprot: lab"),
         "policy.yaml:6: rules[0].exprot: unknown key; did you mean 'export'? "
-        "(allowed here: name, match, export, action)",
+        "(allowed here: name, match, export, action, follow)",
     ),
     (
         "rule-both-export-and-action",
@@ -374,6 +374,29 @@ ERROR_CASES: list[tuple[str, str, str]] = [
         "rule-neither-export-nor-action",
         rules("  - name: x", "    match: {}"),
         "policy.yaml:5: rules[0]: expected 'export: TARGET' or 'action: ignore', got neither",
+    ),
+    (
+        "rule-follow-not-a-number",
+        rules("  - match: {}", "    export: lab", "    follow: soon"),
+        "policy.yaml:7: rules[0].follow: expected a number of seconds > 0 and at most 3600, "
+        "got 'soon'",
+    ),
+    (
+        "rule-follow-zero",
+        rules("  - match: {}", "    export: lab", "    follow: 0"),
+        "policy.yaml:7: rules[0].follow: expected a number of seconds > 0 and at most 3600, got 0",
+    ),
+    (
+        "rule-follow-too-long",
+        rules("  - match: {}", "    export: lab", "    follow: 86400"),
+        "policy.yaml:7: rules[0].follow: expected a number of seconds > 0 and at most 3600, "
+        "got 86400",
+    ),
+    (
+        "rule-follow-on-ignore",
+        rules("  - match: {}", "    action: ignore", "    follow: 10"),
+        "policy.yaml:7: rules[0].follow: only a rule that exports ('export: TARGET') can "
+        "follow a device; this one has 'action: ignore'",
     ),
     (
         "rule-action-export",
@@ -514,7 +537,7 @@ ERROR_CASES: list[tuple[str, str, str]] = [
         "settings-unknown-key",
         "version: 1\nsettings: {on-stop: keep}\n",
         "policy.yaml:2: settings.on-stop: unknown key; did you mean 'on_stop'? "
-        "(allowed here: on_stop, coldplug, metrics)",
+        "(allowed here: on_stop, coldplug, metrics, claim)",
     ),
     (
         "settings-on-stop",
@@ -525,6 +548,11 @@ ERROR_CASES: list[tuple[str, str, str]] = [
         "settings-coldplug",
         "version: 1\nsettings: {coldplug: 'true'}\n",
         "policy.yaml:2: settings.coldplug: expected true or false, got 'true'",
+    ),
+    (
+        "settings-claim",
+        "version: 1\nsettings: {claim: first}\n",
+        "policy.yaml:2: settings.claim: expected 'after-probe' or 'before-probe', got 'first'",
     ),
 ]
 
@@ -711,6 +739,21 @@ def test_null_sections_are_empty() -> None:
 def test_settings_values() -> None:
     p = policy("version: 1\nsettings: {on_stop: keep, coldplug: no}\n")
     assert p.settings == Settings(on_stop="keep", coldplug=False)
+    assert p.settings.claim == "after-probe"  # the kernel's own order, unless asked
+    p = policy("version: 1\nsettings: {claim: before-probe}\n")
+    assert p.settings == Settings(claim="before-probe")
+
+
+def test_follow_is_the_rules_and_reaches_its_decision() -> None:
+    p = policy(
+        rules(
+            "  - {name: fw, match: {vendor: '076b'}, export: lab, follow: 10}",
+            "  - {name: rest, match: {}, export: lab}",
+        )
+    )
+    assert [r.follow for r in p.rules] == [10.0, None]
+    assert p.decide(dev()).follow == 10.0
+    assert p.decide(dev(vendor=1)).follow is None
 
 
 def test_broken_target_does_not_cause_unknown_target_noise() -> None:

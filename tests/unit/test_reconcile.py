@@ -11,24 +11,31 @@ import pytest
 from hotplug.device.policy.merge import parse_policy
 from hotplug.device.policy.model import RetryPolicy, Target
 from hotplug.device.reconcile import (
+    LINK_SETTLE,
     Abort,
     Action,
     Export,
+    Following,
     Observed,
+    Probe,
     Release,
     Slot,
+    Trail,
     Unexport,
     Wanted,
     adopt,
     desire,
     export_failed,
     export_succeeded,
+    follow_on_arrival,
+    probe_finished,
     reconcile,
     release_finished,
     retry_now,
     same_place,
     status_line,
     target_from_record,
+    trail_after,
     unexport_finished,
 )
 from hotplug.device.records import ExportRecord
@@ -52,6 +59,7 @@ NONE = Wanted("none", None, "no rule matched")
 FREE = Observed()
 BOUND = Observed(bound=True)
 USED = Observed(bound=True, used=True)
+WAITING = Observed(waiting=True)  # held back from its drivers (settings.claim: before-probe)
 
 EXPORTED = Slot(phase="exported", owned=True, target=LAB, exported_to=LAB, since=1.0)
 
@@ -74,8 +82,25 @@ TABLE: list[tuple[str, Wanted | None, Observed, Slot | None, list[Action], str |
         "exporting",
     ),
     ("exported, link up", EXPORT, USED, EXPORTED, [], "exported"),
-    ("link lost, still bound", EXPORT, BOUND, EXPORTED, [Export(B, LAB, adopt=True)], "exporting"),
-    ("link lost, unbound by hand", EXPORT, FREE, EXPORTED, [Export(B, LAB, False)], "exporting"),
+    # A lost link waits LINK_SETTLE first: an unplug looks like one for a moment.
+    ("link lost, still bound", EXPORT, BOUND, EXPORTED, [], "backoff"),
+    ("link lost, unbound by hand", EXPORT, FREE, EXPORTED, [], "backoff"),
+    (
+        "link lost, settled, still bound: exported again",
+        EXPORT,
+        BOUND,
+        Slot(phase="backoff", owned=True, target=LAB, exported_to=LAB, next_at=NOW),
+        [Export(B, LAB, adopt=True)],
+        "exporting",
+    ),
+    (
+        "link lost, unplugged while settling: tell the far side",
+        None,
+        FREE,
+        Slot(phase="backoff", owned=True, target=LAB, exported_to=LAB, next_at=NOW + 1),
+        [Unexport(B, LAB, True)],
+        "unexporting",
+    ),
     ("unplugged while exported", None, FREE, EXPORTED, [Unexport(B, LAB, True)], "unexporting"),
     ("unplugged, nothing of ours", None, FREE, Slot(), [], None),
     (
@@ -185,6 +210,42 @@ TABLE: list[tuple[str, Wanted | None, Observed, Slot | None, list[Action], str |
         [Release(B)],
         "releasing",
     ),
+    # settings.claim: before-probe: a device no driver has seen yet.
+    (
+        "held back, exported: to usbip-host as it is",
+        EXPORT,
+        WAITING,
+        None,
+        [Export(B, LAB, False)],
+        "exporting",
+    ),
+    ("held back, no rule: to its drivers", NONE, WAITING, None, [Probe(B)], "probing"),
+    (
+        "held back, ignored (a hub, a keyboard): to its drivers",
+        IGNORE,
+        WAITING,
+        None,
+        [Probe(B)],
+        "probing",
+    ),
+    ("handed over once: never again", NONE, WAITING, Slot(probed=True), [], "idle"),
+    (
+        "held back, export refused: waits for the next round",
+        EXPORT,
+        WAITING,
+        Slot(phase="backoff", target=LAB, next_at=10.0),
+        [],
+        "backoff",
+    ),
+    (
+        "held back, export refused, then unwanted: to its drivers",
+        NONE,
+        WAITING,
+        Slot(phase="backoff", target=LAB, next_at=10.0),
+        [Probe(B)],
+        "probing",
+    ),
+    ("being handed over", NONE, WAITING, Slot(phase="probing", probed=True), [], "probing"),
     (
         "link lost, then policy dropped it: tell the far side",
         NONE,
@@ -221,10 +282,18 @@ def test_reconcile_table(
         assert plan.slots[B].phase == phase
 
 
+def test_a_device_handed_over_is_idle_and_stays_probed() -> None:
+    done = probe_finished(Slot(phase="probing", probed=True), None, NOW)
+    assert (done.phase, done.probed, done.last_error) == ("idle", True, None)
+    plan = reconcile({B: NONE}, {B: WAITING}, {B: done}, NOW + 1)  # it found no driver
+    assert plan.actions == [] and plan.notes == []
+
+
 def test_link_loss_is_logged_but_unplugging_is_not_link_loss() -> None:
     lost = reconcile({B: EXPORT}, {B: BOUND}, {B: EXPORTED}, NOW)
     assert [n.event for n in lost.notes] == ["link-lost"]
     assert lost.slots[B].last_error == "link to lab lost"
+    assert lost.actions == [] and lost.wake_at == NOW + LINK_SETTLE
     unplugged = reconcile({}, {B: FREE}, {B: EXPORTED}, NOW)
     assert [n.event for n in unplugged.notes] == ["unexport"]
 
@@ -397,6 +466,132 @@ def test_same_place_ignores_timeouts() -> None:
     assert same_place(LAB, replace(LAB, connect_timeout=1.0, retry=RetryPolicy()))
     assert not same_place(LAB, replace(LAB, port=3241))
     assert not same_place(LAB, None)
+
+
+# --------------------------------------------------------------------------- following
+
+
+FOLLOWING_POLICY = parse_policy(
+    [
+        (
+            "p.yaml",
+            """\
+version: 1
+targets:
+  lab: {address: "10.0.0.1", fallback: [backup]}
+  backup: {address: "10.0.0.2:3300"}
+rules:
+  - name: keep-hid
+    match: {interface_class: hid}
+    action: ignore
+  - name: fw
+    match: {id: "1d6b:0104"}
+    export: lab
+    follow: 10
+""",
+        )
+    ]
+)
+FOLLOWED = replace(EXPORTED, rule="fw", follow=10.0)
+TRAIL = Trail("fw", "lab", 10.0, "1d6b:0104", until=NOW + 10.0)
+
+# id, slot of the device that leaves (None: no slot), the trail it leaves (None: none)
+TRAILS: list[tuple[str, Slot | None, Trail | None]] = [
+    ("exported by a following rule", FOLLOWED, TRAIL),
+    ("exported, link already lost", replace(FOLLOWED, phase="idle"), TRAIL),
+    (
+        "exported to its fallback",
+        replace(FOLLOWED, exported_to=BACKUP),
+        replace(TRAIL, target="backup"),
+    ),
+    ("exported by a rule without follow", EXPORTED, None),
+    (
+        "left while its export was under way",
+        Slot(phase="exporting", target=LAB, rule="fw", follow=10.0),
+        TRAIL,
+    ),
+    (
+        "left between export attempts",
+        Slot(phase="backoff", target=LAB, rule="fw", follow=10.0),
+        TRAIL,
+    ),
+    (
+        "withdrawn before it left",
+        replace(FOLLOWED, phase="idle", exported_to=None, follow=None),
+        None,
+    ),
+    ("never tried", Slot(phase="idle", follow=10.0), None),
+    ("not ours", None, None),
+]
+
+
+@pytest.mark.parametrize(("slot", "trail"), [r[1:] for r in TRAILS], ids=[r[0] for r in TRAILS])
+def test_trail_after_table(slot: Slot | None, trail: Trail | None) -> None:
+    assert trail_after(slot, "1d6b:0104", NOW) == trail
+
+
+# id, seconds after leaving that a device appears, follows?
+ARRIVALS: list[tuple[str, float, bool]] = [
+    ("at once", 0.0, True),
+    ("within the window", 9.9, True),
+    ("at the window's end", 10.0, False),
+    ("after the window", 30.0, False),
+]
+
+
+@pytest.mark.parametrize(
+    ("after", "follows"), [r[1:] for r in ARRIVALS], ids=[r[0] for r in ARRIVALS]
+)
+def test_follow_on_arrival_table(after: float, follows: bool) -> None:
+    following = follow_on_arrival(TRAIL, "1d6b:0105", NOW + after)
+    assert (following is not None) == follows
+    if following is not None:
+        assert following.after == pytest.approx(after) and following.came == "1d6b:0105"
+        assert following.reason == (
+            f"follows 1d6b:0104, exported by rule 'fw' (follow: 10), which left {after:.1f} s "
+            "before; came back as 1d6b:0105"
+        )
+    assert follow_on_arrival(None, "1d6b:0105", NOW) is None
+
+
+def test_a_following_device_goes_to_the_trails_target_whatever_its_ids() -> None:
+    """A bootloader (other ids, even a class a rule ignores) goes where its device went."""
+    following = Following(TRAIL, "1d6b:0105", 0.8)
+    for device in (_device(vendor=0x1234), _device(ifaces=(3,)), _device()):
+        wanted = desire(FOLLOWING_POLICY, device, following=following)
+        assert wanted.exports and wanted.rule == "fw" and wanted.follow == 10.0
+        assert [t.name for t in wanted.chain] == ["lab", "backup"]
+        assert "came back as 1d6b:0105" in wanted.reason
+    # Hubs and devices imported through vhci never follow.
+    assert not desire(FOLLOWING_POLICY, _device(klass=9), following=following).exports
+    vhci = replace(_device(), path="/sys/devices/platform/vhci_hcd.0/usb3/3-1")
+    assert not desire(FOLLOWING_POLICY, vhci, following=following).exports
+    # The target went from the policy since: nothing to follow to.
+    gone = desire(
+        FOLLOWING_POLICY, _device(), following=Following(replace(TRAIL, target="x"), "a", 1)
+    )
+    assert gone.action == "none" and "unknown target 'x'" in gone.reason
+    # Without a trail, the rules decide by themselves.
+    assert desire(FOLLOWING_POLICY, _device(vendor=0x1234)).action == "none"
+    assert desire(FOLLOWING_POLICY, _device()).follow == 10.0
+
+
+def test_the_export_carries_the_rules_follow_into_the_slot() -> None:
+    """What trail_after reads is what reconcile put there when it started the export,
+    and an export that succeeded keeps it."""
+    wanted = desire(FOLLOWING_POLICY, _device())
+    plan = reconcile({B: wanted}, {B: FREE}, {}, NOW)
+    assert plan.slots[B].rule == "fw" and plan.slots[B].follow == 10.0
+    done = export_succeeded(plan.slots[B], LAB, NOW + 1)
+    assert trail_after(done, "1d6b:0104", NOW + 2) == replace(TRAIL, until=NOW + 12)
+    # Unplugged: the unexport goes out as for any device (the kernel dropped the link).
+    gone = reconcile({}, {B: FREE}, {B: done}, NOW + 2)
+    assert gone.actions == [Unexport(B, LAB, release=True)]
+    # No longer wanted there (a policy edit): that rule no longer follows it.
+    dropped = reconcile({B: NONE}, {B: USED}, {B: done}, NOW + 2)
+    assert dropped.actions == [Unexport(B, LAB, release=True)]
+    assert dropped.slots[B].follow is None
+    assert trail_after(dropped.slots[B], "1d6b:0104", NOW + 3) is None
 
 
 # --------------------------------------------------------------------------- status line

@@ -37,6 +37,7 @@ class FakeUdevDevice:
     properties: dict[str, str] = field(default_factory=dict)
     driver: str | None = "usb"
     action: str | None = None
+    subsystem: str | None = "usb"
 
     @property
     def attributes(self) -> FakeAttributes:
@@ -194,6 +195,53 @@ def test_udev_source_drains_the_monitor(tmp_path: Path) -> None:
     assert [(e.action, e.busid) for e in events] == [("add", "1-1.2"), ("remove", "1-1.2")]
     assert not _readable(source.fileno())
     assert source.read_events() == []
+
+
+class FilteringMonitor(PipeMonitor):
+    """With pyudev's filter calls, recorded: what the kernel would let through."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.filters: list[tuple[str, str | None]] = [("usb", "usb_device")]
+
+    def filter_by(self, subsystem: str, device_type: str | None = None) -> None:
+        self.filters.append((subsystem, device_type))
+
+    def remove_filter(self) -> None:
+        self.filters = []
+
+
+def test_while_claiming_root_hubs_interfaces_and_usb_drivers_are_reported(
+    tmp_path: Path,
+) -> None:
+    """settings.claim: before-probe: what needs a driver without a policy decision
+    (a root hub, an interface) and a USB driver registering; none of it otherwise."""
+    monitor = FilteringMonitor()
+    source = UdevSource(FakeContext([]), monitor)
+    news = [
+        FakeUdevDevice("usb3", "/sys/devices/platform/vhci_hcd.0/usb3", action="add"),
+        FakeUdevDevice("1-1:1.0", "/sys/devices/x/usb1/1-1/1-1:1.0", action="add"),
+        FakeUdevDevice("1-1:1.0", "/sys/devices/x/usb1/1-1/1-1:1.0", action="bind"),
+        FakeUdevDevice("usbhid", "/sys/bus/usb/drivers/usbhid", action="add", subsystem="drivers"),
+        FakeUdevDevice("hid-generic", "/sys/bus/hid/drivers/hid-generic", subsystem="drivers"),
+        FakeUdevDevice(
+            "usbhid", "/sys/bus/usb/drivers/usbhid", action="remove", subsystem="drivers"
+        ),
+    ]
+    for dev in news:
+        monitor.push(dev)
+    assert source.read_events() == []  # not claiming: nothing of this
+    source.claims(True)
+    assert monitor.filters == [("usb", "usb_device"), ("usb", "usb_interface"), ("drivers", None)]
+    for dev in news:
+        monitor.push(dev)
+    assert [(e.action, e.busid) for e in source.read_events()] == [
+        ("waiting", "usb3"),
+        ("waiting", "1-1:1.0"),
+        ("driver", "usbhid"),
+    ]
+    source.claims(False)
+    assert monitor.filters == [("usb", "usb_device")]
 
 
 def test_udev_source_asks_for_a_rescan_when_events_were_lost() -> None:

@@ -87,7 +87,7 @@ GUESTS = max(1, int(_env_float("USBIP_VM_GUESTS", 2)))
 MODULE_SECONDS = {
     "test_fault_matrix.py": 200.0,
     "test_export_real.py": 190.0,
-    "test_daemon_real.py": 110.0,
+    "test_daemon_real.py": 145.0,
     "test_repeat_real.py": 130.0,
     "test_systemd_units.py": 100.0,
     "test_units_from_the_deb.py": 95.0,

@@ -8,6 +8,7 @@ appear in one file only; fallback names must exist and form no cycle.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import replace
 from types import MappingProxyType
 
 from hotplug.device.policy.model import Policy, PolicyError, PolicyErrors, Rule, Settings, Target
@@ -100,11 +101,7 @@ def parse_policy(sources: Sequence[tuple[str, str]]) -> Policy:
             )
         rule_names.setdefault(name, where)
         if rdef.rule is not None:
-            rules.append(
-                Rule(
-                    name, rdef.rule.conditions, rdef.rule.action, rdef.rule.target, rdef.rule.source
-                )
-            )
+            rules.append(replace(rdef.rule, name=name))
         else:
             rules.append(Rule(name, (), "ignore", None))  # placeholder keeps numbering
 

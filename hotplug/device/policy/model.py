@@ -22,8 +22,10 @@ from hotplug.usb import Device
 from hotplug.wire.address import Endpoint, Scheme
 
 __all__ = [
+    "FOLLOW_MAX",
     "USB_CLASSES",
     "Action",
+    "Claim",
     "Condition",
     "Decision",
     "Policy",
@@ -37,6 +39,10 @@ __all__ = [
 ]
 
 Action = Literal["export", "ignore"]
+Claim = Literal["after-probe", "before-probe"]
+# The longest `follow:` a rule may have: a window is for one re-enumeration
+# (a bootloader, a firmware update), not a standing reservation of a port.
+FOLLOW_MAX = 3600.0
 
 
 # USB-IF base class codes by name. Names are matched case-insensitively, with
@@ -197,6 +203,10 @@ class Settings:
     on_stop: Literal["unexport", "keep"] = "unexport"  # what stopping the daemon does
     coldplug: bool = True  # apply the policy to devices present at start
     metrics_listen: Endpoint | None = None  # where to serve Prometheus metrics; None: off
+    # after-probe: a new device goes to its usual driver first and is taken from
+    # it to be exported (the kernel's default). before-probe: the daemon holds
+    # back the usual drivers (drivers_autoprobe 0) and decides first.
+    claim: Claim = "after-probe"
 
 
 @dataclass(frozen=True)
@@ -274,6 +284,9 @@ class Rule:
     action: Action
     target: str | None  # the target's name when action == "export"
     source: str = field(default="", compare=False)  # "file:line"
+    # Seconds after a device this rule exported leaves during which whatever
+    # appears at the same busid goes to the same target (None: no following).
+    follow: float | None = None
 
     def matches(self, device: Device) -> bool:
         return all(c.matches(device) for c in self.conditions)
@@ -299,6 +312,7 @@ class Decision:
     rule: str | None
     target: str | None
     reason: str
+    follow: float | None = None  # the rule's `follow:` (export decisions only)
 
 
 @dataclass(frozen=True)
@@ -318,7 +332,9 @@ class Policy:
             )
         for rule in self.rules:
             if rule.matches(device):
-                return Decision(rule.action, rule.name, rule.target, rule.explain(device))
+                return Decision(
+                    rule.action, rule.name, rule.target, rule.explain(device), rule.follow
+                )
         return Decision("none", None, None, "no rule matched")
 
     def target_chain(self, name: str) -> list[Target]:

@@ -17,8 +17,10 @@ from typing import Literal, cast
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from hotplug.device.policy.model import (
+    FOLLOW_MAX,
     USB_CLASSES,
     Action,
+    Claim,
     Condition,
     PolicyError,
     RetryPolicy,
@@ -56,9 +58,10 @@ TARGET_KEYS = (
     "ca",
 )
 RETRY_KEYS = ("initial", "max", "factor", "jitter")
-SETTINGS_KEYS = ("on_stop", "coldplug", "metrics")
+SETTINGS_KEYS = ("on_stop", "coldplug", "metrics", "claim")
+CLAIMS: tuple[Claim, ...] = ("after-probe", "before-probe")
 METRICS_KEYS = ("listen",)
-RULE_KEYS = ("name", "match", "export", "action")
+RULE_KEYS = ("name", "match", "export", "action", "follow")
 MATCH_KEYS = (
     "vendor",
     "product",
@@ -352,9 +355,18 @@ class FileParser(NodeReader[PolicyError]):
             if got is not None:
                 coldplug = got
         listen = self.metrics(items["metrics"][1]) if "metrics" in items else None
+        claim: Claim = "after-probe"
+        if "claim" in items:
+            vnode = items["claim"][1]
+            expected = " or ".join(f"'{c}'" for c in CLAIMS)
+            value = self.text(vnode, "settings.claim", expected)
+            if value in CLAIMS:
+                claim = value
+            elif value is not None:
+                self.error(vnode, "settings.claim", f"expected {expected}, got {value!r}")
         if len(self.errors) > before:
             return None
-        return Settings(on_stop=on_stop, coldplug=coldplug, metrics_listen=listen)
+        return Settings(on_stop=on_stop, coldplug=coldplug, metrics_listen=listen, claim=claim)
 
     def metrics(self, node: Node) -> Endpoint | None:
         key = "settings.metrics"
@@ -437,9 +449,26 @@ class FileParser(NodeReader[PolicyError]):
         elif not suggested & {"export", "action"}:
             self.error(node, path, "expected 'export: TARGET' or 'action: ignore', got neither")
 
+        follow: float | None = None
+        if "follow" in items:
+            knode, fnode = items["follow"]
+            follow = self.number(
+                fnode,
+                join_key(path, "follow"),
+                f"a number of seconds > 0 and at most {FOLLOW_MAX:g}",
+                lambda v: 0 < v <= FOLLOW_MAX,
+            )
+            if "action" in items and "export" not in items:
+                self.error(
+                    knode,
+                    join_key(path, "follow"),
+                    "only a rule that exports ('export: TARGET') can follow a device; "
+                    "this one has 'action: ignore'",
+                )
+
         rule: Rule | None = None
         if len(self.errors) == before and conditions is not None and action is not None:
-            rule = Rule(name or "", conditions, action, target, self.where(node))
+            rule = Rule(name or "", conditions, action, target, self.where(node), follow)
         self.result.rules.append(_RuleDef(name, self.file, line_of(node), path, name_line, rule))
 
     def match(self, node: Node, path: str) -> tuple[Condition, ...] | None:

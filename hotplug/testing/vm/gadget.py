@@ -23,13 +23,17 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import itertools
 import mmap
 import os
 import re
+import select
+import struct
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -53,6 +57,7 @@ __all__ = [
     "NcmFunction",
     "NetworkFunction",
     "NetworkGadget",
+    "SetConfigurationCounter",
     "StorageAcmGadget",
     "UdevWatcher",
     "UsbDevice",
@@ -830,6 +835,14 @@ class Gadget:
     ) -> None:
         self.remove()
 
+    def set_product(self, id_product: int) -> None:
+        """Change idProduct while unplugged: the next plug enumerates as another
+        device (a bootloader, a firmware update) at the same busid."""
+        if self.udc:
+            raise RuntimeError(f"{self.name} is plugged into {self.udc}: unplug it first")
+        _write(self.path / "idProduct", f"0x{id_product:04x}")
+        self.id_product = id_product
+
     # -- plug / unplug -------------------------------------------------------
 
     @property
@@ -1123,13 +1136,117 @@ class HidKeyboardGadget(Gadget):
 
     def vhci_event_devices(self) -> list[str]:
         """/dev/input/eventN of the keyboard's copy behind vhci_hcd (nodes that exist)."""
-        out: list[str] = []
-        for d in self.vhci_devices():
-            for event in sorted(d.path.glob("*:*/*/input/input*/event*")):
-                node = Path("/dev/input") / event.name
-                if node.exists():
-                    out.append(str(node))
-        return out
+        return [e for d in self.vhci_devices() for e in _event_nodes(d)]
+
+    def local_event_devices(self) -> list[str]:
+        """/dev/input/eventN of the keyboard as this machine's own (not a vhci copy)."""
+        device = self.find_device()
+        return _event_nodes(device) if device is not None else []
+
+
+def _event_nodes(device: UsbDevice) -> list[str]:
+    out: list[str] = []
+    for event in sorted(device.path.glob("*:*/*/input/input*/event*")):
+        node = Path("/dev/input") / event.name
+        if node.exists():
+            out.append(str(node))
+    return out
+
+
+# ---------------------------------------------------------------------------
+# usbmon: what a device on a dummy_hcd bus was sent
+
+
+# struct mon_bin_hdr as read(2) returns it from /dev/usbmonN (Documentation/usb/
+# usbmon.rst, the 48-byte header): id, type ('S'ubmit, 'C'omplete, 'E'rror),
+# transfer type (2 = control), endpoint, device address, bus, flag_setup (0: the
+# setup packet follows), flag_data, seconds, microseconds, status, lengths; then
+# the 8-byte setup packet.
+_MON_HDR = struct.Struct("<QBBBBHbbqiiII")
+_MON_HDR_LEN = 48
+MON_IOCT_RING_SIZE = 0x9204  # _IO(0x92, 4): the kernel's buffer for this reader
+USB_REQ_SET_CONFIGURATION = 0x09
+
+
+class SetConfigurationCounter:
+    """Every SET_CONFIGURATION a host controller's bus carried, as usbmon saw it.
+
+    On a dummy_hcd bus every control request a gadget receives is an URB
+    submitted to that bus (by the hub driver, the generic driver, usbip-host
+    forwarding the application side's requests), so usbmon's binary interface
+    (/dev/usbmonN, `usbmon` module) sees each one the device was sent. Read
+    from the start by a thread into a 1 MiB ring: the text interface drops
+    events when a reader falls behind (a mass-storage probe is hundreds of
+    URBs), this one does not at these rates. Each entry is (monotonic time of
+    reading, device address, configuration value).
+    """
+
+    def __init__(self, busnum: int) -> None:
+        modprobe("usbmon")
+        node = Path(f"/dev/usbmon{busnum}")
+        if not node.exists():  # udev makes it; not yet, or no udev rule for it
+            dev = wait_until(
+                lambda: _read(SYS / f"class/usbmon/usbmon{busnum}/dev"),
+                timeout=10,
+                what=f"usbmon{busnum} in /sys/class/usbmon",
+            )
+            major, minor = (int(x) for x in dev.split(":"))
+            with contextlib.suppress(FileExistsError):
+                os.mknod(node, 0o600 | 0o020000, os.makedev(major, minor))
+        self.fd = os.open(node, os.O_RDONLY | os.O_CLOEXEC)
+        fcntl.ioctl(self.fd, MON_IOCT_RING_SIZE, 1 << 20)
+        self.seen: list[tuple[float, int, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, name="usbmon", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while not self._stop.is_set():
+            if not select.select([self.fd], [], [], 0.2)[0]:
+                continue
+            try:
+                event = os.read(self.fd, 1 << 16)
+            except OSError:
+                return
+            if len(event) < _MON_HDR_LEN:
+                continue
+            _, kind, xfer, _, devnum, _, setup_flag, *_ = _MON_HDR.unpack_from(event)
+            setup = event[40:48]
+            if kind == ord("S") and xfer == 2 and setup_flag == 0 and setup[:2] == b"\x00\x09":
+                self.seen.append((time.monotonic(), devnum, setup[2]))
+
+    def count(
+        self, devnum: int | None = None, since: float | None = None, until: float | None = None
+    ) -> int:
+        """SET_CONFIGURATIONs sent (to device address `devnum`), read between
+        `since` and `until` (time.monotonic())."""
+        return sum(
+            1
+            for t, dev, _ in list(self.seen)
+            if (devnum is None or dev == devnum)
+            and (since is None or t >= since)
+            and (until is None or t <= until)
+        )
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        os.close(self.fd)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def dummy_busnum(udc: str) -> int:
+    """The bus number of the dummy_hcd that serves `dummy_udc.N` (its root hub usbB)."""
+    hcd = SYS / "devices/platform" / f"dummy_hcd.{udc.rsplit('.', 1)[1]}"
+    hubs = [p.name for p in hcd.iterdir() if re.fullmatch(r"usb[0-9]+", p.name)]
+    if len(hubs) != 1:
+        raise RuntimeError(f"{hcd}: expected one root hub, found {hubs}")
+    return int(hubs[0][3:])
 
 
 def remove_all_gadgets(prefix: str = NAME_PREFIX) -> list[str]:

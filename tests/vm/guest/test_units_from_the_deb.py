@@ -175,7 +175,7 @@ def systemd(usbip_modules: None, gadget_modules: list[str]) -> Iterator[Systemd]
         sd = Systemd(Path("/tmp/usbip-systemd-deb.log"), setup=cached_root())
         SECONDS["s_systemd_up"] = time.monotonic() - t0
         t0 = time.monotonic()
-        installed = sd.run(*APT, "install", "-y", str(deb), check=False, timeout=300)
+        installed = sd.run(*APT, "install", "-y", str(deb), check=False, timeout=450)
         SECONDS["s_apt_install"] = time.monotonic() - t0
         print(f"----- apt install {deb}\n{installed.stdout}{installed.stderr}")
         assert installed.returncode == 0, (
@@ -186,7 +186,7 @@ def systemd(usbip_modules: None, gadget_modules: list[str]) -> Iterator[Systemd]
     finally:
         if sd is not None:
             with contextlib.suppress(Exception):
-                sd.run(*APT, "purge", "-y", PACKAGE, check=False, timeout=300)
+                sd.run(*APT, "purge", "-y", PACKAGE, check=False, timeout=450)
             sd.close()
         for unit in (*MASKED, "usbip-test.target"):
             (UNITS / unit).unlink(missing_ok=True)
@@ -212,8 +212,11 @@ def _admin_writes_the_configuration() -> None:
     (CONF / "usbipa.yaml").write_text(yaml.safe_dump(adapted_usbipa(usbipa)))
 
 
-# Its setup starts systemd and installs the package.
-@pytest.mark.timeout(600)
+# Its setup starts systemd and installs the package. Seen: 80-90 s with the
+# guest alone, 336-385 s with two guests on a loaded 2-core host (apt's reads
+# of dpkg's database through 9p are what stretches); bounds with room for a
+# slower machine.
+@pytest.mark.timeout(900)
 @pytest.mark.usefixtures("journal_on_failure")
 def test_installed_package_exports_over_wss_reloads_and_purges_clean(
     systemd: Systemd,
@@ -265,7 +268,7 @@ def test_installed_package_exports_over_wss_reloads_and_purges_clean(
     )
 
     t0 = time.monotonic()
-    purged = systemd.run(*APT, "purge", "-y", PACKAGE, timeout=300)
+    purged = systemd.run(*APT, "purge", "-y", PACKAGE, timeout=450)
     SECONDS["s_apt_purge"] = time.monotonic() - t0
     for step, seconds in SECONDS.items():
         record_property(step, round(seconds, 1))
