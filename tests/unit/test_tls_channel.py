@@ -274,10 +274,11 @@ def with_relay(pki: Pki, body: RelayTest, pending: bytes = b"", wss: bool = Fals
     """Runs `body(peer channel, kernel socket, relay task)` around a live relay."""
 
     async def main() -> None:
+        ours: Channel
+        peer: Channel
         if wss:
             peer_ws, ours_ws = await ws_pair(pki)
-            client, ours = peer_ws.stream, ours_ws
-            peer: Channel = peer_ws
+            client, ours, peer = peer_ws.stream, ours_ws, peer_ws
         else:
             client, server = await tls_pair(pki)
             ours, peer = Channel(server), Channel(client)
