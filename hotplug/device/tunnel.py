@@ -194,7 +194,15 @@ async def session(
     if inner is None or not _attached(reply):
         await channel.close()
         return
-    log.event(logger, logging.INFO, f"relaying to {remote}", event="relay-started", **fields)
+    ktls = channel.stream.ktls
+    log.event(
+        logger,
+        logging.INFO,
+        f"relaying to {remote} (kTLS: {ktls})",
+        event="relay-started",
+        ktls=ktls,
+        **fields,
+    )
     why = await relay(channel, inner, inbox.leftover())
     log.event(
         logger, logging.INFO, f"relay to {remote} ended: {why}", event="relay-ended", **fields

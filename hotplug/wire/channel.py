@@ -1,29 +1,48 @@
-"""The outer connection of an encrypted session, as a byte stream (asyncio).
+"""The outer connection of an encrypted session, as a byte stream.
 
 USB/IP is a byte stream; over tls:// it travels as TLS application data, over
 wss:// as the payload of binary WebSocket frames (frame boundaries mean
-nothing). `Channel` hides which: `recv()` gives the next bytes (b"" at the
-end), `send()` writes with backpressure.
+nothing). `Channel` hides which. It has two faces:
 
-TLS is the stdlib's: an `ssl.SSLObject` (OpenSSL) driven over the socket with
-asyncio's sock_recv/sock_sendall. Not asyncio's own SSL transport, because it
+- for the control phase (asyncio): `recv()` gives the next bytes (b"" at
+  the end), `send()` writes with backpressure;
+- for the data phase (`relay.py`, one thread, non-blocking): `relay_read()`,
+  `relay_queue()`, `relay_flush()` and, for tls:// with kTLS, the socket
+  itself to splice into.
+
+TLS is the stdlib's, on OpenSSL's own socket I/O (`SSLContext.wrap_socket`,
+non-blocking, driven here): not memory BIOs, because only a socket OpenSSL
+owns can have its keys handed to the kernel (kTLS, `tls.py` asks for it), and
+OpenSSL then writes to and reads from the socket directly, without copies
+into and out of BIOs. Not asyncio's own SSL transport either, because it
 drops the TLS alert when a handshake fails: the peer would see only a closed
-connection instead of "unknown ca" or "certificate expired", and each side
-must be able to say clearly why the other refused it. WebSocket framing and
-the HTTP upgrade are the `websockets` library's sans-I/O protocol, driven
-here over that TLS stream; driving it ourselves (rather than its client or
-server) keeps the TLS handshake, the peer check, the connection limits and
-the HTTP proxy in our hands, and lets the relay move bytes without message
-reassembly.
+connection instead of "unknown ca" or "certificate expired". Here OpenSSL
+writes its alert to the socket itself before the error reaches us.
+
+kTLS on Debian 12 (OpenSSL 3.0, Linux 6.1): OpenSSL gives the kernel the
+sending key for TLS 1.2 and 1.3, the receiving key only for TLS 1.2 (3.0
+offloads TLS 1.3 sends only; 3.2's record layer does both). So a TLS 1.3
+session here encrypts in the kernel and decrypts in OpenSSL. `TlsStream`
+reads which keys the kernel holds (`ktls_send`, `ktls_recv`) from the socket.
+
+WebSocket framing and the HTTP upgrade are the `websockets` library's sans-I/O
+protocol, driven here over that TLS stream; driving it ourselves (rather than
+its client or server) keeps the TLS handshake, the peer check, the connection
+limits and the HTTP proxy in our hands, and lets the relay move bytes without
+message reassembly.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import importlib.util
+import os
+import select
 import socket
 import ssl
+from collections import deque
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -48,15 +67,24 @@ from hotplug import __version__
 from hotplug.errors import HotplugError
 
 CHUNK = 256 * 1024  # bytes per read: large enough that per-chunk Python work is noise
-# The loopback side's asyncio buffers: reading stops above STREAM_LIMIT, drain()
-# waits above WRITE_HIGH_WATER. Backpressure with room for a few chunks.
-STREAM_LIMIT = 1 << 20
-WRITE_HIGH_WATER = 1 << 20
 # Largest WebSocket message we accept. We send one message per CHUNK; the
 # limit bounds what a hostile peer can make us buffer.
 MAX_MESSAGE = 4 * CHUNK
 PING_INTERVAL = 20.0  # seconds: keeps proxies and NATs from idling the link out
 CLOSE_TIMEOUT = 1.0
+TLS_RECORD = 16 * 1024  # largest TLS plaintext record
+
+# What the relay's non-blocking calls return instead of data.
+END = 0  # the stream ended (close_notify, EOF, a WebSocket close)
+WANT_READ = -1  # come back when the socket is readable
+WANT_WRITE = -2  # come back when the socket is writable
+
+# <linux/tls.h>: the kernel's TLS socket options. Python 3.11 has no names for them.
+SOL_TLS = 282
+TLS_TX = 1
+TLS_RX = 2
+_CRYPTO_INFO_HEAD = 4  # struct tls_crypto_info: version and cipher, never the key
+_TCP_CLOSE = 7  # struct tcp_info's first byte, tcpi_state, after a reset
 
 _Event = TypeVar("_Event", Request, Response)
 
@@ -65,18 +93,65 @@ class ChannelError(HotplugError):
     """The outer connection broke its protocol (not TLS's or TCP's own errors)."""
 
 
-class TlsStream:
-    """TLS over a connected socket: handshake, read, write, close. The caller
-    bounds the time. One reader at a time; writers may overlap (a lock keeps
-    the records in order on the wire)."""
+def _kernel_holds(sock: socket.socket, direction: int) -> bool:
+    """Whether the kernel holds this socket's TLS key for `direction` (kTLS).
 
-    def __init__(self, sock: socket.socket, tls: ssl.SSLObject, incoming: ssl.MemoryBIO,
-                 outgoing: ssl.MemoryBIO) -> None:  # fmt: skip
+    Asks for the 4-byte head of the crypto info only: the kernel then answers
+    without copying the key out (EBUSY if not set, an error without the ULP).
+    """
+    try:
+        sock.getsockopt(SOL_TLS, direction, _CRYPTO_INFO_HEAD)
+    except OSError:
+        return False
+    return True
+
+
+class _Readiness:
+    """asyncio waits for a socket to become readable or writable, any number of
+    waiters per direction (a read may need the socket writable while a write
+    waits for it too: TLS can need either for either)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.waiters: tuple[list[asyncio.Future[None]], list[asyncio.Future[None]]] = ([], [])
+
+    async def wait(self, write: bool) -> None:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        waiters = self.waiters[write]
+        if not waiters:
+            (loop.add_writer if write else loop.add_reader)(self.fd, self._wake, write)
+        waiters.append(future)
+        try:
+            await future
+        finally:
+            if future in waiters:
+                waiters.remove(future)
+            if not waiters:
+                (loop.remove_writer if write else loop.remove_reader)(self.fd)
+
+    def _wake(self, write: bool) -> None:
+        for future in self.waiters[write]:
+            if not future.done():
+                future.set_result(None)
+
+
+class TlsStream:
+    """TLS over a connected socket: handshake, read, write, close.
+
+    The async methods are the control phase's (the caller bounds the time;
+    one reader at a time, writers may overlap: a lock keeps each write whole
+    on the wire). The `relay_*` methods are the data phase's: non-blocking,
+    from the relay's one thread, once the control phase is over."""
+
+    def __init__(self, sock: ssl.SSLSocket) -> None:
         self.sock = sock
-        self.tls = tls
-        self.incoming = incoming
-        self.outgoing = outgoing
         self.send_lock = asyncio.Lock()
+        self.ready = _Readiness(sock.fileno())
+        self.ktls_send = False
+        self.ktls_recv = False
+        self.eof = False  # the connection ended without close_notify (relay_read)
+        self._probe: select.poll | None = None
 
     @classmethod
     async def handshake(
@@ -86,80 +161,182 @@ class TlsStream:
         server_side: bool,
         server_hostname: str | None = None,
     ) -> TlsStream:
-        """Raises ssl.SSLError (the alert has been sent to the peer) or OSError."""
+        """Raises ssl.SSLError (the alert has been sent to the peer) or OSError.
+        The stream owns `sock` from here on: on failure it is closed."""
         sock.setblocking(False)
-        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        tls = context.wrap_bio(
-            incoming, outgoing, server_side=server_side, server_hostname=server_hostname
+        tls = context.wrap_socket(
+            sock,
+            server_side=server_side,
+            server_hostname=server_hostname,
+            do_handshake_on_connect=False,
+            suppress_ragged_eofs=False,  # an EOF is told apart from a reset: _end()
         )
-        self = cls(sock, tls, incoming, outgoing)
-        while True:
-            try:
-                tls.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                await self._flush()
-                await self._fill()
-            except ssl.SSLError:
-                with contextlib.suppress(OSError):
-                    await self._flush()  # the alert: tell the peer why
-                raise
-        await self._flush()
+        self = cls(tls)
+        try:
+            while True:
+                try:
+                    tls.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    await self.ready.wait(write=False)
+                except ssl.SSLWantWriteError:
+                    await self.ready.wait(write=True)
+        except BaseException:
+            tls.close()
+            raise
+        self.ktls_send = _kernel_holds(tls, TLS_TX)
+        self.ktls_recv = _kernel_holds(tls, TLS_RX)
         return self
+
+    @property
+    def ktls(self) -> str:
+        """Which way the kernel does the TLS work, for the log."""
+        ways = [w for w, on in (("send", self.ktls_send), ("receive", self.ktls_recv)) if on]
+        return "+".join(ways) or "off"
 
     async def read(self) -> bytes:
         """The next decrypted bytes; b"" at the end of the stream."""
         while True:
             try:
-                data = self.tls.read(CHUNK)
+                return self.sock.recv(CHUNK)  # b"" on close_notify
+            except ssl.SSLEOFError:
+                self._end()
+                return b""
             except ssl.SSLWantReadError:
-                await self._flush()  # e.g. a TLS 1.3 key update answer
-                if not await self._fill():
-                    return b""
-                continue
-            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                return b""  # close_notify, or the TCP connection just ended
-            if self.outgoing.pending:
-                await self._flush()
-            return data
+                await self.ready.wait(write=False)
+            except ssl.SSLWantWriteError:  # e.g. answering a TLS 1.3 key update
+                await self.ready.wait(write=True)
 
     async def write(self, data: bytes) -> None:
-        self.tls.write(data)  # into memory: never blocks
-        await self._flush()
+        async with self.send_lock:  # OpenSSL retries a write with the same bytes: one at a time
+            view = memoryview(data)
+            while view:
+                try:
+                    view = view[self.sock.send(view) :]
+                except ssl.SSLWantWriteError:
+                    await self.ready.wait(write=True)
+                except ssl.SSLWantReadError:
+                    await self.ready.wait(write=False)
+                except ssl.SSLEOFError:
+                    # SSL_write_ex reports a failed send() as EOF, without its errno.
+                    raise self._alert() or BrokenPipeError(
+                        errno.EPIPE, "the peer closed the connection"
+                    ) from None
+                except OSError as exc:  # ssl.SSLError too
+                    raise self._alert() or exc from None
+
+    def _end(self) -> None:
+        """The connection ended without close_notify: a plain end of the stream,
+        unless it was reset (OpenSSL reports both as EOF, without the errno)."""
+        try:
+            info = self.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)
+        except OSError:
+            return  # not TCP (a socket pair in tests)
+        if info[0] == _TCP_CLOSE:  # a FIN leaves it in CLOSE_WAIT; a reset closes it
+            raise ConnectionResetError(errno.ECONNRESET, os.strerror(errno.ECONNRESET))
+
+    def _alert(self) -> ssl.SSLError | None:
+        """The alert the peer sent before it closed, if that is why a write failed
+        (a TLS 1.3 server refuses our certificate after our handshake is done)."""
+        try:
+            self.sock.recv(CHUNK)
+        except ssl.SSLError as exc:
+            if not isinstance(exc, ssl.SSLWantReadError | ssl.SSLWantWriteError | ssl.SSLEOFError):
+                return exc
+        except OSError:
+            pass
+        return None
 
     def peercert(self) -> dict[str, Any] | None:
-        cert = self.tls.getpeercert()
+        cert = self.sock.getpeercert()
         return dict(cert) if cert else None
 
     def peercert_der(self) -> bytes | None:
         """The verified peer's certificate itself (what its fingerprint is of)."""
-        return self.tls.getpeercert(binary_form=True)
+        return self.sock.getpeercert(binary_form=True)
 
     async def close(self) -> None:
         """close_notify, then close the socket; bounded in time."""
         with contextlib.suppress(Exception):
             async with asyncio.timeout(CLOSE_TIMEOUT):
-                with contextlib.suppress(ssl.SSLWantReadError):
-                    self.tls.unwrap()
-                await self._flush()
+                while True:
+                    try:
+                        self.sock.unwrap()  # sends close_notify (then would wait for theirs)
+                        break
+                    except ssl.SSLWantWriteError:
+                        await self.ready.wait(write=True)
+                    except ssl.SSLWantReadError:
+                        break  # ours is out; theirs is not worth waiting for
         self.abort()
 
     def abort(self) -> None:
         self.sock.close()
 
-    async def _fill(self) -> bool:
-        data = await asyncio.get_running_loop().sock_recv(self.sock, CHUNK)
-        if data:
-            self.incoming.write(data)
-        else:
-            self.incoming.write_eof()
-        return bool(data)
+    # -- the relay's side: non-blocking, one thread ---------------------------------
 
-    async def _flush(self) -> None:
-        async with self.send_lock:  # take the bytes inside the lock: order is kept
-            data = self.outgoing.read()
-            if data:
-                await asyncio.get_running_loop().sock_sendall(self.sock, data)
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def buffered(self) -> bool:
+        """Decrypted bytes OpenSSL holds already (no poll would announce them)."""
+        return self.sock.pending() > 0
+
+    def relay_read(self, buf: memoryview) -> int:
+        """Decrypted bytes into `buf`, as many as are there (several records);
+        their count, or END, WANT_READ, WANT_WRITE."""
+        filled = 0
+        while filled < len(buf) and not self.eof:
+            try:
+                n = self.sock.recv_into(buf[filled:])
+            except ssl.SSLEOFError:
+                self.eof = True
+                break
+            except ssl.SSLWantReadError:
+                return filled or WANT_READ
+            except ssl.SSLWantWriteError:
+                return filled or WANT_WRITE
+            if n == 0:
+                return filled or END
+            filled += n
+            # More at once only if it is there already: never wait with bytes in hand.
+            if not self.sock.pending() and not self._readable_now():
+                break
+        if filled == 0 and self.eof:
+            self._end()  # a reset raises here
+            return END
+        return filled
+
+    def _readable_now(self) -> bool:
+        if self._probe is None:
+            self._probe = select.poll()
+            self._probe.register(self.sock.fileno(), select.POLLIN)
+        return bool(self._probe.poll(0))
+
+    def relay_write(self, views: deque[memoryview]) -> int:
+        """Write the queued buffers, popping what is sent; 0 once the queue is
+        empty, else WANT_WRITE or WANT_READ. A buffer partly sent stays first."""
+        while views:
+            if self.ktls_send:
+                # The kernel encrypts: plain bytes to the socket, several buffers a call.
+                try:
+                    sent = os.writev(self.sock.fileno(), list(views)[:64])
+                except BlockingIOError:
+                    return WANT_WRITE
+            else:
+                try:
+                    sent = self.sock.send(views[0])
+                except ssl.SSLWantWriteError:
+                    return WANT_WRITE
+                except ssl.SSLWantReadError:
+                    return WANT_READ
+            while sent:
+                first = views[0]
+                if sent < len(first):
+                    views[0] = first[sent:]
+                    break
+                sent -= len(first)
+                views.popleft()
+        return 0
 
 
 class Channel:
@@ -167,6 +344,7 @@ class Channel:
 
     def __init__(self, stream: TlsStream) -> None:
         self.stream = stream
+        self.outgoing: deque[memoryview] = deque()  # the relay's queue to the peer
 
     def peercert(self) -> dict[str, Any] | None:
         return self.stream.peercert()
@@ -177,16 +355,51 @@ class Channel:
     async def send(self, data: bytes) -> None:
         await self.stream.write(data)
 
-    async def keepalive(self) -> None:
-        """Runs for the whole relay. TLS has no ping: TCP keepalive does this job."""
-        await asyncio.Event().wait()
-
     async def close(self) -> None:
         """Orderly close, bounded in time."""
         await self.stream.close()
 
     def abort(self) -> None:
         self.stream.abort()
+
+    # -- the relay's side (relay.py): non-blocking, one thread ------------------------
+
+    def relay_fd(self) -> int:
+        return self.stream.fileno()
+
+    def splice_fd(self) -> int | None:
+        """The socket to splice the kernel's bytes into, when the kernel encrypts
+        them itself (kTLS) and nothing else is written: zero copies through us."""
+        return self.stream.fileno() if self.stream.ktls_send else None
+
+    def relay_buffered(self) -> bool:
+        return self.stream.buffered()
+
+    def relay_read(self, buf: memoryview) -> memoryview | bytes | int:
+        """Bytes for the kernel (a view of `buf`, valid until the next call), or
+        END, WANT_READ, WANT_WRITE."""
+        n = self.stream.relay_read(buf)
+        return buf[:n] if n > 0 else n
+
+    def relay_queue(self, data: memoryview) -> None:
+        """Queue bytes for the peer (framed as the channel needs); kept by
+        reference until `relay_flush` has sent them."""
+        self.outgoing.append(data)
+
+    def relay_flush(self) -> int:
+        """Send what is queued: 0 once all is out, else WANT_WRITE or WANT_READ."""
+        return self.stream.relay_write(self.outgoing)
+
+    def relay_timer(self) -> float | None:
+        """Seconds between the relay's calls of `relay_tick`; None: never."""
+        return None
+
+    def relay_tick(self) -> bool:
+        """Periodic work (WebSocket pings); False once the channel is closing."""
+        return True
+
+    async def relay_done(self) -> None:
+        """After the relay, before an abort: what the protocol still owes the peer."""
 
 
 class WebSocketChannel(Channel):
@@ -278,13 +491,62 @@ class WebSocketChannel(Channel):
         self.protocol.send_binary(data)
         await self._flush()
 
-    async def keepalive(self) -> None:
-        while True:
-            await asyncio.sleep(PING_INTERVAL)
-            if self.protocol.state is not State.OPEN:
-                return
-            self.protocol.send_ping(b"")
-            await self._flush()
+    # -- the relay's side (relay.py): non-blocking, one thread ------------------------
+
+    def splice_fd(self) -> int | None:
+        return None  # frames carry the bytes: never spliced
+
+    def relay_buffered(self) -> bool:
+        return bool(self.early) or self.stream.buffered()
+
+    def relay_read(self, buf: memoryview) -> memoryview | bytes | int:
+        if self.early:
+            data, self.early = self.early, b""
+            return data
+        n = self.stream.relay_read(buf)
+        if n == END:
+            self.protocol.receive_eof()
+            return END
+        if n < 0:
+            return n
+        self.protocol.receive_data(buf[:n])  # type: ignore[arg-type]  # it copies what it keeps
+        events = self.protocol.events_received()
+        self._queue_protocol()  # pongs, a close reply
+        payload = self._payload(events)
+        if payload:
+            return payload
+        if self.protocol.state in (State.CLOSING, State.CLOSED):
+            return END
+        return WANT_READ  # only control frames so far
+
+    def relay_queue(self, data: memoryview) -> None:
+        self.protocol.send_binary(bytes(data))  # framed (and masked) into new bytes anyway
+        self._queue_protocol()
+
+    def relay_timer(self) -> float | None:
+        return PING_INTERVAL
+
+    def relay_tick(self) -> bool:
+        if self.protocol.state is not State.OPEN:
+            return False
+        self.protocol.send_ping(b"")
+        self._queue_protocol()
+        return True
+
+    async def relay_done(self) -> None:
+        """A close reply the relay had no time to send (the peer closed first)."""
+        self._queue_protocol()
+        if not self.outgoing:
+            return
+        data = b"".join(self.outgoing)
+        self.outgoing.clear()
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await self.stream.write(data)
+
+    def _queue_protocol(self) -> None:
+        # b"" asks for a half-close, which TLS cannot do: close() does the rest.
+        self.outgoing.extend(memoryview(d) for d in self.protocol.data_to_send() if d)
 
     async def close(self) -> None:
         if self.protocol.state is State.OPEN:

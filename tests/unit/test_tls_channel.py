@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+import struct
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from websockets.frames import Opcode
 
 from hotplug.wire.channel import (
     CHUNK,
@@ -267,16 +270,23 @@ def test_loopback_pair_is_private() -> None:
 RelayTest = Callable[[Channel, socket.socket, "asyncio.Task[str]"], Awaitable[None]]
 
 
-def with_relay(pki: Pki, body: RelayTest, pending: bytes = b"") -> None:
+def with_relay(pki: Pki, body: RelayTest, pending: bytes = b"", wss: bool = False) -> None:
     """Runs `body(peer channel, kernel socket, relay task)` around a live relay."""
 
     async def main() -> None:
-        client, server = await tls_pair(pki)
+        ours: Channel
+        peer: Channel
+        if wss:
+            peer_ws, ours_ws = await ws_pair(pki)
+            client, ours, peer = peer_ws.stream, ours_ws, peer_ws
+        else:
+            client, server = await tls_pair(pki)
+            ours, peer = Channel(server), Channel(client)
         kernel_end, relay_end = loopback_pair()
-        task = asyncio.create_task(relay(Channel(server), relay_end, pending))
+        task = asyncio.create_task(relay(ours, relay_end, pending))
         kernel_end.setblocking(False)
         try:
-            await body(Channel(client), kernel_end, task)
+            await body(peer, kernel_end, task)
         finally:
             kernel_end.close()
             client.abort()
@@ -327,5 +337,104 @@ def test_relay_closes_the_peer_when_the_kernel_ends(pki: Pki) -> None:
         async with asyncio.timeout(1):
             assert await peer.recv() == b""  # close_notify, then the end
             assert await task == "the local kernel closed the connection"
+
+    with_relay(pki, body)
+
+
+@pytest.mark.parametrize("wss", [False, True], ids=["tls", "wss"])
+def test_relay_both_ways_at_once_through_full_buffers(pki: Pki, wss: bool) -> None:
+    """Both directions busy, each reader slower than its writer: every socket
+    fills up, so both flows stop and resume on partial writes many times."""
+    size = 6 << 20
+    down = bytes(range(251)) * (size // 251)  # a period that no chunk size divides
+    up = bytes(range(241)) * (size // 241)
+
+    async def body(peer: Channel, kernel: socket.socket, task: asyncio.Task[str]) -> None:
+        loop = asyncio.get_running_loop()
+
+        async def peer_sends() -> None:
+            for start in range(0, len(down), 100_000):
+                await peer.send(down[start : start + 100_000])
+
+        async def kernel_reads() -> bytes:
+            got = bytearray()
+            while len(got) < len(down):
+                chunk = await loop.sock_recv(kernel, 1000)
+                assert chunk, f"the kernel's end closed after {len(got)} bytes"
+                got += chunk
+            return bytes(got)
+
+        results = await asyncio.gather(
+            peer_sends(), kernel_reads(), loop.sock_sendall(kernel, up), expect(peer, up)
+        )
+        assert results[1] == down
+        assert not task.done()
+
+    with_relay(pki, body, wss=wss)
+
+
+def test_relay_reports_a_peer_reset_as_link_loss(pki: Pki) -> None:
+    async def body(peer: Channel, kernel: socket.socket, task: asyncio.Task[str]) -> None:
+        sock = peer.stream.sock
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        peer.abort()  # a reset, no close_notify
+        async with asyncio.timeout(2):
+            assert await asyncio.get_running_loop().sock_recv(kernel, 10) == b""
+            assert await task == "connection lost: Connection reset by peer"
+
+    with_relay(pki, body)
+
+
+def test_relay_aborts_the_peer_when_the_kernel_resets(pki: Pki) -> None:
+    async def body(peer: Channel, kernel: socket.socket, task: asyncio.Task[str]) -> None:
+        kernel.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        kernel.close()
+        async with asyncio.timeout(2):
+            assert await task == "connection lost: Connection reset by peer"
+            try:
+                end = await peer.recv()
+            except ConnectionResetError:
+                end = b""
+            assert end == b""  # no close_notify: the peer sees the link lost
+
+    with_relay(pki, body)
+
+
+def test_relay_answers_websocket_pings_while_data_flows(pki: Pki) -> None:
+    async def body(peer: Channel, kernel: socket.socket, task: asyncio.Task[str]) -> None:
+        assert isinstance(peer, WebSocketChannel)
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendall(kernel, b"URB")
+        peer.protocol.send_ping(b"are you there")
+        await peer._flush()
+        events: list[Any] = []
+        payload = b""
+        # The kernel's bytes and the pong cross the relay by different ways: either may come first.
+        while payload != b"URB" or not any(
+            getattr(e, "opcode", None) is Opcode.PONG for e in events
+        ):
+            data = await peer.stream.read()
+            assert data, "the stream ended before the pong"
+            peer.protocol.receive_data(data)
+            new = peer.protocol.events_received()
+            payload += peer._payload(new)
+            events += new
+        pong = next(e for e in events if getattr(e, "opcode", None) is Opcode.PONG)
+        assert pong.data == b"are you there"
+        assert payload == b"URB"
+
+    with_relay(pki, body, wss=True)
+
+
+def test_relay_stops_when_cancelled(pki: Pki) -> None:
+    async def body(peer: Channel, kernel: socket.socket, task: asyncio.Task[str]) -> None:
+        await peer.send(b"URB")
+        assert await kernel_read(kernel, 3) == b"URB"  # the relay runs
+        task.cancel()
+        async with asyncio.timeout(2):
+            assert await asyncio.get_running_loop().sock_recv(kernel, 10) == b""
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        assert not [t for t in threading.enumerate() if t.name == "relay"]
 
     with_relay(pki, body)

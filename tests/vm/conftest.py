@@ -93,6 +93,7 @@ MODULE_SECONDS = {
     "test_units_from_the_deb.py": 95.0,
     "test_device_classes_real.py": 40.0,
     "test_qemu_devices.py": 45.0,
+    "test_relay_ktls.py": 30.0,
 }
 DEFAULT_TEST_SECONDS = 12.0
 
