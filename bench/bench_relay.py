@@ -11,10 +11,11 @@ Three paths between two "kernels" (this process's sockets), measured in one run:
          (a process running usbipa's per-session code: TlsStream handshake,
          Inbox, reply, relay) - loopback - kernel B;
   wss    the same with WebSocket framing over the TLS.
-For each, after 32 MB each way untimed: MB/s one way (A->B, then B->A) with 256 KiB writes; the relays'
-CPU seconds per MB (both relay processes together, read from /proc); and the
-round-trip time of a 48-byte message (a USB/IP command header) echoed by B,
-p50 and p99, with the relays' added latency against plain.
+For each, after 32 MB each way untimed: MB/s one way (A->B, then B->A) with
+256 KiB writes; the relays' CPU seconds per MB (both relay processes
+together, read from /proc); and the round-trip time of a 48-byte message (a
+USB/IP command header) echoed by B, p50 and p99, with the relays' added
+latency against plain.
 Loopback only; the two relays and the two kernels share the machine's cores.
 """
 
