@@ -44,7 +44,7 @@ ENUM = 90.0
 
 def guest(rounds: int) -> int:
     from hotplug.testing.vm import gadget as gd
-    from tests.vm.guest.test_daemon_real import Rig, policy_text, used_ports
+    from tests.vm.guest.daemon_rig import Rig, policy_text, used_ports
 
     work = Path("/run/claim-compare")
     work.mkdir(parents=True, exist_ok=True)

@@ -4,13 +4,12 @@ policy. Starting our programs and the fake kernel is tests/rig.py's job."""
 from __future__ import annotations
 
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from hotplug.usb import Speed
 from hotplug.wire.protocol import DeviceRecord
@@ -39,6 +38,14 @@ def wait_for(predicate: Callable[[], T], timeout: float = 10.0, what: str = "con
         time.sleep(0.01)
 
 
+class Child(Protocol):
+    """A child process as NotifySocket.wait watches it (Popen, the guest's Program)."""
+
+    returncode: int | None
+
+    def poll(self) -> int | None: ...
+
+
 class NotifySocket:
     """Plays systemd's side of sd_notify for a child process."""
 
@@ -48,13 +55,12 @@ class NotifySocket:
         self.sock.bind(str(self.path))
         self.messages: list[dict[str, str]] = []
 
-    def wait(
-        self, key: str, timeout: float = 10.0, proc: subprocess.Popen[str] | None = None
-    ) -> dict[str, str]:
+    def wait(self, key: str, timeout: float = 10.0, proc: Child | None = None) -> dict[str, str]:
         deadline = time.monotonic() + timeout
         while True:
             if proc is not None and proc.poll() is not None:
-                err = proc.stderr.read() if proc.stderr else ""
+                stderr = getattr(proc, "stderr", None)  # the guest's Program has none
+                err = stderr.read() if stderr else ""
                 raise AssertionError(f"process exited with {proc.returncode} before {key}: {err}")
             for message in self.messages:
                 if key in message:

@@ -10,6 +10,11 @@
   by the product at its documented seams only.
 - The pure modules import no I/O module (DESIGN.md): usb, wire.protocol,
   wire.address, device.policy.model, device.reconcile.
+- Benchmarks and the VM tests import helpers, never a test module
+  (`test_*.py`): what two test modules share lives in a helper module
+  (tests/rig.py, tests/vm/guest/daemon_rig.py, ...). The one exception reruns
+  another module's tests on purpose (RERUNS). (tests/unit, tests/integration
+  and tests/fault still share some helpers test module to test module.)
 
 Every import counts, at the top of a file or inside a function (a lazy
 import is an import all the same); imports under `if TYPE_CHECKING:` count
@@ -24,7 +29,11 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[2] / "hotplug"
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGE = ROOT / "hotplug"
+# Test modules whose tests another module collects again, elsewhere: the kTLS
+# module runs the TLS channel's unit tests in the guest, where the kernel has TLS.
+RERUNS = {"tests.vm.guest.test_relay_ktls": {"tests.unit.test_tls_channel"}}
 
 # The product's way into hotplug.testing, each chosen by the caller, never by default.
 TESTING_SEAMS = {
@@ -61,7 +70,7 @@ class Import:
 
 
 def module_name(path: Path) -> str:
-    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts.pop()
     return ".".join(parts)
@@ -153,6 +162,28 @@ def purity_violations(imports: list[Import]) -> list[str]:
         elif top in IO_STDLIB:
             bad.append(f"{imp}: a pure module does no I/O")
     return bad
+
+
+def imported_test_modules(imports: list[Import]) -> list[str]:
+    bad = []
+    for imp in imports:
+        is_test_module = imp.module.rsplit(".", 1)[-1].startswith("test_")
+        if not within(imp.module, "tests") or not is_test_module:
+            continue
+        if imp.module not in RERUNS.get(imp.importer, set()):
+            bad.append(f"{imp}: a test module is not a library; share through a helper module")
+    return bad
+
+
+def test_benchmarks_and_vm_tests_import_no_test_module() -> None:
+    imports = []
+    for folder in ("bench", "tests/vm"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            imports += imports_of(path.read_text(), module_name(path))
+    assert len({i.importer for i in imports}) > 30  # the walk found them
+    assert imported_test_modules(imports) == []
+    broken = imports_of("from tests.vm.guest.test_daemon_real import Rig", "bench.x")
+    assert imported_test_modules(broken), "the rule catches its break"
 
 
 def test_the_layout_keeps_its_import_rules() -> None:

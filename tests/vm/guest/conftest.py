@@ -22,7 +22,12 @@ them in the VM (see tests/vm/conftest.py). Available here:
   killed after the test.
 
 Helpers live in `hotplug.testing.vm.gadget` (wait_until, MassStorageGadget,
-UdevWatcher, block devices, vhci status parsing).
+UdevWatcher, block devices, vhci status parsing) and `hotplug.testing.vm.evdev`
+(key events). Our programs as the tests run them: `oneshot` (usbipa alone and
+the one-shot commands), `daemon_rig` (usbipa and the daemon, restartable, and
+the kernel facts the daemon tests judge by), `systemd_rig` (systemd as PID 1
+for the shipped units), `programs` (forked children). Test modules import from
+those, never from each other.
 """
 
 from __future__ import annotations

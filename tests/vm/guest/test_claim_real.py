@@ -26,7 +26,7 @@ from hotplug.kernel.sysfs import read_device
 from hotplug.testing.vm import gadget as gd
 from hotplug.wire.address import Endpoint
 from hotplug.wire.sockets import Timeouts
-from tests.vm.guest.test_export_real import Usbipa, start_usbipa, stop, used_ports
+from tests.vm.guest.oneshot import Usbipa, start_usbipa, stop, used_ports
 
 USBIPA_PORT = 3256  # 3240 usbipd, 3250/3251 export, 3252 daemon, 3253 matrix, 3254 hid, 3255 repeat
 ENUM = 90.0  # enumeration-related waits (emulated guest, 2 busy host cores)

@@ -44,7 +44,7 @@ import pytest
 from hotplug.testing.vm import gadget as gd
 from hotplug.testing.vm.kmsg import KmsgReader, kernel_fault_lines
 from tests.helpers import disk_policy
-from tests.vm.guest.test_daemon_real import (
+from tests.vm.guest.daemon_rig import (
     ENUM,
     KiB,
     MiB,

@@ -54,8 +54,8 @@ import pytest
 
 from hotplug.testing.vm import gadget as gd
 from tests.helpers import disk_policy
+from tests.vm.guest.daemon_rig import ENUM, KiB, MiB, Rig, rig_in, used_ports
 from tests.vm.guest.programs import HOTPLUG, Program
-from tests.vm.guest.test_daemon_real import ENUM, KiB, MiB, Rig, rig_in, used_ports
 
 USBIPA_PORT = 3253  # 3240 usbipd, 3250/3251 test_export_real, 3252 test_daemon_real
 TARGET = f"127.0.0.1:{USBIPA_PORT}"

@@ -16,9 +16,7 @@ behind vhci_hcd.
 from __future__ import annotations
 
 import os
-import select
 import signal
-import struct
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,16 +24,14 @@ from pathlib import Path
 import pytest
 
 from hotplug.testing.vm import gadget as gd
-from tests.vm.guest.test_export_real import Usbipa, cli, start_usbipa, stop, used_ports
+from hotplug.testing.vm.evdev import KEY_A, drain, read_keys
+from tests.vm.guest.oneshot import Usbipa, cli, start_usbipa, stop, used_ports
 
 USBIPA_PORT = 3254  # 3240 usbipd, 3250/3251 test_export_real, 3252 daemon, 3253 matrix
 ENUM = 90.0  # enumeration-related waits (emulated guest, 2 busy host cores)
 AUTOSUSPEND_MS = 2000  # what the issue saw udev set up for QEMU's usb-kbd
 IDLE = 5.0  # seconds of no input: more than twice the autosuspend delay
 # struct input_event on 64-bit Linux: struct timeval (two longs), type, code, value.
-INPUT_EVENT = struct.Struct("llHHi")
-EV_KEY = 0x01
-KEY_A = 30  # what hid-input maps the keyboard page's usage 0x04 to
 
 
 @pytest.fixture
@@ -55,31 +51,6 @@ def hid_host_modules() -> None:
     on demand; loaded here so that no wait depends on udev's timing)."""
     for module in ("usbhid", "hid_generic", "evdev"):
         gd.modprobe(module)
-
-
-def read_keys(fd: int, timeout: float) -> list[tuple[int, int]]:
-    """(code, value) of the EV_KEY events read from an evdev fd until the first
-    press arrives or `timeout` seconds pass (bounded select, no blocking read)."""
-    keys: list[tuple[int, int]] = []
-    deadline = time.monotonic() + timeout
-    while (left := deadline - time.monotonic()) > 0:
-        ready, _, _ = select.select([fd], [], [], left)
-        if not ready:
-            break
-        data = os.read(fd, INPUT_EVENT.size * 64)
-        for off in range(0, len(data) - INPUT_EVENT.size + 1, INPUT_EVENT.size):
-            _, _, kind, code, value = INPUT_EVENT.unpack_from(data, off)
-            if kind == EV_KEY:
-                keys.append((code, value))
-        if any(value == 1 for _, value in keys):
-            break
-    return keys
-
-
-def drain(fd: int) -> None:
-    while select.select([fd], [], [], 0)[0]:
-        if not os.read(fd, INPUT_EVENT.size * 64):
-            return
 
 
 def power(device: gd.UsbDevice, name: str) -> str | None:

@@ -32,7 +32,6 @@ import os
 import re
 import select
 import shutil
-import struct
 import subprocess
 import sys
 import termios
@@ -45,9 +44,10 @@ from pathlib import Path
 import pytest
 
 from hotplug.testing.vm import gadget as gd
+from hotplug.testing.vm.evdev import KEY_A, KEY_B, read_keys
 from hotplug.testing.vm.qemu_usb import QemuDevice, QemuUsb, wait_below
 from hotplug.testing.vm.qmp import QmpError, qmp
-from tests.vm.guest.test_daemon_real import ENUM, Rig, rig_in, unexport_seen, used_ports
+from tests.vm.guest.daemon_rig import ENUM, Rig, rig_in, unexport_seen, used_ports
 
 USBIPA_PORT = 3256  # 3240 usbipd, 3250/3251 export, 3252 daemon, 3253 matrix, 3254 hid, 3255 repeat
 TARGET = f"127.0.0.1:{USBIPA_PORT}"
@@ -76,9 +76,6 @@ rules:
 """
 
 # struct input_event on 64-bit Linux: struct timeval (two longs), type, code, value.
-INPUT_EVENT = struct.Struct("llHHi")
-EV_KEY = 0x01
-KEY_A, KEY_B = 30, 48
 
 
 class QemuRig(Rig):
@@ -223,22 +220,6 @@ def test_qemu_storage_superspeed_over_vhci(
         image.seek(offset)
         assert image.read(len(data)) == data, "QEMU's disk image on the host differs"
     record_property("s_unplug_to_gone", f"{unplug_and_check_gone(rig, qemu, dev, busid):.2f}")
-
-
-def read_keys(fd: int, timeout: float, until: tuple[int, int]) -> list[tuple[int, int]]:
-    """(code, value) of the EV_KEY events on an evdev fd until `until` is among them
-    or `timeout` seconds pass (bounded select, no blocking read)."""
-    keys: list[tuple[int, int]] = []
-    deadline = time.monotonic() + timeout
-    while until not in keys and (left := deadline - time.monotonic()) > 0:
-        if not select.select([fd], [], [], left)[0]:
-            break
-        data = os.read(fd, INPUT_EVENT.size * 64)
-        for off in range(0, len(data) - INPUT_EVENT.size + 1, INPUT_EVENT.size):
-            _, _, kind, code, value = INPUT_EVENT.unpack_from(data, off)
-            if kind == EV_KEY:
-                keys.append((code, value))
-    return keys
 
 
 def key_events(*keys: tuple[str, bool]) -> list[dict[str, object]]:

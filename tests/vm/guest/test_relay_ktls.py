@@ -39,7 +39,7 @@ from tests.unit.test_tls_channel import (
     test_websocket_round_trip_and_exact_reads,
     tls_pair,
 )
-from tests.vm.guest.test_export_real import tls_stat
+from tests.vm.guest.oneshot import tls_stat
 
 __all__ = [
     "test_refused_client_certificate_is_explained_on_both_sides",

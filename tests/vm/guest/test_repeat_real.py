@@ -28,7 +28,7 @@ import pytest
 
 from hotplug.testing.vm import gadget as gd
 from tests.helpers import disk_policy
-from tests.vm.guest.test_daemon_real import ENUM, Rig, rig_in, used_ports
+from tests.vm.guest.daemon_rig import ENUM, Rig, rig_in, used_ports
 
 USBIPA_PORT = 3255  # 3240 usbipd, 3250/3251 export, 3252 daemon, 3253 matrix, 3254 hid
 TARGET = f"127.0.0.1:{USBIPA_PORT}"

@@ -37,7 +37,7 @@ import yaml
 from hotplug.testing.vm import gadget as gd
 from hotplug.testing.vm.guest import HOSTFS_MOUNT
 from tests.tlscerts import make_pki
-from tests.vm.guest.test_systemd_units import CONF, ENUM, MASKED, UNITS, Systemd
+from tests.vm.guest.systemd_rig import CONF, ENUM, MASKED, UNITS, Systemd
 
 PACKAGE = "usbip-hotplug"
 HOTPLUG = "usbip-hotplug.service"
