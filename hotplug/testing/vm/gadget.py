@@ -890,12 +890,43 @@ class Gadget:
         # still runs, and only then is the gadget unbound. Unbinding first makes
         # both sides tear down at once, and under load that once held bus 17's
         # root hub lock for minutes in the test VM.
+        self._let_local_disks_settle()
         try:
             with contextlib.suppress(OSError):  # no soft_connect: unbinding disconnects too
                 _write(UDC_CLASS / udc / "soft_connect", "disconnect")
             self.wait_gone(timeout=timeout)
         finally:
             _write(self.path / "UDC", "\n")
+
+    def _let_local_disks_settle(self, timeout: float = 10.0) -> None:
+        """Before a pull: let udev finish with this gadget's local disks and let
+        their requests complete (bounded; goes on regardless after `timeout`).
+
+        Seen once in CI (Debian's 6.1): a disk given back to usb-storage was
+        pulled 0.35 s after it appeared, while udev's probe read its last
+        sectors; the read failed with the pull, and the unbind that followed
+        (UDC "") hung for good in fsg_unbind, waiting for f_mass_storage's
+        thread. A cable pulled under a busy host is what some tests do on
+        purpose, on the vhci side; a teardown's pull need not race udev.
+        """
+        device = self.find_device()
+        disks = block_devices(device.busid) if device is not None else []
+        if not disks:
+            return
+        deadline = time.monotonic() + timeout
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            subprocess.run(
+                ["udevadm", "settle", f"--timeout={int(timeout)}"],
+                timeout=timeout + 5,
+                check=False,
+                capture_output=True,
+            )
+
+        def idle() -> bool:
+            return all((_read(d.sysfs / "inflight") or "0 0").split() == ["0", "0"] for d in disks)
+
+        with contextlib.suppress(WaitTimeout):
+            wait_until(idle, timeout=max(0.1, deadline - time.monotonic()), what="disks idle")
 
     # -- what the kernel made of it -------------------------------------------
 
