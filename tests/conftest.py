@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING
 import pytest
 from hypothesis import settings
 
-if TYPE_CHECKING:  # loaded by the fixture only: the VM guest's sessions never use it
+if TYPE_CHECKING:  # loaded by the fixtures only: the VM guest's sessions never use them
     from hotplug.testing.fake_kernel import FakeTree
+    from tests.tlscerts import Pki
 
 # Hypothesis' default 200 ms deadline per example is a timing assertion: on a
 # loaded machine it fails tests whose code is correct. Tests that mean to bound
@@ -35,3 +36,12 @@ def tree(tmp_path: Path) -> Iterator[FakeTree]:
     # The fake kernel judges as the real one would: a write that would have
     # oopsed Linux fails the test that caused it.
     assert not tree.kernel_faults(), "\n".join(tree.kernel_faults())
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """Certificates for the TLS tests, made once per run (keys never committed);
+    the integration tests and the unit tests of the metrics share them."""
+    from tests.tlscerts import make_pki  # needs `cryptography` (the test extra)
+
+    return make_pki(tmp_path_factory.mktemp("pki"))

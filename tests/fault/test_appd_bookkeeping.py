@@ -8,12 +8,9 @@ thread of the test process, on a fake vhci, and is asked from that loop.
 
 from __future__ import annotations
 
-import asyncio
 import socket
-import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -21,45 +18,12 @@ from hotplug.app.config import AllowRule, AppdConfig, Limits, parse_network
 from hotplug.app.server import Appd
 from hotplug.device.export import export, unexport
 from hotplug.device.transport import Remote
-from hotplug.wire.address import Endpoint
 from hotplug.wire.protocol import DevlistRequest, encode
 from hotplug.wire.sockets import Timeouts
+from tests.fault.appd_loop import LoopThread
 from tests.fault.checks import check_reply, closed_by_server, dribble, talk
 from tests.helpers import wait_for
 from tests.rig import FakeKernel
-
-
-class LoopThread:
-    """An Appd serving on its own event loop in a background thread."""
-
-    def __init__(self, appd: Appd) -> None:
-        self.appd = appd
-        self.loop = asyncio.new_event_loop()
-        self.unhandled: list[dict[str, Any]] = []
-        self.loop.set_exception_handler(lambda _loop, context: self.unhandled.append(context))
-        appd.open_listeners()
-        self.thread = threading.Thread(target=self.loop.run_until_complete, args=(appd.serve(),))
-        self.thread.start()
-
-    @property
-    def port(self) -> int:
-        return self.appd.bound_port
-
-    @property
-    def endpoint(self) -> Endpoint:
-        return Endpoint("127.0.0.1", self.port)
-
-    def books(self) -> tuple[int, int, dict[str, int], int]:
-        async def read() -> tuple[int, int, dict[str, int], int]:
-            a = self.appd
-            return len(a.tasks), a.total_connections, dict(a.connections), len(a.sessions.by_port)
-
-        return asyncio.run_coroutine_threadsafe(read(), self.loop).result(5)
-
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.appd.stop)
-        self.thread.join(timeout=10)
-        self.loop.close()
 
 
 @pytest.fixture(params=["state dir ok", "state dir blocked"])

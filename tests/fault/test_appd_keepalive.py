@@ -17,7 +17,7 @@ from hotplug.device.transport import Remote
 from hotplug.testing.fake_kernel import FakeVhci
 from hotplug.usb import Speed
 from hotplug.wire.sockets import Timeouts
-from tests.fault.test_appd_bookkeeping import LoopThread
+from tests.fault.appd_loop import LoopThread
 from tests.rig import FakeKernel
 
 

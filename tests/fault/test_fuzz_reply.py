@@ -34,7 +34,7 @@ from hotplug.wire.address import Endpoint
 from hotplug.wire.protocol import HEADER_SIZE, USBIP_VERSION, Op
 from hotplug.wire.sockets import Timeouts
 from tests.helpers import wait_for
-from tests.integration.test_export_errors import fake_peer, read_request
+from tests.integration.raw_peers import fake_peer, read_request
 from tests.rig import FakeKernel
 
 End = Literal["eof", "silence", "reset"]

@@ -1,14 +1,15 @@
+"""Fixtures of the integration tests: a state directory, and the `daemons` that
+the daemon, claim, follow and metrics tests start (tests/integration/daemon_rig.py)."""
+
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pytest
 
-from hotplug.testing.fake_kernel import FakeUsbDevice
-
-if TYPE_CHECKING:
-    from tests.tlscerts import Pki
+from hotplug.testing.fake_kernel import FakeTree, FakeUsbDevice
+from tests.integration.daemon_rig import Daemon
 
 DISK = FakeUsbDevice(busid="1-1", vendor=0x1D6B, product=0x0104, serial="TESTDISK01")
 
@@ -20,9 +21,17 @@ def state(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    """Certificates for the TLS tests, made once per run (keys never committed)."""
-    from tests.tlscerts import make_pki  # needs `cryptography` (the test extra)
+@pytest.fixture
+def daemons(tree: FakeTree, state: Path, tmp_path: Path) -> Iterator[Callable[[str], Daemon]]:
+    made: list[Daemon] = []
 
-    return make_pki(tmp_path_factory.mktemp("pki"))
+    def make(policy: str) -> Daemon:
+        path = tmp_path / "policy.yaml"
+        path.write_text(policy)
+        daemon = Daemon(tree, state, tmp_path / f"daemon{len(made)}", path)
+        made.append(daemon)
+        return daemon
+
+    yield make
+    for daemon in made:
+        daemon.close()

@@ -20,11 +20,8 @@ import pytest
 from hotplug.testing.fake_kernel import TRACE_FILE, FakeTree, FakeUsbDevice
 from hotplug.testing.fifo_events import write_event
 from tests.helpers import wait_for
-from tests.integration import test_daemon
-from tests.integration.test_daemon import driver, exported, policy_text, rule, target
+from tests.integration.daemon_rig import driver, exported, policy_text, rule, target
 from tests.rig import run_cli, running_usbipa
-
-daemons = test_daemon.daemons  # the fixture
 
 DISK = FakeUsbDevice("1-1", 0x1D6B, 0x0104, serial="DISK01", product_name="Disk")
 KEY = FakeUsbDevice("1-2", 0x2222, 0x0001, serial="KEY01", interfaces=((0x03, 1, 1),))

@@ -2,29 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from hotplug.kernel.vhci import PortState
 from hotplug.testing.fake_kernel import FakeTree
 from tests.integration.conftest import DISK
+from tests.integration.export_facts import driver, stub_status, used_ports
 from tests.rig import run_cli, running_usbipa
-
-
-def used_ports(tree: FakeTree) -> list[int]:
-    return [p.port for p in tree.vhci().ports() if p.state == PortState.USED]
-
-
-def driver(tree: FakeTree, busid: str) -> str | None:
-    try:
-        return os.path.basename(os.readlink(tree.paths.usb_devices / busid / "driver"))
-    except OSError:
-        return None
-
-
-def stub_status(tree: FakeTree, busid: str) -> str | None:
-    path = tree.paths.usb_devices / busid / "usbip_status"
-    return path.read_text().strip() if path.exists() else None
 
 
 def test_connect_then_disconnect(tree: FakeTree, state: Path) -> None:

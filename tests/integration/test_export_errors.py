@@ -5,7 +5,6 @@ from __future__ import annotations
 import socket
 import subprocess
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
@@ -16,44 +15,16 @@ from hotplug.kernel.vhci import PortState
 from hotplug.testing.fake_kernel import FakeTree, FakeUsbDevice
 from hotplug.wire.address import Endpoint
 from hotplug.wire.protocol import (
-    DEVICE_RECORD_SIZE,
-    HEADER_SIZE,
     ExportReply,
     ExportStatus,
     encode,
 )
 from hotplug.wire.sockets import Timeouts
-from tests.helpers import loopback_server, wait_for
+from tests.helpers import wait_for
 from tests.integration.conftest import DISK
-from tests.integration.test_connect_usbipa import driver, stub_status, used_ports
+from tests.integration.export_facts import assert_untouched, driver, stub_status, used_ports
+from tests.integration.raw_peers import fake_peer, read_request
 from tests.rig import command, env_for, run_cli, running_usbipa
-
-REQUEST_SIZE = HEADER_SIZE + DEVICE_RECORD_SIZE
-
-
-def assert_untouched(tree: FakeTree, busid: str = "1-1") -> None:
-    """The device is back with its usual driver and the far side holds no port."""
-    assert driver(tree, busid) == "usb"
-    assert stub_status(tree, busid) is None
-    assert used_ports(tree) == []
-    match = (tree.paths.stub_driver / "match_busid").read_text()
-    assert busid not in match.split()
-
-
-def fake_peer(behaviour: Callable[[socket.socket], None]) -> AbstractContextManager[int]:
-    """A hand-rolled application side on loopback that does `behaviour` per connection."""
-    return loopback_server(behaviour)
-
-
-def read_request(conn: socket.socket) -> bytes:
-    data = b""
-    conn.settimeout(5)
-    while len(data) < REQUEST_SIZE:
-        chunk = conn.recv(REQUEST_SIZE - len(data))
-        if not chunk:
-            break
-        data += chunk
-    return data
 
 
 def connect_cli(tree: FakeTree, state: Path, port: int, *extra: str) -> tuple[int, str]:

@@ -15,11 +15,8 @@ from typing import Any
 
 from hotplug.testing.fake_kernel import FakeTree, FakeUsbDevice
 from tests.helpers import wait_for
-from tests.integration import test_daemon
-from tests.integration.test_daemon import driver, exported, policy_text, target, used_ports
+from tests.integration.daemon_rig import driver, exported, policy_text, target, used_ports
 from tests.rig import running_usbipa
-
-daemons = test_daemon.daemons  # the fixture
 
 APP = FakeUsbDevice("1-1", 0x1D6B, 0x0104, serial="PROBE01", product_name="Probe")
 # The same socket, re-enumerated as its bootloader: other product id, no serial.

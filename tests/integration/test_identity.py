@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import socket
-import struct
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -23,76 +22,15 @@ from hotplug.testing.fake_kernel import FakeTree, FakeUsbDevice
 from hotplug.usb import Device, Speed
 from hotplug.wire.protocol import (
     DeviceRecord,
-    ExportRequest,
     ExportStatus,
-    UnexportRequest,
     UnexportStatus,
-    encode,
 )
-from tests.helpers import disk_record, wait_for
-from tests.integration.test_connect_usbipa import used_ports
-from tests.integration.tls_support import log_of, raw_tls_client, secure_usbipa
+from tests.helpers import wait_for
+from tests.integration.export_facts import used_ports
+from tests.integration.raw_peers import Peers, record
+from tests.integration.tls_support import log_of, secure_usbipa
 from tests.rig import running_usbipa
 from tests.tlscerts import Pair, Pki, issue_client
-
-
-def record(
-    busid: str = "1-1",
-    *,
-    busnum: int = 1,
-    devnum: int = 2,
-    vendor: int = 0x1D6B,
-    product: int = 0x0104,
-    path: str | None = None,
-    speed: Speed = Speed.HIGH,
-) -> DeviceRecord:
-    where = {"path": path} if path is not None else {}
-    return disk_record(
-        busid,
-        busnum=busnum,
-        devnum=devnum,
-        speed=speed,
-        id_vendor=vendor,
-        id_product=product,
-        **where,
-    )
-
-
-def ask(sock: socket.socket, request: bytes) -> int:
-    """Send one request, return the status of its 8-byte reply."""
-    sock.sendall(request)
-    reply = b""
-    while len(reply) < 8:
-        chunk = sock.recv(8 - len(reply))
-        if not chunk:
-            raise AssertionError(f"usbipa closed the connection after {len(reply)} reply bytes")
-        reply += chunk
-    status: int = struct.unpack(">HHI", reply)[2]
-    return status
-
-
-class Peers:
-    """Device sides as raw sockets; an attached one keeps its socket open (its link)."""
-
-    def __init__(self, stack: ExitStack, pki: Pki | None = None, port: int = 0) -> None:
-        self.stack = stack
-        self.pki = pki
-        self.port = port
-
-    def open(self, pair: Pair | None = None) -> socket.socket:
-        if pair is not None:
-            assert self.pki is not None
-            sock: socket.socket = raw_tls_client(self.pki, self.port, pair)
-        else:
-            sock = socket.create_connection(("127.0.0.1", self.port), timeout=5)
-        return self.stack.enter_context(sock)
-
-    def export(self, rec: DeviceRecord, pair: Pair | None = None) -> int:
-        return ask(self.open(pair), encode(ExportRequest(rec)))
-
-    def unexport(self, rec: DeviceRecord, pair: Pair | None = None) -> int:
-        with self.open(pair) as sock:
-            return ask(sock, encode(UnexportRequest(rec)))
 
 
 @contextmanager

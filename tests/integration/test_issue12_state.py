@@ -18,7 +18,7 @@ import pytest
 
 from hotplug.testing.fake_kernel import FakeTree, FakeUsbDevice
 from tests.helpers import wait_for
-from tests.integration.test_daemon import (
+from tests.integration.daemon_rig import (
     Daemon,
     Notifications,
     driver,
@@ -102,7 +102,7 @@ def start_daemon(
 
 @pytest.fixture
 def daemon_of(tree: FakeTree, state: Path, tmp_path: Path) -> Iterator[Any]:
-    """Make one test_daemon.Daemon (the real `run`, notifications drained) per policy."""
+    """Make one daemon_rig.Daemon (the real `run`, notifications drained) per policy."""
     made: list[Daemon] = []
 
     def make(policy: str) -> Daemon:

@@ -28,9 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from hotplug.testing.fake_kernel import FakeTree, FakeUsbDevice
 from tests.helpers import wait_for
-from tests.integration import test_daemon
-from tests.integration.test_daemon import (
-    DISK,
+from tests.integration.daemon_rig import (
     exported,
     policy_text,
     rule,
@@ -41,7 +39,7 @@ from tests.integration.tls_support import cli, client_flags, secure_usbipa
 from tests.rig import command, env_for, stop, usbipa_process
 from tests.tlscerts import Pki
 
-daemons = test_daemon.daemons  # the fixture
+DISK = FakeUsbDevice("1-1", 0x1D6B, 0x0104, serial="DISK01", product_name="Disk")
 KEY = FakeUsbDevice("1-2", 0x2222, 0x0001, serial="KEY01", product_name="Key")
 ROOT = Path(__file__).resolve().parents[2]
 LOOPBACK_ANY_PORT = ("--listen", "127.0.0.1", "-t", "0")

@@ -31,8 +31,8 @@ from hotplug.wire.protocol import (
 from hotplug.wire.sockets import Timeouts
 from tests.helpers import wait_for
 from tests.integration.conftest import DISK
-from tests.integration.test_connect_usbipa import driver, stub_status, used_ports
-from tests.integration.test_export_errors import fake_peer
+from tests.integration.export_facts import driver, stub_status, used_ports
+from tests.integration.raw_peers import fake_peer
 from tests.rig import running_usbipa
 
 

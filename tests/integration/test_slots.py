@@ -21,8 +21,8 @@ from hotplug.testing.fake_kernel import FakeTree
 from hotplug.wire.protocol import ExportStatus
 from tests.fault.checks import closed_by_server
 from tests.helpers import wait_for
-from tests.integration.test_connect_usbipa import used_ports
-from tests.integration.test_identity import Peers, record
+from tests.integration.export_facts import used_ports
+from tests.integration.raw_peers import Peers, record
 from tests.integration.tls_support import secure_usbipa
 from tests.rig import running_usbipa
 from tests.tlscerts import Pki

@@ -19,7 +19,7 @@ from hotplug.kernel.stub import STUB_DRIVER
 from hotplug.kernel.sysfs import KernelError, read_device
 from hotplug.testing.fake_kernel import FakeTree, FakeUsbDevice, FakeUsbipHost
 from tests.integration.conftest import DISK
-from tests.integration.test_connect_usbipa import driver
+from tests.integration.export_facts import driver
 
 
 class PulledOutAt(FakeUsbipHost):

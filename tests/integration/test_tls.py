@@ -25,8 +25,7 @@ from hotplug.wire.protocol import DEVICE_RECORD_SIZE, HEADER_SIZE, ExportReply, 
 from hotplug.wire.sockets import Timeouts
 from tests.helpers import wait_for
 from tests.integration.conftest import DISK
-from tests.integration.test_connect_usbipa import driver, stub_status, used_ports
-from tests.integration.test_export_errors import assert_untouched
+from tests.integration.export_facts import assert_untouched, driver, stub_status, used_ports
 from tests.integration.tls_support import (
     Cutter,
     cli,

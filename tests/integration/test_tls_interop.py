@@ -21,8 +21,7 @@ import pytest
 from hotplug.testing.fake_kernel import FakeTree
 from tests.helpers import wait_for
 from tests.integration.conftest import DISK
-from tests.integration.test_connect_usbipa import driver, stub_status, used_ports
-from tests.integration.test_export_errors import assert_untouched
+from tests.integration.export_facts import assert_untouched, driver, stub_status, used_ports
 from tests.integration.tls_support import (
     cli,
     client_flags,

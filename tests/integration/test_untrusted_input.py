@@ -18,7 +18,7 @@ import pytest
 from hotplug.testing.fake_kernel import FakeTree, FakeUsbDevice
 from hotplug.wire.channel import MAX_MESSAGE
 from tests.helpers import wait_for
-from tests.integration.test_daemon import Daemon, free_port, policy_text, target
+from tests.integration.daemon_rig import Daemon, free_port, policy_text, target
 from tests.integration.tls_support import raw_tls_client, secure_usbipa
 from tests.rig import run_cli, running_usbipa
 from tests.tlscerts import Pki

@@ -13,7 +13,7 @@ import pytest
 from hotplug.testing.fake_kernel import FakeTree
 from tests.helpers import wait_for
 from tests.integration.conftest import DISK
-from tests.integration.test_connect_usbipa import used_ports
+from tests.integration.export_facts import used_ports
 from tests.rig import run_cli, running_usbipa
 
 EXPORT_HEAD = struct.pack(">HHI", 0x0111, 0x8006, 0)

@@ -4,7 +4,7 @@ On the real kernel (tests/vm/guest/test_export_real.py) such a port goes
 NOTASSIGNED -> USED, with the devid and a local busid, as soon as vhci answers
 the hub's SET_ADDRESS, and stays so with its link open; only the USB device
 directory below vhci's root hub tells enumerated from stuck. The stand-in
-below answers `enumerated()` from a set, the way `Vhci.enumerated` answers from
+(stand_in_vhci.py) answers `enumerated()` from a set, the way `Vhci.enumerated` answers from
 sysfs (and the fake kernel's tree agrees: last test).
 """
 
@@ -22,67 +22,10 @@ import pytest
 
 from hotplug.app.config import AppdConfig, ConfigError, Limits, parse_config
 from hotplug.app.server import Appd
-from hotplug.app.sessions import Session
-from hotplug.kernel.vhci import PortRecord, PortState, VhciPort
+from hotplug.kernel.vhci import PortState
 from hotplug.testing.fake_kernel import FakeTree
 from hotplug.usb import Speed
-
-DEVID = (17 << 16) | 3
-
-
-class StandInVhci:
-    """vhci ports from a table: port -> (state, enumerated); records detaches."""
-
-    def __init__(self, table: dict[int, tuple[int, bool]]) -> None:
-        self.table = table
-        self.detached: list[int] = []
-        self.awake: set[int] = set()
-        self.other_hub: set[int] = set()  # ports on controller 1's root hub
-
-    def ports(self) -> list[VhciPort]:
-        return [
-            VhciPort(
-                "hs",
-                n,
-                state,
-                3,
-                DEVID if state == PortState.USED else 0,
-                5,
-                f"1-{n + 1}",
-                1 if n in self.other_hub else 0,
-            )
-            for n, (state, _) in sorted(self.table.items())
-        ]
-
-    def enumerated(self, port: VhciPort) -> bool:
-        return self.table[port.port][1]
-
-    def keep_awake(self, port: VhciPort) -> None:
-        self.awake.add(port.port)
-
-    def detach(self, port: int) -> None:
-        self.detached.append(port)
-        self.table[port] = (PortState.NULL, False)
-
-    def write_record(self, port: int, record: PortRecord) -> None:
-        pass
-
-    def remove_record(self, port: int) -> None:
-        pass
-
-
-def session(port: int, since: float, busid: str) -> Session:
-    return Session(
-        port=port,
-        peer="127.0.0.1",
-        peer_port=40000 + port,
-        busid=busid,
-        devid=DEVID,
-        vendor=0x1D6B,
-        product=0x0104,
-        speed=3,
-        since=since,
-    )
+from tests.unit.stand_in_vhci import DEVID, StandInVhci, session
 
 
 def test_a_port_whose_device_never_enumerates_is_detached_after_the_timeout(

@@ -10,11 +10,11 @@
   by the product at its documented seams only.
 - The pure modules import no I/O module (DESIGN.md): usb, wire.protocol,
   wire.address, device.policy.model, device.reconcile.
-- Benchmarks and the VM tests import helpers, never a test module
-  (`test_*.py`): what two test modules share lives in a helper module
-  (tests/rig.py, tests/vm/guest/daemon_rig.py, ...). The one exception reruns
-  another module's tests on purpose (RERUNS). (tests/unit, tests/integration
-  and tests/fault still share some helpers test module to test module.)
+- Benchmarks and tests import helpers, never a test module (`test_*.py`):
+  what two test modules share lives in a helper module (tests/rig.py,
+  tests/integration/daemon_rig.py, tests/vm/guest/daemon_rig.py, ...), and
+  the fixtures they share in a conftest.py. The one exception reruns another
+  module's tests on purpose (RERUNS).
 
 Every import counts, at the top of a file or inside a function (a lazy
 import is an import all the same); imports under `if TYPE_CHECKING:` count
@@ -106,6 +106,12 @@ def imports_of(source: str, importer: str) -> list[Import]:
                     found.append(Import(importer, f"hotplug.{alias.name}", node.lineno, type_only))
             else:
                 found.append(Import(importer, node.module, node.lineno, type_only))
+                # `from tests.integration import test_daemon` imports a test module too.
+                if within(node.module, "tests") and not is_test_module(node.module):
+                    for alias in node.names:
+                        if is_test_module(alias.name):
+                            module = f"{node.module}.{alias.name}"
+                            found.append(Import(importer, module, node.lineno, type_only))
         visit(node, type_only)
 
     visit(ast.parse(source), False)
@@ -164,26 +170,35 @@ def purity_violations(imports: list[Import]) -> list[str]:
     return bad
 
 
+def is_test_module(module: str) -> bool:
+    return module.rsplit(".", 1)[-1].startswith("test_")
+
+
 def imported_test_modules(imports: list[Import]) -> list[str]:
     bad = []
     for imp in imports:
-        is_test_module = imp.module.rsplit(".", 1)[-1].startswith("test_")
-        if not within(imp.module, "tests") or not is_test_module:
+        if not within(imp.module, "tests") or not is_test_module(imp.module):
             continue
         if imp.module not in RERUNS.get(imp.importer, set()):
             bad.append(f"{imp}: a test module is not a library; share through a helper module")
     return bad
 
 
-def test_benchmarks_and_vm_tests_import_no_test_module() -> None:
+def test_tests_and_benchmarks_import_no_test_module() -> None:
     imports = []
-    for folder in ("bench", "tests/vm"):
+    for folder in ("bench", "tests"):
         for path in sorted((ROOT / folder).rglob("*.py")):
             imports += imports_of(path.read_text(), module_name(path))
-    assert len({i.importer for i in imports}) > 30  # the walk found them
+    assert len({i.importer for i in imports}) > 100  # the walk found them
     assert imported_test_modules(imports) == []
-    broken = imports_of("from tests.vm.guest.test_daemon_real import Rig", "bench.x")
-    assert imported_test_modules(broken), "the rule catches its break"
+    for importer, source in [
+        ("bench.x", "from tests.vm.guest.test_daemon_real import Rig"),
+        ("tests.integration.test_x", "from tests.integration.test_daemon import Daemon"),
+        ("tests.integration.test_x", "from tests.integration import test_daemon"),
+        ("tests.unit.test_x", "def f():\n    import tests.unit.test_protocol"),
+    ]:
+        assert imported_test_modules(imports_of(source, importer)), f"the rule misses {source!r}"
+    assert imported_test_modules(imports_of("from tests.integration import daemon_rig", "t")) == []
 
 
 def test_the_layout_keeps_its_import_rules() -> None:

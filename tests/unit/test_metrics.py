@@ -47,12 +47,10 @@ from hotplug.wire.address import AddressError, Endpoint, parse_listen
 from hotplug.wire.channel import Channel
 from hotplug.wire.peercert import PeerCert, parse_subject_pattern
 from hotplug.wire.relay import loopback_pair, relay
-from tests.helpers import wait_for
+from tests.helpers import disk_record, wait_for
 from tests.tlscerts import Pki
-from tests.unit.test_app_sessions import StandInVhci, session
-from tests.unit.test_protocol import DEV_A
-from tests.unit.test_tls_channel import expect, kernel_read, run, tls_pair
-from tests.unit.test_tls_channel import pki as pki  # the fixture
+from tests.unit.stand_in_vhci import StandInVhci, session
+from tests.unit.tls_streams import expect, kernel_read, run, tls_pair
 
 # --------------------------------------------------------------------------- addresses
 
@@ -301,9 +299,9 @@ def test_every_refusal_usbipa_words_has_its_reason(tmp_path: Path) -> None:
     appd.config = replace(appd.config, allow=(by_cert,))
     words["unproven_connections"] = [slot("192.0.2.9")]
     words["bad_record"] = [
-        _record_problem(replace(DEV_A, busnum=0x10000)),
-        _record_problem(replace(DEV_A, devnum=0x10000)),
-        _record_problem(replace(DEV_A, speed=Speed.UNKNOWN)),
+        _record_problem(replace(disk_record(), busnum=0x10000)),
+        _record_problem(replace(disk_record(), devnum=0x10000)),
+        _record_problem(replace(disk_record(), speed=Speed.UNKNOWN)),
     ]
     for reason, messages in words.items():
         for message in messages:

@@ -9,7 +9,7 @@ import struct
 import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -34,24 +34,17 @@ from hotplug.wire.tls import (
     describe,
     fingerprint,
     issued_by,
-    server_context,
 )
-from tests.tlscerts import Pair, Pki, make_pki
+from tests.tlscerts import Pki, make_pki
+from tests.unit.tls_streams import contexts, expect, kernel_read, run, tls_pair
 
-T = TypeVar("T")
 
-
+# Its own, not the session's (tests/conftest.py): tests/vm/guest/test_relay_ktls.py
+# reruns tests of this module in the guest, and takes this fixture, `run` and
+# `tls_pair` from here with them.
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return make_pki(tmp_path_factory.mktemp("pki"))
-
-
-def run(coro: Awaitable[T], timeout: float = 10) -> T:
-    async def bounded() -> T:
-        async with asyncio.timeout(timeout):
-            return await coro
-
-    return asyncio.run(bounded())
 
 
 # --------------------------------------------------------------------------- certificate files
@@ -125,22 +118,6 @@ def test_client_certificate_needs_its_key(pki: Pki) -> None:
 # --------------------------------------------------------------------------- channels
 
 
-def contexts(pki: Pki, client: Pair | None = None) -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    client = client or pki.client
-    server = server_context(str(pki.server.cert), str(pki.server.key), str(pki.ca))
-    return server, client_context(str(client.cert), str(client.key), str(pki.ca))
-
-
-async def tls_pair(pki: Pki, client: Pair | None = None) -> tuple[TlsStream, TlsStream]:
-    """(client, server) TLS streams over a fresh loopback TCP connection."""
-    server_ctx, client_ctx = contexts(pki, client)
-    a, b = loopback_pair()
-    return await asyncio.gather(
-        TlsStream.handshake(a, client_ctx, server_side=False, server_hostname="127.0.0.1"),
-        TlsStream.handshake(b, server_ctx, server_side=True),
-    )
-
-
 def test_tls_stream_round_trip(pki: Pki) -> None:
     async def main() -> None:
         client, server = await tls_pair(pki)
@@ -153,16 +130,6 @@ def test_tls_stream_round_trip(pki: Pki) -> None:
         assert await server.read() == b""
 
     run(main())
-
-
-async def expect(stream: TlsStream | Channel, data: bytes) -> None:
-    got = bytearray()
-    read = stream.recv if isinstance(stream, Channel) else stream.read
-    while len(got) < len(data):
-        chunk = await read()
-        assert chunk, f"stream ended after {len(got)} of {len(data)} bytes"
-        got += chunk
-    assert got == data
 
 
 def test_refused_client_certificate_is_explained_on_both_sides(pki: Pki) -> None:
@@ -293,17 +260,6 @@ def with_relay(pki: Pki, body: RelayTest, pending: bytes = b"", wss: bool = Fals
             await asyncio.gather(task, return_exceptions=True)
 
     run(main())
-
-
-async def kernel_read(sock: socket.socket, size: int) -> bytes:
-    loop = asyncio.get_running_loop()
-    got = b""
-    while len(got) < size:
-        chunk = await loop.sock_recv(sock, size - len(got))
-        if not chunk:
-            break
-        got += chunk
-    return got
 
 
 def test_relay_moves_bytes_both_ways_early_bytes_first(pki: Pki) -> None:
