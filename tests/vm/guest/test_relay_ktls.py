@@ -25,7 +25,6 @@ from hotplug.wire.relay import loopback_pair, relay
 from tests.tlscerts import Pki
 from tests.unit.test_tls_channel import (
     pki,  # noqa: F401  (the fixture the tests below ask for)
-    run,
     test_refused_client_certificate_is_explained_on_both_sides,
     test_relay_aborts_the_peer_when_the_kernel_resets,
     test_relay_answers_websocket_pings_while_data_flows,
@@ -37,8 +36,8 @@ from tests.unit.test_tls_channel import (
     test_relay_stops_when_cancelled,
     test_tls_stream_round_trip,
     test_websocket_round_trip_and_exact_reads,
-    tls_pair,
 )
+from tests.unit.tls_streams import run, tls_pair
 from tests.vm.guest.oneshot import tls_stat
 
 __all__ = [
