@@ -37,12 +37,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import importlib.util
 import os
 import select
 import socket
 import ssl
 from collections import deque
+from collections.abc import Callable
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -87,6 +89,7 @@ _CRYPTO_INFO_HEAD = 4  # struct tls_crypto_info: version and cipher, never the k
 _TCP_CLOSE = 7  # struct tcp_info's first byte, tcpi_state, after a reset
 
 _Event = TypeVar("_Event", Request, Response)
+_T = TypeVar("_T")
 
 
 class ChannelError(HotplugError):
@@ -173,14 +176,7 @@ class TlsStream:
         )
         self = cls(tls)
         try:
-            while True:
-                try:
-                    tls.do_handshake()
-                    break
-                except ssl.SSLWantReadError:
-                    await self.ready.wait(write=False)
-                except ssl.SSLWantWriteError:
-                    await self.ready.wait(write=True)
+            await self._retried(tls.do_handshake)
         except BaseException:
             tls.close()
             raise
@@ -194,29 +190,33 @@ class TlsStream:
         ways = [w for w, on in (("send", self.ktls_send), ("receive", self.ktls_recv)) if on]
         return "+".join(ways) or "off"
 
-    async def read(self) -> bytes:
-        """The next decrypted bytes; b"" at the end of the stream."""
+    async def _retried(self, call: Callable[[], _T]) -> _T:
+        """`call` (an OpenSSL operation on the non-blocking socket) again and again,
+        each time after the socket became what OpenSSL asked for (a read may need
+        it writable, e.g. to answer a TLS 1.3 key update, and a write readable)."""
         while True:
             try:
-                return self.sock.recv(CHUNK)  # b"" on close_notify
-            except ssl.SSLEOFError:
-                self._end()
-                return b""
+                return call()
             except ssl.SSLWantReadError:
                 await self.ready.wait(write=False)
-            except ssl.SSLWantWriteError:  # e.g. answering a TLS 1.3 key update
+            except ssl.SSLWantWriteError:
                 await self.ready.wait(write=True)
+
+    async def read(self) -> bytes:
+        """The next decrypted bytes; b"" at the end of the stream (close_notify)."""
+        try:
+            return await self._retried(functools.partial(self.sock.recv, CHUNK))
+        except ssl.SSLEOFError:
+            self._end()
+            return b""
 
     async def write(self, data: bytes) -> None:
         async with self.send_lock:  # OpenSSL retries a write with the same bytes: one at a time
             view = memoryview(data)
             while view:
                 try:
-                    view = view[self.sock.send(view) :]
-                except ssl.SSLWantWriteError:
-                    await self.ready.wait(write=True)
-                except ssl.SSLWantReadError:
-                    await self.ready.wait(write=False)
+                    sent = await self._retried(functools.partial(self.sock.send, view))
+                    view = view[sent:]
                 except ssl.SSLEOFError:
                     # SSL_write_ex reports a failed send() as EOF, without its errno.
                     raise self._alert() or BrokenPipeError(
