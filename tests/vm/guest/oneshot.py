@@ -5,9 +5,10 @@ kTLS tests.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from hotplug.testing.vm import gadget as gd
@@ -77,6 +78,18 @@ def stop(proc: Program) -> str:
     except subprocess.TimeoutExpired:
         proc.kill()
     return proc.errors()
+
+
+@contextlib.contextmanager
+def serving(proc: Program) -> Iterator[None]:
+    """usbipa `proc` serving the body; then stopped, its log printed (pytest shows
+    it with a failure) and every vhci port detached: none left for the next test."""
+    try:
+        yield
+    finally:
+        print("usbipa log:\n" + stop(proc))
+        for port in used_ports():
+            gd.run(["usbip", "detach", "-p", str(port.port)])
 
 
 def tls_stat() -> dict[str, int]:

@@ -26,7 +26,7 @@ from hotplug.kernel.sysfs import read_device
 from hotplug.testing.vm import gadget as gd
 from hotplug.wire.address import Endpoint
 from hotplug.wire.sockets import Timeouts
-from tests.vm.guest.oneshot import Usbipa, start_usbipa, stop, used_ports
+from tests.vm.guest.oneshot import Usbipa, serving, start_usbipa, stop, used_ports
 
 USBIPA_PORT = 3256  # 3240 usbipd, 3250/3251 export, 3252 daemon, 3253 matrix, 3254 hid, 3255 repeat
 ENUM = 90.0  # enumeration-related waits (emulated guest, 2 busy host cores)
@@ -39,12 +39,8 @@ def filtering_usbipa(usbip_modules: None, tmp_path: Path) -> Iterator[Usbipa]:
     daemon = start_usbipa(
         tmp_path, port=USBIPA_PORT, extra=("--device", f"{CLAIMED[0]:04x}:{CLAIMED[1]:04x}")
     )
-    try:
+    with serving(daemon.proc):
         yield daemon
-    finally:
-        stop(daemon.proc)
-        for port in used_ports():  # never leave a port behind for the next test
-            gd.run(["usbip", "detach", "-p", str(port.port)])
 
 
 def test_device_that_enumerates_with_other_ids_than_claimed_is_detached(

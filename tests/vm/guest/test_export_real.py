@@ -23,13 +23,14 @@ from tests.vm.guest.oneshot import (
     Usbipa,
     attr,
     cli,
+    serving,
     start_usbipa,
     stop,
     tls_stat,
     usbipa_program,
     used_ports,
 )
-from tests.vm.guest.programs import USBIPA, Program, run
+from tests.vm.guest.programs import USBIPA, run
 
 MiB = 1 << 20
 
@@ -37,13 +38,8 @@ MiB = 1 << 20
 @pytest.fixture
 def usbipa(usbip_modules: None, tmp_path: Path) -> Iterator[Usbipa]:
     daemon = start_usbipa(tmp_path)
-    try:
+    with serving(daemon.proc):
         yield daemon
-    finally:
-        log = stop(daemon.proc)
-        print("usbipa log:\n" + log)
-        for port in used_ports():  # never leave a port behind for the next test
-            gd.run(["usbip", "detach", "-p", str(port.port)])
 
 
 def assert_back_home(g: gd.MassStorageGadget, busid: str) -> None:
@@ -252,8 +248,9 @@ def test_vudc_device_mode(make_gadget: Callable[..., gd.MassStorageGadget], usbi
     gd.wait_until(lambda: not g.vhci_devices(), what="the vhci copy gone")
 
 
-def start_tls_usbipa(tmp_path: Path) -> tuple[Program, list[str]]:
-    """usbipa speaking TLS only on 3251; the client's certificate flags for `connect`."""
+@pytest.fixture
+def tls_usbipa(usbip_modules: None, tmp_path: Path) -> Iterator[list[str]]:
+    """usbipa speaking TLS only on 3251; yields the client's flags for `connect`."""
     from tests.tlscerts import make_pki
 
     pki = make_pki(tmp_path / "pki")
@@ -270,47 +267,41 @@ def start_tls_usbipa(tmp_path: Path) -> tuple[Program, list[str]]:
     # The first kTLS socket of a fresh guest loads the tls module and sets up
     # gcm(aes) with the kernel's self-tests, on both ends inside the handshake:
     # seconds under emulation with a second guest beside it (5 s did not do).
-    return proc, [*flags, "--timeout", "30"]
+    with serving(proc):
+        yield [*flags, "--timeout", "30"]
 
 
 def test_tls_export_moves_data_intact(
     plugged_gadget: gd.MassStorageGadget,
-    usbip_modules: None,
-    tmp_path: Path,
+    tls_usbipa: list[str],
     record_property: Callable[[str, object], None],
 ) -> None:
     """The same data check over tls://: the kernels get a plain loopback socket each,
     relayed through mutual-TLS by our relay processes."""
-    proc, flags = start_tls_usbipa(tmp_path)
     g = plugged_gadget
     busid = g.wait_busid()
-    try:
-        ktls_before = tls_stat()
-        t0 = time.monotonic()
-        result = cli("connect", "-r", "tls://127.0.0.1:3251", "-b", busid, *flags)
-        assert result.returncode == 0, result.stderr
-        assert attr(busid, "usbip_status") == "2"
-        remote = gd.wait_until(g.vhci_devices, timeout=60, what="the disk behind vhci_hcd")[0]
-        disk = gd.wait_block_device(remote.busid, timeout=60)
-        record_property("s_tls_connect_to_disk", f"{time.monotonic() - t0:.2f}")
-        data = os.urandom(MiB)
-        t1 = time.monotonic()
-        assert gd.odirect_write_read(disk.dev, 0, data) == data
-        record_property("s_tls_write_read_1MiB", f"{time.monotonic() - t1:.2f}")
-        assert g.read_backing(0, MiB) == data, "the gadget's backing file differs"
-        # Both relays send through the kernel's TLS (Debian's OpenSSL 3.0 offloads
-        # TLS 1.3 sends), so the data went the splice way: the kernel says so.
-        ktls = tls_stat()
-        record_property("ktls", ktls)
-        opened = ktls.get("TlsTxSw", 0) - ktls_before.get("TlsTxSw", 0)
-        assert opened >= 2, f"both ends' sends in the kernel's TLS: {ktls_before} -> {ktls}"
-        result = cli("disconnect", "-b", busid)
-        assert result.returncode == 0, result.stderr
-        assert_back_home(g, busid)
-    finally:
-        print("usbipa log:\n" + stop(proc))
-        for port in used_ports():
-            gd.run(["usbip", "detach", "-p", str(port.port)])
+    ktls_before = tls_stat()
+    t0 = time.monotonic()
+    result = cli("connect", "-r", "tls://127.0.0.1:3251", "-b", busid, *tls_usbipa)
+    assert result.returncode == 0, result.stderr
+    assert attr(busid, "usbip_status") == "2"
+    remote = gd.wait_until(g.vhci_devices, timeout=60, what="the disk behind vhci_hcd")[0]
+    disk = gd.wait_block_device(remote.busid, timeout=60)
+    record_property("s_tls_connect_to_disk", f"{time.monotonic() - t0:.2f}")
+    data = os.urandom(MiB)
+    t1 = time.monotonic()
+    assert gd.odirect_write_read(disk.dev, 0, data) == data
+    record_property("s_tls_write_read_1MiB", f"{time.monotonic() - t1:.2f}")
+    assert g.read_backing(0, MiB) == data, "the gadget's backing file differs"
+    # Both relays send through the kernel's TLS (Debian's OpenSSL 3.0 offloads
+    # TLS 1.3 sends), so the data went the splice way: the kernel says so.
+    ktls = tls_stat()
+    record_property("ktls", ktls)
+    opened = ktls.get("TlsTxSw", 0) - ktls_before.get("TlsTxSw", 0)
+    assert opened >= 2, f"both ends' sends in the kernel's TLS: {ktls_before} -> {ktls}"
+    result = cli("disconnect", "-b", busid)
+    assert result.returncode == 0, result.stderr
+    assert_back_home(g, busid)
 
 
 def relay_pids() -> list[int]:
@@ -326,62 +317,56 @@ def relay_pids() -> list[int]:
 
 
 def test_tls_link_cut_mid_transfer_frees_both_ends(
-    plugged_gadget: gd.MassStorageGadget, usbip_modules: None, tmp_path: Path
+    plugged_gadget: gd.MassStorageGadget, tls_usbipa: list[str]
 ) -> None:
     """The device side's relay is killed while the disk is being read through
     kTLS: usbipa's relay sees the link go and drops vhci's socket (the port is
     freed, the reads fail), usbip-host sees its socket go (the device is
     available again), nothing faults in the kernel, and `disconnect` gives the
     device back."""
-    proc, flags = start_tls_usbipa(tmp_path)
     g = plugged_gadget
     busid = g.wait_busid()
-    try:
-        result = cli("connect", "-r", "tls://127.0.0.1:3251", "-b", busid, *flags)
-        assert result.returncode == 0, result.stderr
-        remote = gd.wait_until(g.vhci_devices, timeout=60, what="the disk behind vhci_hcd")[0]
-        disk = gd.wait_block_device(remote.busid, timeout=60)
-        [relay] = relay_pids()
-        reads = 0
-        failure: list[OSError] = []
-        reading = threading.Event()
+    result = cli("connect", "-r", "tls://127.0.0.1:3251", "-b", busid, *tls_usbipa)
+    assert result.returncode == 0, result.stderr
+    remote = gd.wait_until(g.vhci_devices, timeout=60, what="the disk behind vhci_hcd")[0]
+    disk = gd.wait_block_device(remote.busid, timeout=60)
+    [relay] = relay_pids()
+    reads = 0
+    failure: list[OSError] = []
+    reading = threading.Event()
 
-        def read_until_it_fails() -> None:
-            nonlocal reads
-            buf = mmap.mmap(-1, MiB)
-            fd = os.open(disk.dev, os.O_RDONLY | os.O_DIRECT)
-            try:
-                for i in range(10_000):  # bounded: the cut comes after the first read
-                    os.preadv(fd, [buf], (i % 4) * MiB)
-                    reads += 1
-                    reading.set()
-            except OSError as exc:
-                failure.append(exc)
-            finally:
-                os.close(fd)
+    def read_until_it_fails() -> None:
+        nonlocal reads
+        buf = mmap.mmap(-1, MiB)
+        fd = os.open(disk.dev, os.O_RDONLY | os.O_DIRECT)
+        try:
+            for i in range(10_000):  # bounded: the cut comes after the first read
+                os.preadv(fd, [buf], (i % 4) * MiB)
+                reads += 1
                 reading.set()
+        except OSError as exc:
+            failure.append(exc)
+        finally:
+            os.close(fd)
+            reading.set()
 
-        reader = threading.Thread(target=read_until_it_fails, daemon=True)
-        reader.start()
-        assert reading.wait(60), "no read went through"
-        os.kill(relay, signal.SIGKILL)
-        reader.join(120)
-        assert not reader.is_alive(), "reads still hang after the link went"
-        assert failure, f"all {reads} reads went through: the link was never cut"
-        gd.wait_until(lambda: not used_ports(), what="the vhci port free", timeout=60)
-        gd.wait_until(lambda: not g.vhci_devices(), what="the vhci copy gone", timeout=60)
-        gd.wait_until(
-            lambda: attr(busid, "usbip_status") == "1",
-            what=f"{busid} available again on usbip-host",
-            timeout=60,
-        )
-        result = cli("disconnect", "-b", busid)
-        assert result.returncode == 0, result.stderr
-        assert_back_home(g, busid)
-    finally:
-        print("usbipa log:\n" + stop(proc))
-        for port in used_ports():
-            gd.run(["usbip", "detach", "-p", str(port.port)])
+    reader = threading.Thread(target=read_until_it_fails, daemon=True)
+    reader.start()
+    assert reading.wait(60), "no read went through"
+    os.kill(relay, signal.SIGKILL)
+    reader.join(120)
+    assert not reader.is_alive(), "reads still hang after the link went"
+    assert failure, f"all {reads} reads went through: the link was never cut"
+    gd.wait_until(lambda: not used_ports(), what="the vhci port free", timeout=60)
+    gd.wait_until(lambda: not g.vhci_devices(), what="the vhci copy gone", timeout=60)
+    gd.wait_until(
+        lambda: attr(busid, "usbip_status") == "1",
+        what=f"{busid} available again on usbip-host",
+        timeout=60,
+    )
+    result = cli("disconnect", "-b", busid)
+    assert result.returncode == 0, result.stderr
+    assert_back_home(g, busid)
 
 
 class StallingDevice(threading.Thread):

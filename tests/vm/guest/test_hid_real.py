@@ -25,7 +25,7 @@ import pytest
 
 from hotplug.testing.vm import gadget as gd
 from hotplug.testing.vm.evdev import KEY_A, drain, read_keys
-from tests.vm.guest.oneshot import Usbipa, cli, start_usbipa, stop, used_ports
+from tests.vm.guest.oneshot import Usbipa, cli, serving, start_usbipa
 
 USBIPA_PORT = 3254  # 3240 usbipd, 3250/3251 test_export_real, 3252 daemon, 3253 matrix
 ENUM = 90.0  # enumeration-related waits (emulated guest, 2 busy host cores)
@@ -37,12 +37,8 @@ IDLE = 5.0  # seconds of no input: more than twice the autosuspend delay
 @pytest.fixture
 def usbipa(usbip_modules: None, tmp_path: Path) -> Iterator[Usbipa]:
     daemon = start_usbipa(tmp_path, port=USBIPA_PORT)
-    try:
+    with serving(daemon.proc):
         yield daemon
-    finally:
-        print("usbipa log:\n" + stop(daemon.proc))
-        for port in used_ports():  # never leave a port behind for the next test
-            gd.run(["usbip", "detach", "-p", str(port.port)])
 
 
 @pytest.fixture(scope="module")
