@@ -23,10 +23,11 @@ def state(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def daemons(tree: FakeTree, state: Path, tmp_path: Path) -> Iterator[Callable[[str], Daemon]]:
+    """Make one daemon_rig.Daemon (the real `run`, notifications drained) per policy."""
     made: list[Daemon] = []
 
     def make(policy: str) -> Daemon:
-        path = tmp_path / "policy.yaml"
+        path = tmp_path / f"policy{len(made)}.yaml"  # its own: never one another's
         path.write_text(policy)
         daemon = Daemon(tree, state, tmp_path / f"daemon{len(made)}", path)
         made.append(daemon)

@@ -19,7 +19,6 @@ import pytest
 from hotplug.testing.fake_kernel import FakeTree, FakeUsbDevice
 from tests.helpers import wait_for
 from tests.integration.daemon_rig import (
-    Daemon,
     Notifications,
     driver,
     exported,
@@ -98,23 +97,6 @@ def start_daemon(
             text=True,
         )
     return proc, notify
-
-
-@pytest.fixture
-def daemon_of(tree: FakeTree, state: Path, tmp_path: Path) -> Iterator[Any]:
-    """Make one daemon_rig.Daemon (the real `run`, notifications drained) per policy."""
-    made: list[Daemon] = []
-
-    def make(policy: str) -> Daemon:
-        path = tmp_path / f"policy{len(made)}.yaml"
-        path.write_text(policy)
-        daemon = Daemon(tree, state, tmp_path / f"daemon{len(made)}", path)
-        made.append(daemon)
-        return daemon
-
-    yield make
-    for daemon in made:
-        daemon.close()
 
 
 def disk_policy(port: int, vendor: str = "1d6b") -> str:
@@ -281,7 +263,7 @@ def test_connect_rolls_back_an_export_it_cannot_record(
 
 
 def test_daemon_does_not_export_what_it_cannot_record(
-    tree: FakeTree, state: Path, daemon_of: Any
+    tree: FakeTree, state: Path, daemons: Any
 ) -> None:
     """Issue 12, finding 5: the daemon exported a device whose record it could not
     write; restarted, it called the device "foreign" for good. Now it binds nothing
@@ -290,7 +272,7 @@ def test_daemon_does_not_export_what_it_cannot_record(
     exports = state / "device" / "exports"
     block(exports)
     with running_usbipa(tree, state) as (_, port):
-        daemon = daemon_of(disk_policy(port)).start()
+        daemon = daemons(disk_policy(port)).start()
         daemon.plug(DISK, devnum=3)
 
         def refused() -> bool:
@@ -308,14 +290,14 @@ def test_daemon_does_not_export_what_it_cannot_record(
 
 
 def test_daemon_retries_a_record_update_that_failed(
-    tree: FakeTree, state: Path, daemon_of: Any, faults: Faults
+    tree: FakeTree, state: Path, daemons: Any, faults: Faults
 ) -> None:
     """Issue 12, finding 5: a record write that fails after the export (the
     "exported" update) is retried from the daemon's loop until it is written,
     instead of being logged once and lost."""
     exports = state / "device" / "exports"
     with running_usbipa(tree, state) as (_, port):
-        daemon = daemon_of(disk_policy(port))
+        daemon = daemons(disk_policy(port))
         faults.arm("export.after-hand-over")
         daemon.start(**faults.env())
         daemon.plug(DISK, devnum=3)
@@ -386,7 +368,7 @@ def test_connect_stopped_by_a_signal_rolls_back(
 def test_daemon_takes_over_what_a_killed_connect_stranded(
     tree: FakeTree,
     state: Path,
-    daemon_of: Any,
+    daemons: Any,
     faults: Faults,
     procs: list[Any],
     wanted: bool,
@@ -405,7 +387,7 @@ def test_daemon_takes_over_what_a_killed_connect_stranded(
         proc.wait(10)
         faults.release("bind.after-stub-bind")
         assert driver(tree, "1-1") == "usbip-host" and stub_status(tree, "1-1") == "1"
-        daemon = daemon_of(disk_policy(port, "1d6b" if wanted else "9999")).start()
+        daemon = daemons(disk_policy(port, "1d6b" if wanted else "9999")).start()
         if wanted:
             wait_for(lambda: daemon.state_of("1-1") == "exported", 10, "1-1 exported")
             assert exported(tree, "1-1") is not None
@@ -421,14 +403,14 @@ def test_daemon_takes_over_what_a_killed_connect_stranded(
 
 
 def test_a_device_bound_by_another_tool_mid_export_is_not_taken(
-    tree: FakeTree, state: Path, daemon_of: Any, faults: Faults
+    tree: FakeTree, state: Path, daemons: Any, faults: Faults
 ) -> None:
     """Issue 12, finding 10: a daemon export that failed because another tool bound
     the device in between took the device as its own: rewrote the record as the
     daemon's, exported it, released it on stop. It owns only what it bound."""
     tree.add_device(DISK, devnum=3)
     with running_usbipa(tree, state) as (_, port):
-        daemon = daemon_of(disk_policy(port))
+        daemon = daemons(disk_policy(port))
         faults.arm("export.start")
         daemon.start(**faults.env())
         assert daemon.proc is not None
@@ -445,14 +427,14 @@ def test_a_device_bound_by_another_tool_mid_export_is_not_taken(
 
 
 def test_connect_refused_while_the_daemon_exports_the_device(
-    tree: FakeTree, state: Path, daemon_of: Any, faults: Faults
+    tree: FakeTree, state: Path, daemons: Any, faults: Faults
 ) -> None:
     """Issue 12, finding 10: `connect` could bind a device between the daemon's
     decision and its bind; the daemon then took connect's device and record. Each
     now claims the record before binding, and only one can: here the daemon."""
     tree.add_device(DISK, devnum=3)
     with running_usbipa(tree, state) as (_, port):
-        daemon = daemon_of(disk_policy(port))
+        daemon = daemons(disk_policy(port))
         faults.arm("export.start")
         daemon.start(**faults.env())
         assert daemon.proc is not None
