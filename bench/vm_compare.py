@@ -145,8 +145,18 @@ class GuestRun:
     saying why on stderr.
     """
 
-    def __init__(self, name: str, meta: dict[str, Any], deadline: float) -> None:
-        self.name, self.meta, self.deadline = name, meta, deadline
+    def __init__(self, name: str, argv: list[str] | None, deadline: float, **settings: Any) -> None:
+        """`settings`: the run's own parameters, first in `meta`; then the host's
+        state at the start, the command line and the checkout."""
+        self.name, self.deadline = name, deadline
+        self.meta: dict[str, Any] = {
+            **settings,
+            "host": host_machine(),
+            "load_start": load(),
+            "other_qemus_start": other_qemus(),
+            "command": f"python -m bench.{name} " + " ".join(argv or sys.argv[1:]),
+            "checkout": checkout(),
+        }
 
     def run(
         self,
@@ -200,6 +210,26 @@ class GuestRun:
             return None
         result: dict[str, Any] = json.loads(result_line[-1])
         return result, res.returncode
+
+    def publish(
+        self,
+        summary: dict[str, Any],
+        errors: list[str],
+        json_path: str | None,
+        returncode: int,
+        **details: Any,
+    ) -> int:
+        """Print each error and the one-line JSON record (also to `json_path`);
+        the exit status: 1 if anything failed."""
+        for e in errors:
+            print(f"ERROR {e}")
+        record = {"bench": self.name, "meta": self.meta, "summary": summary, "errors": errors,
+                  **details}  # fmt: skip
+        line = json.dumps(record, separators=(",", ":"))
+        if json_path:
+            Path(json_path).write_text(line + "\n")
+        print(line)
+        return 1 if errors or returncode != 0 else 0
 
 
 def stats(values: list[float]) -> dict[str, float | int]:
@@ -350,17 +380,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
 
-    deadline = time.monotonic() + args.timeout
-    meta: dict[str, Any] = {
-        "rounds": args.rounds,
-        "warmup": args.warmup,
-        "interval": args.interval,
-        "host": host_machine(),
-        "load_start": load(),
-        "other_qemus_start": other_qemus(),
-        "command": "python -m bench.vm_compare " + " ".join(argv or sys.argv[1:]),
-        "checkout": checkout(),
-    }
+    run = GuestRun(
+        "vm_compare",
+        argv,
+        time.monotonic() + args.timeout,
+        rounds=args.rounds,
+        warmup=args.warmup,
+        interval=args.interval,
+    )
+    meta = run.meta
 
     def guest_args(budget: float) -> list[str]:
         return [
@@ -370,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
             *(f"--daemon-env={kv}" for kv in args.daemon_env),
         ]  # fmt: skip
 
-    ran = GuestRun("vm_compare", meta, deadline).run(
+    ran = run.run(
         "bench.vm_compare_guest",
         guest_args,
         RESULT_MARK,
@@ -387,15 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if result.get("fatal"):
         errors.append(f"fatal: {result['fatal']}")
-    for e in errors:
-        print(f"ERROR {e}")
-    record = {"bench": "vm_compare", "meta": meta, "summary": summary, "errors": errors,
-              "rounds": result["rounds"]}  # fmt: skip
-    line = json.dumps(record, separators=(",", ":"))
-    if args.json:
-        Path(args.json).write_text(line + "\n")
-    print(line)
-    return 1 if errors or returncode != 0 else 0
+    return run.publish(summary, errors, args.json, returncode, rounds=result["rounds"])
 
 
 if __name__ == "__main__":

@@ -25,19 +25,11 @@ load while measuring; a JSON line with everything. Bounded: `--timeout`
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-from bench.vm_compare import (
-    GuestRun,
-    checkout,
-    host_machine,
-    load,
-    other_qemus,
-)
+from bench.vm_compare import GuestRun
 from bench.vm_datapath_guest import PATHS, RESULT_MARK
 
 DEVICE_SIDE = ("relay", "stub")
@@ -167,14 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", metavar="FILE", help="also write the JSON result to FILE")
     args = p.parse_args(argv)
 
-    deadline = time.monotonic() + args.timeout
-    meta: dict[str, Any] = {
-        "host": host_machine(),
-        "load_start": load(),
-        "other_qemus_start": other_qemus(),
-        "command": "python -m bench.vm_datapath " + " ".join(argv or sys.argv[1:]),
-        "checkout": checkout(),
-    }
+    run = GuestRun("vm_datapath", argv, time.monotonic() + args.timeout)
+    meta = run.meta
 
     def guest_args(budget: float) -> list[str]:
         return [
@@ -184,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             *(["--no-crypto-modules"] if args.no_crypto_modules else []),
         ]  # fmt: skip
 
-    ran = GuestRun("vm_datapath", meta, deadline).run(
+    ran = run.run(
         "bench.vm_datapath_guest",
         guest_args,
         RESULT_MARK,
@@ -196,20 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     errors = [f"{p['path']}: {p['error']}" for p in result["paths"] if "error" in p]
     if result.get("fatal"):
         errors.append(f"fatal: {result['fatal']}")
-    for e in errors:
-        print(f"ERROR {e}")
     summary = {
         f"{p} {w}": {"MBps": round(r["MBps"], 3), "p50_ms": round(r["lat_ms"]["p50"], 3),
                      "cpu_s_per_GB": {k: round(v, 2) for k, v in per_gb(r).items()}}
         for (p, w), r in rows(result).items()
     }  # fmt: skip
-    record = {"bench": "vm_datapath", "meta": meta, "summary": summary, "errors": errors,
-              "result": result}  # fmt: skip
-    line = json.dumps(record, separators=(",", ":"))
-    if args.json:
-        Path(args.json).write_text(line + "\n")
-    print(line)
-    return 1 if errors or returncode != 0 else 0
+    return run.publish(summary, errors, args.json, returncode, result=result)
 
 
 if __name__ == "__main__":
